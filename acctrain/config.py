@@ -1,0 +1,263 @@
+"""Typed run configuration: one sentence per field, validated at construction.
+
+    cfg = TrainConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4)
+    cfg, sections = load_config("run.yaml", ["lr=1e-3", "model.d_model=256"], sections={"model": ModelCfg})
+
+Every error is a `ConfigError` that names the field and the fix. Validation only reads values, so a bad
+config fails before anything is written to `output_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from acctrain.errors import ConfigError
+from acctrain.schedules import check_schedule_config
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: batch geometry, optimizer, schedule, precision, evaluation and output."""
+
+    output_dir: str = "runs/acctrain"
+    """Directory for checkpoints and TensorBoard logs; created when training starts, never before."""
+    seed: int = 0
+    """Seed for model initialisation, data order (with the epoch) and dropout."""
+    global_batch_size: int = 32
+    """Samples per optimizer step, summed over all processes and accumulation micro-batches."""
+    micro_batch_size: int = 8
+    """Samples per forward pass on one process; accumulation = global / (micro x world size)."""
+    epochs: int = 1
+    """Passes over the training set; ignored when `max_steps` is set."""
+    max_steps: int = 0
+    """Optimizer steps to train for; 0 means `epochs` full passes."""
+    lr: float = 1e-3
+    """Peak learning rate: the base that the schedule multiplies, per parameter group."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to weight matrices only (not to biases or norm weights)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2) for the default optimizer; a momentum schedule overrides beta1."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this once per optimizer step; 0 disables clipping (the norm is still logged)."""
+    mixed_precision: str = "no"
+    """Autocast precision: 'no' (fp32), 'bf16', or 'fp16' (CUDA only, with dynamic loss scaling)."""
+    scheduler: str = "warmup_linear"
+    """Learning-rate schedule by name, counted in optimizer steps (see acctrain.schedules.SCHEDULES)."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps for the warmup_* schedules."""
+    warmup_ratio: float = 0.0
+    """Linear warmup as a fraction of all optimizer steps (instead of `warmup_steps`)."""
+    schedule_args: dict[str, Any] = field(default_factory=dict)
+    """Extra parameters of the chosen schedule, e.g. {'div': 25, 'pct_start': 0.25} for one_cycle."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps; 0 means at the end of each epoch and of the run."""
+    log_every: int = 10
+    """Print progress and flush logged metrics every this many optimizer steps (every step is logged)."""
+    save_every: int = 0
+    """Save a checkpoint every this many optimizer steps; 0 means only at the end of fit()."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank for loading training batches."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is present (multi-process runs without CUDA use CPU/gloo anyway)."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        positive = ("global_batch_size", "micro_batch_size", "epochs", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
+                "choose global = micro x world size x accumulation steps.",
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("lr", f"must be a positive finite number, got {self.lr}.")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}.")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}.")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(
+                "mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}."
+            )
+        if not self.output_dir:
+            raise ConfigError("output_dir", "must be a directory path, got an empty string.")
+        check_schedule_config(self.scheduler, self.warmup_steps, self.warmup_ratio, self.schedule_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (for logs and checkpoints)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring sentence, read from the class source (for --help and the README)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _coerce_types(cfg: Any) -> None:
+    """Check each field against its annotation, converting the lossless cases (int -> float, list -> tuple)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        setattr(cfg, f.name, _coerce(f.name, value, hints[f.name]))
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(name, f"expected {hint}, got {value!r}.")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(name, f"expected None, got {value!r}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list of numbers like [0.9, 0.999], got {value!r}.")
+        return tuple(_coerce(name, v, t) for v, t in zip(value, typing.get_args(hint))) + tuple(
+            value[len(typing.get_args(hint)) :]
+        )
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping like {{key: value}}, got {value!r}.")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(name, f"expected {hint.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    *,
+    cls: type = TrainConfig,
+    sections: dict[str, type] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Build `cls` from a YAML/TOML file plus `key=value` overrides; `section.key` fills `sections`.
+
+    Returns the config and one instance per section (built from its defaults when not mentioned).
+    Unknown keys are an error naming close matches.
+    """
+    sections = sections or {}
+    raw: dict[str, Any] = _read_file(Path(path)) if path else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "overrides are written key=value, e.g. lr=3e-4 or model.d_model=256.")
+        _set_dotted(raw, key.strip(), _parse_value(text))
+
+    top = {k: v for k, v in raw.items() if k not in sections}
+    _check_known(top, cls, "", extra=sections)
+    section_values = {}
+    for name, section_cls in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(name, f"must be a mapping of {section_cls.__name__} fields, got {values!r}.")
+        _check_known(values, section_cls, name + ".")
+        section_values[name] = _build(section_cls, values, name + ".")
+    return _build(cls, top, ""), section_values
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        if prefix and not err.field.startswith(prefix):
+            raise ConfigError(prefix + err.field, str(err).split(": ", 1)[1]) from None
+        raise
+
+
+def _check_known(values: dict[str, Any], cls: type, prefix: str, extra: dict | None = None) -> None:
+    names = [f.name for f in fields(cls)]
+    dict_fields = {f.name for f in fields(cls) if typing.get_origin(typing.get_type_hints(cls)[f.name]) is dict}
+    for key in values:
+        if key not in names:
+            known = names + list(extra or ())
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(prefix + key, f"unknown config key.{hint} Known keys: {', '.join(known)}.")
+        if isinstance(values[key], dict) and key not in dict_fields:
+            raise ConfigError(prefix + key, "is not a section; set it as key=value.")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("config", f"file {path} does not exist; pass a .yaml, .yml or .toml file.")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ConfigError("config", f"{path} must end in .yaml, .yml or .toml.")
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of config keys, got {type(data).__name__}.")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` text as YAML would read it: numbers, true/false, null, [lists], {maps}, else a string."""
+    import yaml
+
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"{part} is not a mapping, so {key} cannot be set.")
+    node[parts[-1]] = value

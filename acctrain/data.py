@@ -1,0 +1,165 @@
+"""The data plan: which global samples each optimizer step consumes, and how ranks split them.
+
+    plan = DataPlan(dataset_len=1000, global_batch=32, micro_batch=4, world_size=2, seed=0, epochs=3)
+    plan.accumulation          # 4 micro-batches per rank per optimizer step
+    plan.window(epoch, k)      # the global sample indices of step k of that epoch
+    plan.rank_windows(epoch, rank, start_step)  # this rank's micro-batches, step by step
+
+The order of samples is a pure function of (seed, epoch) over the whole dataset, and optimizer step k
+takes the next `global_batch` of them, whatever the world size and accumulation: ranks and micro-batches
+only partition that step's samples. The last window of an epoch may be short; it is split the same way
+and the engine normalises it by its own item count. Position is counted in global samples consumed, so
+a run can resume on a different number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from acctrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward pass on one rank: dataset indices, and how many of them count (0 = padding)."""
+
+    indices: list[int]
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """One optimizer step on one rank: its micro-batches, in order; the last one synchronises gradients."""
+
+    epoch: int
+    step_in_epoch: int
+    micro_batches: list[MicroBatch]
+    global_samples: int
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Global batch geometry of a run: sizes, accumulation, steps, and the sample order."""
+
+    dataset_len: int
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    seed: int
+    epochs: int = 1
+    max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset_len < 1:
+            raise ConfigError("train_data", "the training dataset is empty; give it at least one sample.")
+        if self.global_batch % (self.micro_batch * self.world_size):
+            raise ConfigError(
+                "global_batch_size",
+                f"{self.global_batch} is not divisible by micro_batch_size x world size = "
+                f"{self.micro_batch} x {self.world_size}; choose a global batch that is a multiple of "
+                f"{self.micro_batch * self.world_size}, or another micro_batch_size.",
+            )
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per rank in a full optimizer step."""
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass; the last one is short when the dataset is not a multiple."""
+        return math.ceil(self.dataset_len / self.global_batch)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run."""
+        return self.max_steps or self.epochs * self.steps_per_epoch
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs the run touches (the last one may be partial when `max_steps` is set)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The permutation of the dataset for this epoch: a function of (seed, epoch) alone."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.dataset_len, generator=generator)
+
+    def window(self, epoch: int, step_in_epoch: int, order: torch.Tensor | None = None) -> list[int]:
+        """Global sample indices of one optimizer step, shared by all ranks."""
+        order = self.order(epoch) if order is None else order
+        start = step_in_epoch * self.global_batch
+        return order[start : start + self.global_batch].tolist()
+
+    def split(self, window: Sequence[int], rank: int) -> list[MicroBatch]:
+        """This rank's micro-batches of a window; every rank gets the same number of them.
+
+        A full window gives `accumulation` micro-batches of `micro_batch` samples. A short one gives
+        ceil(len / (micro x world)) per rank, sizes balanced to differ by at most one. A rank left with no
+        sample (fewer samples than ranks) runs one padding sample counted as zero, so that it still joins
+        the gradient all-reduce.
+        """
+        per_rank = math.ceil(len(window) / (self.micro_batch * self.world_size))
+        slots = per_rank * self.world_size
+        base, extra = divmod(len(window), slots)
+        bounds = [0]
+        for slot in range(slots):
+            bounds.append(bounds[-1] + base + (slot < extra))
+        micro = []
+        for j in range(per_rank):
+            slot = j * self.world_size + rank
+            indices = list(window[bounds[slot] : bounds[slot + 1]])
+            micro.append(MicroBatch(indices, len(indices)) if indices else MicroBatch([window[0]], 0))
+        return micro
+
+    def rank_windows(self, epoch: int, rank: int, start_step: int = 0, stop_step: int | None = None) -> list[Window]:
+        """This rank's windows for steps [start_step, stop_step) of an epoch."""
+        order = self.order(epoch)
+        stop = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)
+        windows = []
+        for k in range(start_step, stop):
+            samples = self.window(epoch, k, order)
+            windows.append(Window(epoch, k, self.split(samples, rank), len(samples)))
+        return windows
+
+    def describe(self) -> dict[str, Any]:
+        """The plan as plain values, for the printed run plan and for logs."""
+        return {
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "accumulation": self.accumulation,
+            "dataset_len": self.dataset_len,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "epochs": self.num_epochs,
+        }
+
+
+def micro_batch_loader(
+    dataset: Dataset,
+    windows: list[Window],
+    collate_fn: Callable | None,
+    num_workers: int,
+    seed: int,
+) -> Iterator[Any]:
+    """Batches for these windows' micro-batches, in order, loaded by a plain DataLoader.
+
+    The loader gets its own generator, so creating its iterator does not draw from the global torch
+    RNG (pitfalls #15): dropout draws stay the same whether or not a loader was created.
+    """
+    batches = [mb.indices for w in windows for mb in w.micro_batches]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn or default_collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
