@@ -159,7 +159,7 @@ class Engine:
         loss_sum, num_items = acc.reduce(torch.stack([loss_sum, num_items]), reduction="sum").unbind()
         if token_weighted:
             self._scale_gradients(window.global_samples / num_items)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
+        self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
         self.callbacks("before_optimizer_step", self)
         self.optimizer.step()
         # With fp16 the GradScaler skips a step whose gradients overflowed (it syncs to decide; no extra sync here).
@@ -173,7 +173,7 @@ class Engine:
             state.step,
             {
                 "train/loss": loss_sum / num_items,
-                "train/grad_norm": grad_norm,
+                "train/grad_norm": self.grad_norm,
                 "train/lr": lr,
                 "train/skipped_steps": state.skipped_steps,
                 "train/epoch": state.samples_seen / self.plan.dataset_len,

@@ -197,7 +197,8 @@ def build_schedule(name: str | Callable[[int], float], total_steps: int, *, warm
         raise ConfigError(field, f"a warmup of {warmup} steps leaves nothing to decay: the run has {total_steps} "
                                  f"optimizer steps; lower {field} or train longer")
     if steps_per_epoch is not None and (not _int(steps_per_epoch) or steps_per_epoch < 1):
-        raise ConfigError("steps_per_epoch", f"must be an int >= 1 (optimizer steps per epoch), got {steps_per_epoch!r}")
+        raise ConfigError("steps_per_epoch", f"must be an int >= 1 (optimizer steps per epoch), "
+                                             f"got {steps_per_epoch!r}")
     if name == "sgdr" and steps_per_epoch is None:
         raise ConfigError("steps_per_epoch", "sgdr counts its cycles in epochs; pass the optimizer steps per epoch")
     if name == "warmup_stable_decay" and warmup > total_steps * (1 - args["decay_ratio"]):
@@ -264,7 +265,8 @@ class Schedule:
                                                                       steps_per_epoch, args)
 
     def __repr__(self):
-        return f"Schedule({self.name!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, args={self.args})"
+        return (f"Schedule({self.name!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
+                f"args={self.args})")
 
     def lr_factor(self, k: int) -> float:
         """The multiplier of every base lr for update k+1, after k applied optimizer steps."""
@@ -327,6 +329,7 @@ def plot_schedule(schedule: Schedule, total_steps: int, path):
         mom_ax.plot(steps, moms)
     else:
         mom_ax.text(0.5, 0.5, "not scheduled:\nthe optimizer's own momentum", ha="center", va="center")
+        mom_ax.set_xticks([]), mom_ax.set_yticks([])
     for ax, title in ((lr_ax, f"lr factor ({schedule.name})"), (mom_ax, "momentum")):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")

@@ -1,0 +1,104 @@
+"""Small deterministic models and datasets shared by the tests and their worker scripts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 32
+IGNORE = -100
+
+
+class TinyTokenModel(nn.Module):
+    """Embedding -> tanh MLP -> logits, per token: small, deterministic, and enough for gradient checks."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.hidden = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.hidden(self.embed(input_ids)))))
+
+
+def make_model(seed: int = 0, dtype=torch.float32) -> TinyTokenModel:
+    torch.manual_seed(seed)
+    return TinyTokenModel().to(dtype)
+
+
+class VarLenTokens(torch.utils.data.Dataset):
+    """Sequences of 2..12 tokens; about a quarter of label positions are ignored (IGNORE)."""
+
+    def __init__(self, n: int, seed: int = 123):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            length = int(torch.randint(2, 13, (1,), generator=g))
+            ids = torch.randint(0, VOCAB, (length,), generator=g)
+            labels = torch.randint(0, VOCAB, (length,), generator=g)
+            labels[torch.rand(length, generator=g) < 0.25] = IGNORE
+            labels[0] = int(torch.randint(0, VOCAB, (1,), generator=g))  # at least one counted token
+            self.items.append((ids, labels))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate(items):
+    """Right-pad to the longest sequence; padding is ignored in the loss."""
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, (i, l) in enumerate(items):
+        ids[row, : len(i)] = i
+        labels[row, : len(l)] = l
+    return {"input_ids": ids, "labels": labels}
+
+
+def token_loss(model, batch):
+    """(summed token cross-entropy, number of counted tokens): the token-weighted form."""
+    logits = model(batch["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (batch["labels"] != IGNORE).sum()
+
+
+def reference_sgd(model, dataset, plan, lr: float, max_grad_norm: float = 0.0):
+    """Full-batch SGD in float64 over the plan's windows: the ground truth the Engine must match.
+
+    Returns the final parameters and the pre-clip gradient norm of every step.
+    """
+    model = model.to(torch.float64)
+    norms = []
+    for step in range(plan.total_steps):
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        batch = collate([dataset[i] for i in plan.window(epoch, k)])
+        model.zero_grad()
+        loss_sum, count = token_loss_f64(model, batch)
+        (loss_sum / count).backward()
+        grads = [p.grad for p in model.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norms.append(float(norm))
+        coef = min(1.0, max_grad_norm / (float(norm) + 1e-6)) if max_grad_norm else 1.0
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * coef * p.grad
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+
+
+def token_loss_f64(model, batch):
+    logits = model(batch["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (batch["labels"] != IGNORE).sum()
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all parameters together."""
+    num = sum(float(torch.sum((a[k].double() - b[k].double()) ** 2)) for k in b)
+    den = sum(float(torch.sum(b[k].double() ** 2)) for k in b)
+    return (num / den) ** 0.5
