@@ -1,0 +1,120 @@
+"""TrainConfig: each invalid value is a ConfigError naming its field, raised before output_dir exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from acctrain import ConfigError, Engine, TrainConfig, load_config
+from acctrain.bytelm import DataConfig, ModelConfig
+from tiny import VarLenTokens, collate, make_model, token_loss
+
+BAD_VALUES = [
+    ("global_batch_size", 0, ">= 1"),
+    ("micro_batch_size", 0, ">= 1"),
+    ("global_batch_size", 12, "multiple of micro_batch_size"),  # with micro 8
+    ("epochs", 0, ">= 1"),
+    ("max_steps", -1, ">= 0"),
+    ("lr", 0.0, "positive"),
+    ("lr", float("nan"), "positive"),
+    ("weight_decay", -0.1, ">= 0"),
+    ("adam_betas", (0.9, 1.5), "[0, 1)"),
+    ("max_grad_norm", -1.0, ">= 0"),
+    ("mixed_precision", "fp8", "no, bf16, fp16"),
+    ("output_dir", "", "directory"),
+    ("log_every", 0, ">= 1"),
+    ("eval_every", -5, ">= 0"),
+    ("save_every", -1, ">= 0"),
+    ("num_workers", -1, ">= 0"),
+    ("warmup_steps", -1, ">= 0"),
+    ("scheduler", "warmup_linaer", "warmup_linear"),  # the close match is suggested
+    ("lr", "fast", "float"),
+    ("epochs", 1.5, "int"),
+    ("cpu", "yes", "bool"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BAD_VALUES, ids=[f"{n}={v!r}" for n, v, _ in BAD_VALUES])
+def test_invalid_field_names_field_and_fix(tmp_path, name, value, message):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**{"output_dir": str(out), name: value})
+    assert err.value.field == name
+    assert str(err.value).startswith(f"{name}: ")
+    assert message in str(err.value)
+    assert not out.exists()
+
+
+def test_defaults_are_valid_and_json_ready():
+    cfg = TrainConfig()
+    assert cfg.to_dict()["global_batch_size"] == 32
+
+
+def test_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nglobal_batch_size: 64\nmodel:\n  d_model: 64\nschedule_args: {}\n")
+    cfg, sections = load_config(path, ["lr=3e-4", "model.n_layers=2", "adam_betas=[0.9,0.95]"],
+                                sections={"model": ModelConfig, "data": DataConfig})
+    assert cfg.lr == 3e-4 and cfg.global_batch_size == 64 and cfg.adam_betas == (0.9, 0.95)
+    assert (sections["model"].d_model, sections["model"].n_layers) == (64, 2)
+    assert sections["data"] == DataConfig()
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('lr = 0.002\nmixed_precision = "bf16"\n[model]\nn_heads = 2\n')
+    cfg, sections = load_config(path, [], sections={"model": ModelConfig})
+    assert cfg.lr == 0.002 and cfg.mixed_precision == "bf16" and sections["model"].n_heads == 2
+
+
+@pytest.mark.parametrize(
+    "override,field,suggestion",
+    [
+        ("learning_rate=1", "learning_rate", None),
+        ("global_batch=8", "global_batch", "global_batch_size"),
+        ("micro_batchsize=8", "micro_batchsize", "micro_batch_size"),
+        ("model.dmodel=8", "model.dmodel", "model.d_model"),
+    ],
+)
+def test_unknown_keys_list_close_matches(override, field, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], sections={"model": ModelConfig})
+    assert err.value.field == field
+    assert "unknown config key" in str(err.value)
+    if suggestion:
+        assert f"Did you mean {suggestion}" in str(err.value)
+
+
+def test_section_values_are_validated_with_their_prefix():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.n_heads=3"], sections={"model": ModelConfig})
+    assert err.value.field == "model.n_heads"
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["lr"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"mixed_precision": "fp16"}, "mixed_precision"),  # no CUDA here: fp16 would silently be fp32
+        ({"warmup_steps": 50}, "warmup_steps"),  # the run has only 3 optimizer steps
+    ],
+)
+def test_engine_errors_before_writing(tmp_path, kwargs, field):
+    import torch
+
+    if field == "mixed_precision" and torch.cuda.is_available():
+        pytest.skip("fp16 is valid with CUDA")
+    out = tmp_path / "out"
+    cfg = TrainConfig(output_dir=str(out), global_batch_size=8, micro_batch_size=4, **kwargs)
+    with pytest.raises(ConfigError) as err:
+        Engine(make_model(), cfg, VarLenTokens(17), loss_fn=token_loss, collate_fn=collate)
+    assert err.value.field == field
+    assert not out.exists()
