@@ -10,7 +10,8 @@ Where each event fires:
             for each micro-batch:
                 (forward) after_loss         # engine.micro_loss holds this micro-batch's summed loss
                 (backward) after_backward    # engine.micro_index, engine.is_last_micro
-            before_optimizer_step            # gradients synchronised, normalised and clipped
+            before_optimizer_step            # gradients synchronised, normalised and clipped;
+                                             # engine.grad_norm (pre-clip), engine.step_loss (device tensors)
             (optimizer step) after_step      # engine.state.step counts this step
             (maybe) evaluate -> after_evaluate
         after_epoch

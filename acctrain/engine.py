@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, send_to_device
 from torch.utils.data import DataLoader
 
@@ -157,6 +158,7 @@ class Engine:
             token_weighted |= weighted
         # One all-reduce of (loss, items) per step, on the device: no host sync.
         loss_sum, num_items = acc.reduce(torch.stack([loss_sum, num_items]), reduction="sum").unbind()
+        self.step_loss = loss_sum / num_items  # the exact mean over all of this step's items
         if token_weighted:
             self._scale_gradients(window.global_samples / num_items)
         self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
@@ -172,7 +174,7 @@ class Engine:
         self.metrics.add(
             state.step,
             {
-                "train/loss": loss_sum / num_items,
+                "train/loss": self.step_loss,
                 "train/grad_norm": self.grad_norm,
                 "train/lr": lr,
                 "train/skipped_steps": state.skipped_steps,
@@ -295,6 +297,11 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
     if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler; pitfalls #2).
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
+        # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
+        # a test) may choose another. The process group itself (PartialState) is kept.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,

@@ -20,7 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 300, env: dict | None = None):
+def launch(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 300, env: dict | None = None,
+           check: bool = True):
     """Start `args` (a script and its arguments) as `nproc` real processes; fail the test on a non-zero exit."""
     port = str(free_port())
     if launcher == "torchrun":
@@ -35,7 +36,7 @@ def launch(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     full_env.pop("ACCELERATE_USE_CPU", None)  # the Engine must form the group by itself
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 or not check, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
