@@ -56,7 +56,7 @@ class ModelConfig:
 class DataConfig:
     """Which bytes of the standard library to train and evaluate on."""
 
-    max_bytes: int = 2_000_000
+    max_bytes: int = 3_000_000
     """Bytes of stdlib source to read, in sorted file order (the first ones)."""
     eval_fraction: float = 0.05
     """Fraction of those bytes, at the end of the stream, held out for evaluation."""

@@ -70,6 +70,8 @@ class TrainConfig:
     """DataLoader worker processes per rank for loading training batches."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present (multi-process runs without CUDA use CPU/gloo anyway)."""
+    cpu_threads: int = 0
+    """Torch threads per process when training on CPU; 0 means available cores / processes on this node."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -77,7 +79,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps"):
+        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
         if self.global_batch_size % self.micro_batch_size:

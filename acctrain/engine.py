@@ -310,6 +310,10 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
     )
+    if accelerator.device.type == "cpu":
+        # Launchers set OMP_NUM_THREADS=1 (accelerate launch even for one process), leaving cores idle.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     if accelerator.num_processes != world_size:
         raise RuntimeError(
             f"launched {world_size} processes but the process group has {accelerator.num_processes}: "

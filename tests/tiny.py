@@ -99,6 +99,6 @@ def token_loss_f64(model, batch):
 
 def rel_diff(a: dict, b: dict) -> float:
     """||a - b|| / ||b|| over all parameters together."""
-    num = sum(float(torch.sum((a[k].double() - b[k].double()) ** 2)) for k in b)
-    den = sum(float(torch.sum(b[k].double() ** 2)) for k in b)
+    num = sum(float(torch.sum((a[k].detach().double() - b[k].detach().double()) ** 2)) for k in b)
+    den = sum(float(torch.sum(b[k].detach().double() ** 2)) for k in b)
     return (num / den) ** 0.5

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# torchrun example: one node, NPROC processes (GPUs, or CPU processes forming a gloo group).
+#   NPROC=2 bash launch/torchrun.sh max_steps=100
+set -euo pipefail
+torchrun --standalone --nproc_per_node "${NPROC:-2}" train.py "$@"
