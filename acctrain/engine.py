@@ -95,6 +95,8 @@ class Engine:
         self._torch_optimizer = optimizer
         self.metrics = MetricLog(self.accelerator, self.plan.total_steps)
         self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
+        self.last_eval: dict[str, float] = {}
+        self._eval_step = -1
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -103,7 +105,7 @@ class Engine:
         cfg, plan, state = self.config, self.plan, self.state
         self._start_run()
         self.callbacks("before_fit", self)
-        self.metrics.start(state.step)
+        self.metrics.start(state.step, state.samples_seen)
         while state.step < plan.total_steps:
             epoch, first = divmod(state.step, plan.steps_per_epoch)
             stop = first + plan.total_steps - state.step
@@ -122,9 +124,8 @@ class Engine:
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < plan.total_steps:
                     self.save()
             self.metrics.flush(state.samples_seen)
-            end_of_epoch = windows[-1].step_in_epoch == plan.steps_per_epoch - 1
-            end_of_run = state.step == plan.total_steps
-            if (end_of_epoch or end_of_run) if not cfg.eval_every else (end_of_run and state.step % cfg.eval_every):
+            # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
+            if (not cfg.eval_every or state.step == plan.total_steps) and self._eval_step != state.step:
                 self.evaluate()
             self.callbacks("after_epoch", self)
         self.save()
@@ -240,6 +241,7 @@ class Engine:
         loss_sum, items = acc.reduce(totals, reduction="sum").tolist()
         self.last_eval = {"eval/loss": loss_sum / items if items else float("nan")}
         acc.log(self.last_eval, step=self.state.step)
+        self._eval_step = self.state.step
         acc.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}", flush=True)
         self.callbacks("after_evaluate", self)
         return self.last_eval
@@ -256,7 +258,6 @@ class Engine:
     def _start_run(self) -> None:
         """Create the output directory and trackers, print the run plan (nothing is written before this)."""
         acc = self.accelerator
-        self.last_eval: dict[str, float] = {}
         acc.init_trackers("tensorboard", config=_flat_config(self.config.to_dict()))
         self.model.train()
         torch.manual_seed(self.config.seed * 1_000_003 + acc.process_index)  # dropout: per rank, reproducible

@@ -67,14 +67,11 @@ class MetricLog:
             flush=True,
         )
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, samples_seen: int) -> None:
         """Start the clocks (after setup, so that throughput and ETA measure training only)."""
         self._started = time.perf_counter()
         self._first_step = step
-        self._clock = (self._started, self._clock[1])
-
-    def reset_samples(self, samples_seen: int) -> None:
-        self._clock = (self._clock[0], samples_seen)
+        self._clock = (self._started, samples_seen)
 
 
 def _duration(seconds: float) -> str:
