@@ -2,6 +2,7 @@
 
     acctrain train [CONFIG] [key=value ...]   # train the embedded byte-level LM (or what CONFIG says)
     acctrain plan  [CONFIG] [key=value ...]   # print the run plan for WORLD_SIZE (or world_size=N) and exit
+    acctrain plot-schedule [CONFIG] [key=value ...] [out=PATH]   # PNG of lr and momentum per optimizer step
     acctrain --help                           # commands and every config field with its sentence
 
 Keys `model.*` and `data.*` set the embedded job's model and data (acctrain.bytelm).
@@ -63,25 +64,55 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_main(args: list[str]) -> int:
+def _job_plan(args: list[str]) -> tuple[TrainConfig, DataPlan, dict[str, str]]:
+    """The config and data plan of the embedded job for `[CONFIG] [key=value ...]`, without training.
+
+    `world_size=N` (default: $WORLD_SIZE or 1) picks the number of processes; `out=PATH` is returned aside.
+    """
     path, overrides = _split_args(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {"world_size": os.environ.get("WORLD_SIZE", "1"), "out": "schedule.png"}
     rest = []
     for item in overrides:
-        if item.startswith("world_size="):
-            world = int(item.split("=", 1)[1])
+        key, _, value = item.partition("=")
+        if key in extra:
+            extra[key] = value
         else:
             rest.append(item)
+    cfg, sections = load_config(path, rest, sections=SECTIONS)
+    train_set, _ = stdlib_datasets(sections["data"], sections["model"].context_len)
+    if not extra["world_size"].isdigit() or int(extra["world_size"]) < 1:
+        raise ConfigError("world_size", f"must be an int >= 1, got {extra['world_size']!r}.")
+    plan = DataPlan(len(train_set), cfg.global_batch_size, cfg.micro_batch_size, int(extra["world_size"]),
+                    cfg.seed, cfg.epochs, cfg.max_steps)
+    return cfg, plan, extra
+
+
+def plan_main(args: list[str]) -> int:
     try:
-        cfg, sections = load_config(path, rest, sections=SECTIONS)
-        train_set, _ = stdlib_datasets(sections["data"], sections["model"].context_len)
-        plan = DataPlan(len(train_set), cfg.global_batch_size, cfg.micro_batch_size, world, cfg.seed, cfg.epochs, cfg.max_steps)
+        cfg, plan, _ = _job_plan(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     for key, value in plan.describe().items():
         print(f"{key:>16}: {value}")
     print(f"{'precision':>16}: {cfg.mixed_precision}\n{'schedule':>16}: {cfg.scheduler}")
+    return 0
+
+
+def plot_schedule_main(args: list[str]) -> int:
+    """Write a PNG of the run's lr and momentum over its optimizer steps (`out=PATH`, default schedule.png)."""
+    from acctrain.schedules import build_schedule, plot_schedule
+
+    try:
+        cfg, plan, extra = _job_plan(args)
+        schedule = build_schedule(cfg.scheduler, plan.total_steps, warmup_steps=cfg.warmup_steps,
+                                  warmup_ratio=cfg.warmup_ratio, steps_per_epoch=plan.steps_per_epoch,
+                                  args=cfg.schedule_args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    plot_schedule(schedule, plan.total_steps, extra["out"], base_lr=cfg.lr)
+    print(f"wrote {extra['out']}: {cfg.scheduler} over {plan.total_steps} optimizer steps")
     return 0
 
 
@@ -100,12 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "plan"])
+    parser.add_argument("command", choices=["train", "plan", "plot-schedule"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
-    if ns.command == "train":
-        return train_main(ns.args)
-    return plan_main(ns.args)
+    commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main}
+    return commands[ns.command](ns.args)
 
 
 if __name__ == "__main__":

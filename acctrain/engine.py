@@ -33,7 +33,7 @@ from acctrain.checkpoint import save_checkpoint
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
 from acctrain.errors import ConfigError
-from acctrain.optim import build_optimizer, set_momentum
+from acctrain.optim import build_optimizer, get_momentum, set_momentum
 from acctrain.schedules import build_schedule
 from acctrain.tracking import MetricLog
 
@@ -65,6 +65,7 @@ class Engine:
         optimizer: torch.optim.Optimizer | Callable | None = None,
         callbacks: Sequence = (),
         collate_fn: Callable | None = None,
+        schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
     ):
         self.config = config
         self.accelerator = _make_accelerator(config)
@@ -77,14 +78,19 @@ class Engine:
             epochs=config.epochs,
             max_steps=config.max_steps,
         )
+        # A torch LR scheduler is stepped once per applied optimizer step and sets the lr itself;
+        # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
+        self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
         self.schedule = build_schedule(
-            config.scheduler,
+            "constant" if self.lr_scheduler else schedule or config.scheduler,
             self.plan.total_steps,
             warmup_steps=config.warmup_steps,
             warmup_ratio=config.warmup_ratio,
             steps_per_epoch=self.plan.steps_per_epoch,
             args=config.schedule_args,
         )
+        if self.schedule.name == "reduce_on_plateau" and eval_data is None:
+            raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
         self.train_data, self.eval_data = train_data, eval_data
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(callbacks)
@@ -135,7 +141,7 @@ class Engine:
     def _train_step(self, window: Window, batches) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
         acc, state = self.accelerator, self.state
-        lr = self._set_lr_and_momentum(state.schedule_step)
+        self._set_lr_and_momentum(state.schedule_step)
         self.callbacks("before_step", self)
         loss_sum = torch.zeros((), dtype=self._item_dtype, device=acc.device)
         num_items = torch.zeros((), dtype=self._item_dtype, device=acc.device)
@@ -172,14 +178,16 @@ class Engine:
         state.samples_seen += window.global_samples
         state.skipped_steps += skipped
         state.schedule_step += not skipped
+        if self.lr_scheduler is not None and not skipped:
+            self.lr_scheduler.step()
         self.metrics.add(
             state.step,
             {
                 "train/loss": self.step_loss,
                 "train/grad_norm": self.grad_norm,
-                "train/lr": lr,
                 "train/skipped_steps": state.skipped_steps,
                 "train/epoch": state.samples_seen / self.plan.dataset_len,
+                **self._lr_metrics,
             },
         )
         self.callbacks("after_step", self)
@@ -204,15 +212,21 @@ class Engine:
         if grads:
             torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
-    def _set_lr_and_momentum(self, step: int) -> float:
-        """Set every param group's lr (its base lr x the schedule) and momentum for this update."""
-        factor = self.schedule.lr_factor(step)
-        momentum = self.schedule.momentum(step)
-        for group in self._torch_optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-            if momentum is not None:
-                set_momentum(group, momentum)
-        return self._torch_optimizer.param_groups[0]["lr"]
+    def _set_lr_and_momentum(self, step: int) -> None:
+        """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
+        groups = self._torch_optimizer.param_groups
+        if self.lr_scheduler is None:
+            factor, momentum = self.schedule.lr_factor(step), self.schedule.momentum(step)
+            for group in groups:
+                group["lr"] = group["base_lr"] * factor
+                if momentum is not None:
+                    set_momentum(group, momentum)
+        self._lr_metrics = {"train/lr": groups[0]["lr"]}
+        for i, group in enumerate(groups):
+            if len(groups) > 1:
+                self._lr_metrics[f"train/lr/group{i}"] = group["lr"]
+            if get_momentum(group) is not None:
+                self._lr_metrics[f"train/momentum/group{i}" if len(groups) > 1 else "train/momentum"] = get_momentum(group)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -242,6 +256,7 @@ class Engine:
         self.last_eval = {"eval/loss": loss_sum / items if items else float("nan")}
         acc.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
+        self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         acc.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}", flush=True)
         self.callbacks("after_evaluate", self)
         return self.last_eval
@@ -250,7 +265,12 @@ class Engine:
         """Write the model weights and loop state as checkpoint `step-{step}` (main process writes)."""
         state = self.accelerator.get_state_dict(self.model)  # gathers sharded weights on every rank
         if self.accelerator.is_main_process:
-            meta = {"state": asdict(self.state), "plan": self.plan.describe(), "config": self.config.to_dict()}
+            meta = {
+                "state": asdict(self.state),
+                "plan": self.plan.describe(),
+                "config": self.config.to_dict(),
+                "schedule": self.schedule.state_dict(),
+            }
             path = save_checkpoint(self.config.output_dir, self.state.step, state, meta)
             self.checkpoint_path = path
         self.accelerator.wait_for_everyone()
@@ -265,10 +285,13 @@ class Engine:
         acc.print(
             "run plan: "
             + ", ".join(f"{k}={v}" for k, v in plan.items())
-            + f", precision={self.config.mixed_precision}, schedule={self.config.scheduler}"
+            + f", precision={self.config.mixed_precision}, schedule={self._schedule_name()}"
             + f", device={acc.device.type}, output_dir={self.config.output_dir}",
             flush=True,
         )
+
+    def _schedule_name(self) -> str:
+        return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:

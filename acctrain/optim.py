@@ -53,3 +53,10 @@ def set_momentum(group: dict, momentum: float) -> None:
         group["betas"] = (momentum, *group["betas"][1:])
     elif "momentum" in group:
         group["momentum"] = momentum
+
+
+def get_momentum(group: dict) -> float | None:
+    """SGD momentum or Adam's beta1 of one param group (None for optimizers without one)."""
+    if "betas" in group:
+        return group["betas"][0]
+    return group.get("momentum")

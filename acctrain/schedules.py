@@ -314,8 +314,8 @@ class Schedule:
         self.__dict__.update(fresh.__dict__, state=dict(d["state"]))
 
 
-def plot_schedule(schedule: Schedule, total_steps: int, path):
-    """Write a PNG of the lr factor and the momentum over steps 0..total_steps-1; returns `path`."""
+def plot_schedule(schedule: Schedule, total_steps: int, path, base_lr: float = 1.0):
+    """Write a PNG of the lr (base_lr x factor) and the momentum over steps 0..total_steps-1; returns `path`."""
     try:
         from matplotlib.figure import Figure  # lazy: plotting is an optional extra
     except ImportError as e:
@@ -324,13 +324,14 @@ def plot_schedule(schedule: Schedule, total_steps: int, path):
     moms = [schedule.momentum(k) for k in steps]
     fig = Figure(figsize=(10, 3.5))
     lr_ax, mom_ax = fig.subplots(1, 2)
-    lr_ax.plot(steps, [schedule.lr_factor(k) for k in steps])
+    lr_ax.plot(steps, [base_lr * schedule.lr_factor(k) for k in steps])
     if any(m is not None for m in moms):
         mom_ax.plot(steps, moms)
     else:
         mom_ax.text(0.5, 0.5, "not scheduled:\nthe optimizer's own momentum", ha="center", va="center")
         mom_ax.set_xticks([]), mom_ax.set_yticks([])
-    for ax, title in ((lr_ax, f"lr factor ({schedule.name})"), (mom_ax, "momentum")):
+    lr_title = f"lr factor ({schedule.name})" if base_lr == 1.0 else f"lr ({schedule.name}, peak {base_lr:g})"
+    for ax, title in ((lr_ax, lr_title), (mom_ax, "momentum")):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
