@@ -1,74 +1,205 @@
-"""Checkpoint directories: `{output_dir}/checkpoints/step-{N:08d}/`, written atomically.
+"""Checkpoint directories: `{output_dir}/checkpoints/step-{N:08d}/`, crash-safe, verified, never pickled.
 
-A checkpoint is built in a temporary directory beside its final place, every file fsync'd, then renamed
-into place; only then is `checkpoints/latest` (a text file naming the newest complete checkpoint)
-replaced, also atomically. A process killed at any instant leaves the previous checkpoint intact.
-Model weights are the unwrapped model's state dict in safetensors, under plain parameter names.
+    stage = staging_dir(output_dir, step)          # every rank writes its files here
+    write_tensors(stage / "model.safetensors", state_dict)
+    write_json(stage / "trainer_state.json", {...})
+    final = commit(stage)                          # main process: manifest, fsync, rename, `latest`
+    rotate(output_dir, keep_last=2)                # only after the new one is complete
+    path, skipped = find_resumable(output_dir)     # newest checkpoint whose manifest verifies
+
+A checkpoint is built in `step-N.tmp` beside its final place. `commit` writes `manifest.json` (every
+file's size and sha256), fsyncs every file and the directory, renames it to `step-N`, then replaces
+`checkpoints/latest` (a text file naming the newest complete checkpoint) atomically. A process killed
+at any instant leaves the previous checkpoint intact: a half-written one is still `*.tmp` (removed at
+the next save), and only complete directories are ever named `step-N`. Files are safetensors and JSON
+only; loading reads them with `safetensors` and `json`, so nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted, or does not fit the model or the run."""
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+    return checkpoints_root(output_dir) / f"step-{step:08d}"
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write model weights and a JSON of the loop state as checkpoint `step`; return its directory.
+def staging_dir(output_dir: str | Path, step: int) -> Path:
+    """Where checkpoint `step` is assembled before `commit` renames it into place."""
+    return checkpoint_dir(output_dir, step).with_name(f"step-{step:08d}.tmp")
 
-    Call on the main process only. An existing checkpoint of the same step is replaced.
-    """
-    final = checkpoint_dir(output_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_unshared(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    for path in tmp.iterdir():
-        _fsync_file(path)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. a resumed run ending where it started): swap it out
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+
+def prepare_staging(stage: Path) -> None:
+    """Main process, before any rank writes: an empty staging directory; stale ones from crashes removed."""
+    for stale in stage.parent.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage.mkdir(parents=True)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors as safetensors: contiguous CPU copies; tied (shared) tensors written as separate copies."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    save_file(out, path, metadata={"format": "pt"})
+    _slow_save_hook()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True))
+    _slow_save_hook()
+
+
+def commit(stage: Path) -> Path:
+    """Main process, after every rank has written: manifest, fsync, rename into place, update `latest`."""
+    final = stage.with_name(stage.name.removesuffix(".tmp"))
+    manifest = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+        manifest[str(path.relative_to(stage))] = {"size": path.stat().st_size, "sha256": digest}
+    write_json(stage / MANIFEST, {"files": manifest})
+    _fsync_file(stage / MANIFEST)
+    _fsync_dir(stage)
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; a complete checkpoint is never overwritten")
+    os.replace(stage, final)
     _fsync_dir(final.parent)
     _write_atomic(final.parent / LATEST, final.name + "\n")
     return final
 
 
+def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: str = "min") -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last` (0 keeps all) and the best by `keep_best`.
+
+    Called only after a new checkpoint is complete, so the newest one is never at risk. Returns the deleted.
+    """
+    if keep_last <= 0:
+        return []
+    complete = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
+    keep = set(complete[:keep_last])
+    if keep_best:
+        scored = [(m, p) for p in complete if (m := _metric(p, keep_best)) is not None]
+        if scored:
+            keep.add((min if mode == "min" else max)(scored, key=lambda mp: mp[0])[1])
+    deleted = [p for p in complete if p not in keep]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing, truncated or altered."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}, so the checkpoint is incomplete")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in the manifest)")
+        if file.stat().st_size != expected["size"]:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)")
+        with open(file, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
+                raise CheckpointError(f"{file}: sha256 differs from the manifest (corrupted)")
+
+
+def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and a warning for each newer one that did not."""
+    warnings = []
+    for path in sorted(_step_dirs(output_dir), key=_step_of, reverse=True):
+        try:
+            verify(path)
+            return path, warnings
+        except CheckpointError as err:
+            warnings.append(f"skipping checkpoint {path.name}: {err}")
+    return None, warnings
+
+
+def has_checkpoints(output_dir: str | Path) -> bool:
+    return any(_step_dirs(output_dir))
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or None when there is none yet."""
-    pointer = Path(output_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
+    pointer = checkpoints_root(output_dir) / LATEST
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def step_of(path: Path) -> int:
+    return _step_of(path)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _step_dirs(output_dir: str | Path) -> list[Path]:
+    root = checkpoints_root(output_dir)
+    return [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if root.is_dir() else []
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def _metric(path: Path, name: str) -> float | None:
+    try:
+        return read_json(path / "trainer_state.json")["metrics"].get(name)
+    except (OSError, ValueError, KeyError):
         return None
-    return pointer.parent / pointer.read_text().strip()
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors safetensors can write: contiguous, on CPU, and tied weights as separate copies."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        key = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if key in seen else tensor
-        seen.add(key)
-    return out
+def _slow_save_hook() -> None:
+    """Tests slow a save down (ACCTRAIN_TEST_SLOW_SAVE=seconds per file) to kill a process mid-save."""
+    delay = float(os.environ.get("ACCTRAIN_TEST_SLOW_SAVE", "0") or 0)
+    if delay:
+        import time
+
+        time.sleep(delay)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -17,7 +17,8 @@ import sys
 from acctrain.bytelm import ByteLM, DataConfig, ModelConfig, lm_loss, stdlib_datasets
 from acctrain.config import TrainConfig, field_docs, load_config
 from acctrain.data import DataPlan
-from acctrain.errors import ConfigError
+from acctrain.checkpoint import CheckpointError
+from acctrain.errors import ConfigError, NonFiniteError, Preempted
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig}
 
@@ -61,6 +62,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stop:
+        print(stop.message, file=sys.stderr)
+        return stop.code
     return 0
 
 

@@ -66,6 +66,22 @@ class TrainConfig:
     """Print progress and flush logged metrics every this many optimizer steps (every step is logged)."""
     save_every: int = 0
     """Save a checkpoint every this many optimizer steps; 0 means only at the end of fit()."""
+    keep_last: int = 2
+    """Keep the newest this many checkpoints (older ones are deleted after a new one is complete); 0 keeps all."""
+    keep_best: str = ""
+    """Also keep the checkpoint with the best value of this eval metric (e.g. 'eval/loss'); empty: off."""
+    keep_best_mode: str = "min"
+    """Whether the best `keep_best` value is the 'min' or the 'max'."""
+    resume: str = "auto"
+    """'auto': continue from the newest verified checkpoint in output_dir if any; 'none': start fresh; or a checkpoint path."""
+    overwrite: bool = False
+    """With resume='none', delete the checkpoints already in output_dir instead of refusing to start."""
+    allow_plan_change: bool = False
+    """Let a resume change the global batch, dataset length or seed (the run continues at the same optimizer step)."""
+    nan_policy: str = "skip"
+    """On a non-finite loss or gradient norm: 'skip' the update (counted, logged) or 'halt' with an error."""
+    max_skipped_steps: int = 10
+    """With nan_policy='skip', halt after this many skipped steps in a row."""
     num_workers: int = 0
     """DataLoader worker processes per rank for loading training batches."""
     cpu: bool = False
@@ -79,7 +95,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads"):
+        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads", "keep_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
         if self.global_batch_size % self.micro_batch_size:
@@ -100,6 +116,17 @@ class TrainConfig:
             raise ConfigError(
                 "mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}."
             )
+        if self.keep_best_mode not in ("min", "max"):
+            raise ConfigError("keep_best_mode", f"must be 'min' or 'max', got {self.keep_best_mode!r}.")
+        if self.nan_policy not in ("skip", "halt"):
+            raise ConfigError("nan_policy", f"must be 'skip' or 'halt', got {self.nan_policy!r}.")
+        if self.max_skipped_steps < 1:
+            raise ConfigError("max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}.")
+        if not self.resume:
+            raise ConfigError("resume", "must be 'auto', 'none' or a checkpoint directory, got an empty string.")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ConfigError("resume", f"{self.resume} is not a checkpoint directory; use 'auto', 'none' or a path "
+                              "like runs/x/checkpoints/step-00001000.")
         if not self.output_dir:
             raise ConfigError("output_dir", "must be a directory path, got an empty string.")
         check_schedule_config(self.scheduler, self.warmup_steps, self.warmup_ratio, self.schedule_args)

@@ -17,24 +17,31 @@ step sees, the schedule (acctrain.schedules) the lr; neither goes through `accel
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import signal
+import threading
+import warnings
 from collections.abc import Mapping
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, send_to_device
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, send_to_device
 from torch.utils.data import DataLoader
 
 from acctrain.callbacks import Callbacks
-from acctrain.checkpoint import save_checkpoint
+from acctrain import checkpoint
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
-from acctrain.errors import ConfigError
+from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import build_optimizer, get_momentum, set_momentum
 from acctrain.schedules import build_schedule
+from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from acctrain.tracking import MetricLog
 
 
@@ -49,7 +56,9 @@ class TrainState:
     samples_seen: int = 0
     """Global training samples consumed."""
     skipped_steps: int = 0
-    """Steps not applied because fp16 gradients overflowed."""
+    """Steps not applied: fp16 overflow, or a non-finite loss or gradient norm with nan_policy='skip'."""
+    skipped_in_a_row: int = 0
+    """Consecutive skipped steps up to now (nan_policy='skip' halts at max_skipped_steps)."""
 
 
 class Engine:
@@ -103,11 +112,17 @@ class Engine:
         self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
+        self._stop_signal: str | None = None
+        self.resumed_from = self._resume()
 
     # ------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
+        with self._stop_on_signals():
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         cfg, plan, state = self.config, self.plan, self.state
         self._start_run()
         self.callbacks("before_fit", self)
@@ -123,6 +138,13 @@ class Engine:
             self.callbacks("before_epoch", self)
             for window in windows:
                 self._train_step(window, batches)
+                if self._stop_agreed:
+                    self.metrics.flush(state.samples_seen)
+                    self.save()
+                    stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
+                                     f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
+                    self.accelerator.print(stop.message, flush=True)
+                    raise stop
                 if state.step % cfg.log_every == 0:
                     self.metrics.flush(state.samples_seen)
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -163,20 +185,28 @@ class Engine:
             loss_sum += self.micro_loss.detach()
             num_items += items
             token_weighted |= weighted
-        # One all-reduce of (loss, items) per step, on the device: no host sync.
-        loss_sum, num_items = acc.reduce(torch.stack([loss_sum, num_items]), reduction="sum").unbind()
+        # One all-reduce per step, on the device: the step's loss and item count, and how many ranks were
+        # asked to stop (SIGTERM/SIGUSR1), so that all ranks take the same decisions below.
+        stop = torch.tensor(float(self._stop_signal is not None), dtype=self._item_dtype, device=acc.device)
+        loss_sum, num_items, stop = acc.reduce(torch.stack([loss_sum, num_items, stop]), reduction="sum").unbind()
         self.step_loss = loss_sum / num_items  # the exact mean over all of this step's items
         if token_weighted:
             self._scale_gradients(window.global_samples / num_items)
         self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
+        # note: host-device sync, once per step: a non-finite update is never applied, and stopping is agreed.
+        loss_value, norm_value, stop_value = torch.stack([self.step_loss, self.grad_norm.to(stop), stop]).tolist()
+        self._stop_agreed = stop_value > 0
+        finite = self._check_finite(loss_value, norm_value)
         self.callbacks("before_optimizer_step", self)
-        self.optimizer.step()
-        # With fp16 the GradScaler skips a step whose gradients overflowed (it syncs to decide; no extra sync here).
-        skipped = self.optimizer.step_was_skipped
+        if finite:
+            self.optimizer.step()
+        # With fp16 the GradScaler skips a step whose gradients overflowed (its own sync decided that).
+        skipped = not finite or self.optimizer.step_was_skipped
         self._torch_optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples_seen += window.global_samples
         state.skipped_steps += skipped
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
         state.schedule_step += not skipped
         if self.lr_scheduler is not None and not skipped:
             self.lr_scheduler.step()
@@ -206,6 +236,42 @@ class Engine:
         if num_samples == 0:  # a padding micro-batch: it only joins the all-reduce
             loss_sum, items = loss_sum * 0, items * 0
         return loss_sum, items, weighted
+
+    def _check_finite(self, loss: float, grad_norm: float) -> bool:
+        """Whether to apply this step; with nan_policy='halt' (or too many skips) a non-finite one raises."""
+        # With fp16 an infinite norm is an overflow, which the GradScaler skips and recovers from itself.
+        overflow_handled = self.accelerator.scaler is not None and not math.isnan(grad_norm)
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_handled):
+            return True
+        cfg, step = self.config, self.state.step + 1
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer step {step} " \
+               f"(loss {loss}, grad norm {grad_norm})"
+        latest = checkpoint.latest_checkpoint(cfg.output_dir)
+        kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
+        if cfg.nan_policy == "halt":
+            raise NonFiniteError(f"{what} with nan_policy=halt{kept}")
+        if self.state.skipped_in_a_row + 1 >= cfg.max_skipped_steps:
+            raise NonFiniteError(f"{what}: {cfg.max_skipped_steps} skipped steps in a row (max_skipped_steps){kept}")
+        self.accelerator.print(f"skipping the update of step {step}: {what} (nan_policy=skip)", flush=True)
+        return False
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While fitting, SIGTERM and SIGUSR1 ask for a save at the next step boundary (all ranks agree)."""
+        self._stop_agreed = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _scale_gradients(self, factor: torch.Tensor) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -242,6 +308,7 @@ class Engine:
             self.eval_data,
             batch_sampler=[shard[i : i + micro] for i in range(0, len(shard), micro)],
             collate_fn=self.collate_fn or torch.utils.data.default_collate,
+            generator=torch.Generator(),  # creating the iterator must not draw from the global RNG
         )
         self.model.eval()
         totals = torch.zeros(2, dtype=self._item_dtype, device=acc.device)
@@ -262,25 +329,138 @@ class Engine:
         return self.last_eval
 
     def save(self) -> None:
-        """Write the model weights and loop state as checkpoint `step-{step}` (main process writes)."""
-        state = self.accelerator.get_state_dict(self.model)  # gathers sharded weights on every rank
-        if self.accelerator.is_main_process:
-            meta = {
-                "state": asdict(self.state),
-                "plan": self.plan.describe(),
-                "config": self.config.to_dict(),
-                "schedule": self.schedule.state_dict(),
-            }
-            path = save_checkpoint(self.config.output_dir, self.state.step, state, meta)
-            self.checkpoint_path = path
-        self.accelerator.wait_for_everyone()
+        """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it."""
+        acc, cfg, step = self.accelerator, self.config, self.state.step
+        if checkpoint.checkpoint_dir(cfg.output_dir, step).is_dir():  # e.g. resumed at the end: nothing new
+            return
+        stage = checkpoint.staging_dir(cfg.output_dir, step)
+        if acc.is_main_process:
+            checkpoint.prepare_staging(stage)
+        acc.wait_for_everyone()
+        model_state = acc.get_state_dict(self.model)  # gathers sharded weights on every rank
+        rng_tensors, rng_meta = rng_to_files()
+        checkpoint.write_tensors(stage / f"rng-rank{acc.process_index}.safetensors", rng_tensors)
+        checkpoint.write_json(stage / f"rng-rank{acc.process_index}.json", rng_meta)
+        if acc.is_main_process:
+            checkpoint.write_tensors(stage / "model.safetensors", model_state)
+            opt_tensors, opt_meta = optimizer_to_files(self._torch_optimizer.state_dict())
+            checkpoint.write_tensors(stage / "optimizer.safetensors", opt_tensors)
+            checkpoint.write_json(stage / "optimizer.json", opt_meta)
+            checkpoint.write_json(stage / "trainer_state.json", self._trainer_state())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.checkpoint_path = checkpoint.commit(stage)
+            checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
+        acc.wait_for_everyone()
+        self.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """Everything of the loop that a resume needs, as JSON."""
+        import accelerate
+
+        import acctrain
+
+        plan = self.plan
+        return {
+            "state": asdict(self.state),
+            "epoch": self.state.step // plan.steps_per_epoch,
+            "plan": {**plan.describe(), "seed": plan.seed},
+            "config": self.config.to_dict(),
+            "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
+            "schedule": self.schedule.state_dict(),
+            "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
+            "scaler": jsonable(self.accelerator.scaler.state_dict()) if self.accelerator.scaler is not None else None,
+            "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks.items],
+            "metrics": dict(self.last_eval) if self._eval_step == self.state.step else {},
+        }
+
+    def _resume(self) -> Path | None:
+        """Load the checkpoint that `config.resume` selects (or none); every rank loads the same one."""
+        cfg, acc = self.config, self.accelerator
+        if cfg.resume == "none":
+            if checkpoint.has_checkpoints(cfg.output_dir) and not cfg.overwrite:
+                raise ConfigError("resume", f"{cfg.output_dir} already holds checkpoints; use resume=auto to continue "
+                                  "that run, or overwrite=true to delete them and start afresh.")
+            return None
+        choice: list[Any] = [None]
+        if acc.is_main_process:  # verifying reads every byte: once, then shared with the other ranks
+            try:
+                if cfg.resume == "auto":
+                    path, skipped = checkpoint.find_resumable(cfg.output_dir)
+                    for message in skipped:
+                        warnings.warn(message)
+                        acc.print(f"warning: {message}", flush=True)
+                else:
+                    path = Path(cfg.resume)
+                    checkpoint.verify(path)
+                choice = [str(path) if path else None]
+            except checkpoint.CheckpointError as err:
+                choice = [err]
+        choice = broadcast_object_list(choice) if acc.num_processes > 1 else choice
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        if choice[0] is None:
+            return None
+        path = Path(choice[0])
+        self._load(path)
+        acc.print(f"resumed from {path} at optimizer step {self.state.step}", flush=True)
+        return path
+
+    def _load(self, path: Path) -> None:
+        meta = checkpoint.read_json(path / "trainer_state.json")
+        self._check_plan(meta["plan"])
+        load_model_state(self.unwrapped_model, checkpoint.read_tensors(path / "model.safetensors"), path)
+        optimizer_state = optimizer_from_files(
+            checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")
+        )
+        self._torch_optimizer.load_state_dict(optimizer_state)
+        self.state = TrainState(**meta["state"])
+        saved = meta["schedule"]
+        if saved == {**saved, **self.schedule.state_dict(), "state": saved.get("state")}:
+            self.schedule.load_state_dict(saved)
+        elif saved.get("name") == self.schedule.name:
+            self.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
+        if self.lr_scheduler is not None and meta["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+        if self.accelerator.scaler is not None and meta["scaler"]:
+            self.accelerator.scaler.load_state_dict(meta["scaler"])
+        for cb, saved_cb in zip(self.callbacks.items, meta["callbacks"]):
+            if type(cb).__name__ == saved_cb["class"]:
+                cb.load_state_dict(saved_cb["state"])
+        rank = self.accelerator.process_index
+        rng = path / f"rng-rank{rank}.safetensors"
+        # Restored right before training resumes (fit), so nothing in between draws from it.
+        self._restored_rng = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
+
+    def _check_plan(self, saved: dict[str, Any]) -> None:
+        """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
+        now = {**self.plan.describe(), "seed": self.plan.seed}
+        keys = ("global_batch", "dataset_len", "seed")
+        diff = [f"{k}: {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+        if diff and not self.config.allow_plan_change:
+            raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "
+                              "restore those settings, or set allow_plan_change=true to continue at the same step anyway.")
+        if saved.get("world_size") != now["world_size"]:
+            self.accelerator.print(
+                f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
+                f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step",
+                flush=True,
+            )
 
     def _start_run(self) -> None:
         """Create the output directory and trackers, print the run plan (nothing is written before this)."""
-        acc = self.accelerator
-        acc.init_trackers("tensorboard", config=_flat_config(self.config.to_dict()))
+        acc, cfg = self.accelerator, self.config
+        if cfg.resume == "none" and cfg.overwrite and acc.is_main_process:
+            shutil.rmtree(checkpoint.checkpoints_root(cfg.output_dir), ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.init_trackers("tensorboard", config=_flat_config(cfg.to_dict()))
         self.model.train()
-        torch.manual_seed(self.config.seed * 1_000_003 + acc.process_index)  # dropout: per rank, reproducible
+        if self.resumed_from is None:
+            torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index)  # dropout: per rank, reproducible
+        elif self._restored_rng is not None:
+            rng_from_files(*self._restored_rng)
+        else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
+            torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index + 7919 * self.state.step)
         plan = self.plan.describe()
         acc.print(
             "run plan: "
@@ -300,6 +480,21 @@ class Engine:
     def close(self) -> None:
         """Finish trackers and destroy the process group (gloo may abort at exit otherwise, pitfalls #3)."""
         self.accelerator.end_training()
+
+
+def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:
+    """Load weights strictly; a mismatch lists every missing, unexpected and differently shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+                    for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise checkpoint.CheckpointError(
+            f"{source} does not fit the model:\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
+            f"\n  shape mismatches: {shapes}"
+        )
+    model.load_state_dict(saved, strict=True)
 
 
 def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The errors acctrain raises for bad input: each names the field and the fix."""
+"""The exceptions acctrain raises: bad input (naming the field and the fix), and how a run stopped."""
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; a SLURM script requeues on it
 
 
 class ConfigError(ValueError):
@@ -11,3 +13,22 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm was not finite (nan_policy='halt', or too many skipped steps)."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM or SIGUSR1 reached a rank: all ranks saved a checkpoint and stop.
+
+    A SystemExit with code PREEMPTED_EXIT_CODE (75): uncaught, the process exits with that code and the
+    job can be requeued; the next run with resume=auto continues exactly where this one stopped.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -13,20 +13,21 @@ IGNORE = -100
 class TinyTokenModel(nn.Module):
     """Embedding -> tanh MLP -> logits, per token: small, deterministic, and enough for gradient checks."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.embed = nn.Embedding(VOCAB, width)
         self.hidden = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, VOCAB)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(torch.tanh(self.hidden(self.embed(input_ids)))))
+        return self.head(self.drop(self.norm(torch.tanh(self.hidden(self.embed(input_ids))))))
 
 
-def make_model(seed: int = 0, dtype=torch.float32) -> TinyTokenModel:
+def make_model(seed: int = 0, dtype=torch.float32, width: int = 16, dropout: float = 0.0) -> TinyTokenModel:
     torch.manual_seed(seed)
-    return TinyTokenModel().to(dtype)
+    return TinyTokenModel(width, dropout).to(dtype)
 
 
 class VarLenTokens(torch.utils.data.Dataset):

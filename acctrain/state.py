@@ -1,0 +1,88 @@
+"""Training state as safetensors + JSON: optimizer, RNG and GradScaler, to and from plain files.
+
+    tensors, meta = optimizer_to_files(optimizer.state_dict())
+    optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+    tensors, meta = rng_to_files();  rng_from_files(tensors, meta)
+
+No pickle anywhere: tensors go to safetensors under flat names, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors named `state.{param}.{key}` and a JSON-able rest."""
+    tensors, values = {}, {}
+    for param, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param}.{key}"] = value
+            else:
+                values[f"{param}.{key}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    tuples = sorted({k for g in state_dict["param_groups"] for k, v in g.items() if isinstance(v, tuple)})
+    return tensors, {"param_groups": groups, "values": values, "tuples": tuples}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of `optimizer_to_files`: a state dict for `optimizer.load_state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, param, key = name.split(".", 2)
+        state.setdefault(int(param), {})[key] = tensor
+    for name, value in meta["values"].items():
+        param, key = name.split(".", 1)
+        state.setdefault(int(param), {})[key] = value
+    groups = [{k: tuple(v) if k in meta["tuples"] else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_to_files() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's python, numpy, torch CPU and CUDA generator states."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    meta = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    return tensors, meta
+
+
+def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what `rng_to_files` saved (CUDA states only where this process has the devices)."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("torch_cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values of a state dict (e.g. a torch LR scheduler's); non-JSON entries are dropped."""
+    if isinstance(obj, dict):
+        return {str(k): v for k, v in ((k, jsonable(v)) for k, v in obj.items()) if v is not _DROP}
+    if isinstance(obj, (list, tuple)):
+        items = [jsonable(v) for v in obj]
+        return [v for v in items if v is not _DROP]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if torch.is_tensor(obj) and obj.numel() == 1:
+        return obj.item()
+    return _DROP
+
+
+_DROP = object()

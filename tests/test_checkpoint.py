@@ -1,0 +1,281 @@
+"""Checkpoints: contents without pickles, crash safety, verified resume, exactness, preemption, NaNs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from acctrain import ConfigError
+from acctrain.checkpoint import CheckpointError, find_resumable, verify
+from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
+from conftest import ROOT, TESTS, launch
+from tiny import rel_diff
+from workers import resume_run
+
+WORKER = str(TESTS / "workers" / "resume_run.py")
+
+
+def ckpts(out: Path) -> list[str]:
+    """Complete checkpoint directories (a half-written one is still named step-N.tmp)."""
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and "." not in p.name)
+
+
+def assert_same_run(a: dict, b: dict, exact: bool = True):
+    """Final parameters and optimizer state: bitwise equal, or within 1e-5 relative across world sizes."""
+    assert set(a["tensors"]) == set(b["tensors"])
+    if exact:
+        for name in a["tensors"]:
+            assert torch.equal(a["tensors"][name], b["tensors"][name]), name
+    else:
+        params = lambda r: {k: v for k, v in r["tensors"].items() if k.startswith("param.")}  # noqa: E731
+        assert rel_diff(params(a), params(b)) < 1e-5
+
+
+def logged(out: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(out / "logs" / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def load_result(out: Path) -> dict:
+    result = json.loads((out / "result.json").read_text())
+    result["tensors"] = load_file(out / "result.safetensors")
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted single-process runs to step 10, with and without dropout."""
+    base = tmp_path_factory.mktemp("ref")
+    return {p: resume_run.run(str(base / f"d{p}"), dropout=p) for p in (0.0, 0.2)}
+
+
+# ----------------------------------------------------------------------------------------- contents
+
+
+def test_checkpoint_contents_and_no_pickle(tmp_path):
+    resume_run.run(str(tmp_path), steps=6, save_every=3)
+    assert ckpts(tmp_path) == ["step-00000003", "step-00000006"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    ckpt = tmp_path / "checkpoints" / "step-00000006"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                     "rng-rank0.json", "rng-rank0.safetensors", "trainer_state.json"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == [n for n in names if n != "manifest.json"]
+    for name, entry in manifest.items():
+        assert entry["size"] == (ckpt / name).stat().st_size and len(entry["sha256"]) == 64
+    for path in (tmp_path / "checkpoints").rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:16]
+            assert not head.startswith(b"\x80"), f"{path} looks like a pickle"
+            if path.suffix == ".safetensors":
+                load_file(path)  # parses as safetensors
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 6 and state["state"]["samples_seen"] == 6 * 8 - 6  # one short window of 2
+    assert state["epoch"] == 1
+    for key in ("world_size", "accumulation", "global_batch", "micro_batch", "seed", "dataset_len"):
+        assert key in state["plan"]
+    assert set(state["versions"]) == {"acctrain", "torch", "accelerate"}
+    assert state["config"]["save_every"] == 3 and state["schedule"]["name"] == "warmup_linear"
+
+
+def test_rotation_keeps_last_and_best(tmp_path):
+    resume_run.run(str(tmp_path / "a"), steps=10, save_every=2, keep_last=2)
+    assert ckpts(tmp_path / "a") == ["step-00000008", "step-00000010"]
+    # eval at every save; keep_best=eval/loss in max mode keeps the worst-loss (earliest) one too
+    resume_run.run(str(tmp_path / "b"), steps=10, save_every=2, eval_every=2, keep_last=1,
+                   keep_best="eval/loss", keep_best_mode="max")
+    kept = ckpts(tmp_path / "b")
+    assert kept[-1] == "step-00000010" and len(kept) == 2
+    losses = logged(tmp_path / "b", "eval/loss")
+    assert int(kept[0][5:]) == max(losses, key=losses.get)
+
+
+# ----------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, reference, dropout):
+    out = str(tmp_path)
+    with pytest.raises(Preempted) as stop:
+        resume_run.run(out, dropout=dropout, stop_at=6)  # step 6 is mid-epoch (4 steps per epoch)
+    assert stop.value.code == PREEMPTED_EXIT_CODE
+    assert ckpts(tmp_path) == ["step-00000006"]
+    resumed = resume_run.run(out, dropout=dropout)
+    assert resumed["resumed_from"].endswith("step-00000006")
+    assert resumed["steps"] == list(range(7, 11))
+    ref = reference[dropout]
+    assert_same_run(resumed, ref)
+    assert resumed["lrs"] == ref["lrs"][6:]
+    assert resumed["losses"] == ref["losses"][6:]
+    # TensorBoard holds both runs' events: steps 1-6, then 7-10 from the resumed run
+    assert logged(tmp_path, "train/loss") == pytest.approx({s + 1: v for s, v in enumerate(ref["losses"])}, rel=1e-6)
+
+
+def test_two_processes_stop_on_one_rank_and_resume_bit_identical(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    launch([WORKER, json.dumps({"out_dir": str(ref_dir), "dropout": 0.2})], nproc=2)
+    proc = launch([WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2, "stop_at": 5,
+                                       "signal_name": "SIGUSR1", "signal_rank": 1})], nproc=2, check=False)
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
+    assert "stopped by a signal on another rank after optimizer step 5" in proc.stdout  # rank 0 got none
+    assert "exitcode  : 75" in proc.stderr and ckpts(run_dir) == ["step-00000005"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step-00000005").glob("rng-rank*.safetensors")) == [
+        "rng-rank0.safetensors", "rng-rank1.safetensors"]
+    launch([WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2})], nproc=2)
+    ref, resumed = load_result(ref_dir), load_result(run_dir)
+    assert ref["num_processes"] == resumed["num_processes"] == 2
+    assert resumed["steps"] == list(range(6, 11))
+    assert_same_run(resumed, ref)
+    assert resumed["losses"] == ref["losses"][5:]
+
+
+def test_resume_two_processes_on_one(tmp_path, reference):
+    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 6})], nproc=2, check=False)
+    assert ckpts(tmp_path) == ["step-00000006"]
+    resumed = resume_run.run(str(tmp_path))
+    assert resumed["steps"] == list(range(7, 11))
+    assert_same_run(resumed, reference[0.0], exact=False)
+    assert resumed["lrs"] == reference[0.0]["lrs"][6:]
+
+
+def test_resume_one_process_on_two(tmp_path, reference):
+    with pytest.raises(Preempted):
+        resume_run.run(str(tmp_path), stop_at=5)
+    launch([WORKER, json.dumps({"out_dir": str(tmp_path)})], nproc=2)
+    resumed = load_result(tmp_path)
+    assert resumed["num_processes"] == 2 and resumed["steps"] == list(range(6, 11))
+    assert_same_run(resumed, reference[0.0], exact=False)
+    assert resumed["lrs"] == pytest.approx(reference[0.0]["lrs"][5:], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- crashes
+
+
+def start_worker(out: Path, env: dict, **options) -> subprocess.Popen:
+    import os
+
+    return subprocess.Popen([sys.executable, WORKER, json.dumps({"out_dir": str(out), **options})], cwd=ROOT,
+                            env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, reference):
+    proc = start_worker(tmp_path, {"ACCTRAIN_TEST_SLOW_SAVE": "0.3"}, save_every=3)
+    staging = tmp_path / "checkpoints" / "step-00000006.tmp"
+    deadline = time.time() + 120
+    while not (staging / "model.safetensors").exists():  # the second save is half-way
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert staging.is_dir() and ckpts(tmp_path) == ["step-00000003"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    verify(tmp_path / "checkpoints" / "step-00000003")
+    resumed = resume_run.run(str(tmp_path), save_every=3)
+    assert resumed["resumed_from"].endswith("step-00000003")
+    assert not staging.exists()  # the half-written one was cleaned up
+    assert_same_run(resumed, reference[0.0])
+
+
+def test_kill_9_during_training_resumes_exactly(tmp_path, reference):
+    proc = start_worker(tmp_path, {}, save_every=4, kill_at=7)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert ckpts(tmp_path) == ["step-00000004"]
+    resumed = resume_run.run(str(tmp_path), save_every=4)
+    assert resumed["steps"] == list(range(5, 11))
+    assert_same_run(resumed, reference[0.0])
+
+
+# ----------------------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    resume_run.run(str(tmp_path), steps=6, save_every=3)
+    return tmp_path, tmp_path / "checkpoints" / "step-00000003", tmp_path / "checkpoints" / "step-00000006"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete"])
+def test_damaged_newest_checkpoint_is_named_and_skipped(two_checkpoints, damage):
+    out, older, newest = two_checkpoints
+    target = newest / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":
+        data[len(data) - 5] ^= 0x01
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        verify(newest)
+    path, skipped = find_resumable(out)
+    assert path == older and len(skipped) == 1 and "optimizer.safetensors" in skipped[0]
+    with pytest.warns(UserWarning, match="optimizer.safetensors"):
+        resumed = resume_run.run(str(out), steps=6, save_every=3)
+    assert resumed["resumed_from"] == str(older) and resumed["steps"] == [4, 5, 6]
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        resume_run.run(str(out), steps=8, resume=str(newest))
+
+
+def test_model_that_does_not_fit_lists_every_mismatch(two_checkpoints):
+    out, _, newest = two_checkpoints
+    with pytest.raises(CheckpointError) as err:
+        resume_run.run(str(out), steps=8, width=8)
+    message = str(err.value)
+    assert "shape mismatches" in message and "hidden.weight: checkpoint (16, 16), model (8, 8)" in message
+    assert "embed.weight: checkpoint (32, 16), model (32, 8)" in message and "norm.bias" in message
+
+
+def test_plan_change_is_refused_with_a_diff_unless_allowed(two_checkpoints):
+    out, _, _ = two_checkpoints
+    with pytest.raises(ConfigError) as err:
+        resume_run.run(str(out), steps=8, seed=1, micro=4)
+    assert err.value.field == "resume" and "seed: 0 -> 1" in str(err.value)
+    resumed = resume_run.run(str(out), steps=8, seed=1, allow_plan_change=True)
+    assert resumed["steps"] == [7, 8]
+
+
+def test_resume_none_refuses_existing_checkpoints_unless_overwrite(two_checkpoints):
+    out, _, _ = two_checkpoints
+    with pytest.raises(ConfigError) as err:
+        resume_run.run(str(out), steps=3, resume="none")
+    assert err.value.field == "resume" and "overwrite=true" in str(err.value)
+    fresh = resume_run.run(str(out), steps=3, resume="none", overwrite=True)
+    assert fresh["steps"] == [1, 2, 3] and ckpts(out) == ["step-00000003"]
+
+
+# ----------------------------------------------------------------------------------------- non-finite
+
+
+def test_nan_policy_skip_skips_the_update_and_the_schedule(tmp_path, reference):
+    result = resume_run.run(str(tmp_path), steps=6, nan_at=3)
+    assert result["state"]["skipped_steps"] == 1 and result["state"]["schedule_step"] == 5
+    assert result["lrs"][3] == result["lrs"][2]  # the schedule did not advance past the skipped step
+    assert logged(tmp_path, "train/skipped_steps")[3] == 1.0
+
+
+def test_nan_policy_halt_names_the_step_and_keeps_the_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match="optimizer step 5") as err:
+        resume_run.run(str(tmp_path), steps=8, save_every=4, nan_at=5, nan_policy="halt")
+    assert "step-00000004" in str(err.value)
+    assert ckpts(tmp_path) == ["step-00000004"]
+    verify(tmp_path / "checkpoints" / "step-00000004")
+
+
+def test_too_many_skipped_steps_in_a_row_halt(tmp_path):
+    with pytest.raises(NonFiniteError, match="max_skipped_steps"):
+        resume_run.run(str(tmp_path), steps=8, nan_at=3, max_skipped_steps=1)

@@ -1,0 +1,85 @@
+"""A checkpointing run of TinyTokenModel that can be stopped, killed or fed a NaN at a chosen step.
+
+In-process: `run(out_dir, **options)`. As a script (1 or more processes, e.g. under torchrun):
+    python resume_run.py '{"out_dir": ..., "steps": 10, "stop_at": 6, ...}'
+On completion rank 0 writes `{out_dir}/result.safetensors` (final parameters and optimizer tensors) and
+`{out_dir}/result.json` (lr and loss of every step this process ran, world size, state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
+
+from acctrain import Callback, Engine, TrainConfig  # noqa: E402
+from acctrain.state import optimizer_to_files  # noqa: E402
+
+DATASET_LEN, GLOBAL_BATCH = 26, 8  # 4 optimizer steps per epoch, the last one short (2 samples)
+
+
+class Record(Callback):
+    """Per-step lr and loss, plus the test's interventions: a signal to itself, a kill -9."""
+
+    def __init__(self, stop_at=None, signal_name="SIGTERM", signal_rank=0, kill_at=None):
+        self.steps, self.lrs, self.losses = [], [], []
+        self.stop_at, self.signal_name, self.signal_rank, self.kill_at = stop_at, signal_name, signal_rank, kill_at
+
+    def before_optimizer_step(self, engine):
+        self.steps.append(engine.state.step + 1)
+        self.lrs.append(engine.optimizer.param_groups[0]["lr"])
+        self.losses.append(float(engine.step_loss))
+
+    def before_step(self, engine):  # a signal before the step's all-reduce stops the run after this step
+        if engine.state.step + 1 == self.stop_at and engine.accelerator.process_index == self.signal_rank:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+    def after_step(self, engine):
+        if engine.state.step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(out_dir: str, steps: int = 10, stop_at=None, signal_name="SIGTERM", signal_rank=0, kill_at=None,
+        dropout=0.0, save_every=0, nan_at=None, width=16, **config) -> dict:
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        loss_sum, count = token_loss(model, batch)
+        calls["n"] += 1
+        return (loss_sum * float("nan"), count) if nan_at is not None and engine.state.step + 1 == nan_at else (loss_sum, count)
+
+    cfg = TrainConfig(output_dir=out_dir, global_batch_size=GLOBAL_BATCH, micro_batch_size=config.pop("micro", 2),
+                      max_steps=steps, save_every=save_every, log_every=1, lr=config.pop("lr", 1e-2),
+                      warmup_steps=2, **config)
+    record = Record(stop_at, signal_name, signal_rank, kill_at)
+    engine = Engine(make_model(0, width=width, dropout=dropout), cfg, VarLenTokens(DATASET_LEN), VarLenTokens(6),
+                    loss_fn=loss_fn, callbacks=[record], collate_fn=collate)
+    engine.fit()
+    result = {
+        "world_size_env": int(os.environ.get("WORLD_SIZE", "1")),
+        "num_processes": engine.accelerator.num_processes,
+        "resumed_from": str(engine.resumed_from) if engine.resumed_from else None,
+        "state": vars(engine.state),
+        "steps": record.steps, "lrs": record.lrs, "losses": record.losses,
+    }
+    tensors = {f"param.{n}": p.detach().clone() for n, p in engine.unwrapped_model.named_parameters()}
+    opt_tensors, _ = optimizer_to_files(engine.optimizer.state_dict())
+    tensors.update({f"opt.{k}": v.clone() for k, v in opt_tensors.items()})
+    if engine.accelerator.is_main_process:
+        save_file(tensors, os.path.join(out_dir, "result.safetensors"))
+        Path(out_dir, "result.json").write_text(json.dumps(result))
+    engine.close()
+    return dict(result, tensors=tensors)
+
+
+if __name__ == "__main__":
+    options = json.loads(sys.argv[1])
+    run(**options)
