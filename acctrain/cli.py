@@ -3,6 +3,7 @@
     acctrain train [CONFIG] [key=value ...]   # train the embedded byte-level LM (or what CONFIG says)
     acctrain plan  [CONFIG] [key=value ...]   # print the run plan for WORLD_SIZE (or world_size=N) and exit
     acctrain plot-schedule [CONFIG] [key=value ...] [out=PATH]   # PNG of lr and momentum per optimizer step
+    acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names
     acctrain --help                           # commands and every config field with its sentence
 
 Keys `model.*` and `data.*` set the embedded job's model and data (acctrain.bytelm).
@@ -123,6 +124,31 @@ def plot_schedule_main(args: list[str]) -> int:
     return 0
 
 
+def export_main(args: list[str]) -> int:
+    """`acctrain export CHECKPOINT OUT.safetensors`: the model weights as one file with plain names."""
+    import shutil
+    from pathlib import Path
+
+    from acctrain import checkpoint, sharded
+
+    if len(args) != 2:
+        print("usage: acctrain export CHECKPOINT_DIR OUT.safetensors", file=sys.stderr)
+        return 2
+    source, out = Path(args[0]), Path(args[1])
+    try:
+        checkpoint.verify(source)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if sharded.is_sharded_checkpoint(source):
+        sharded.consolidate(source, out)  # offline: joins the FSDP shards, no process group needed
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "model.safetensors", out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _help() -> str:
     lines = [__doc__.strip(), "", "Config fields (key=value, or in a YAML/TOML file):"]
     defaults = TrainConfig()
@@ -138,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "plan", "plot-schedule"])
+    parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
-    commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main}
+    commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main}
     return commands[ns.command](ns.args)
 
 

@@ -86,6 +86,8 @@ class TrainConfig:
     """DataLoader worker processes per rank for loading training batches."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present (multi-process runs without CUDA use CPU/gloo anyway)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 (an Accelerate FSDP launch config also enables it)."""
     cpu_threads: int = 0
     """Torch threads per process when training on CPU; 0 means available cores / processes on this node."""
 

@@ -31,11 +31,17 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, send_to_device
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    broadcast_object_list,
+    send_to_device,
+)
 from torch.utils.data import DataLoader
 
 from acctrain.callbacks import Callbacks
-from acctrain import checkpoint
+from acctrain import checkpoint, sharded
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
@@ -193,6 +199,8 @@ class Engine:
         if token_weighted:
             self._scale_gradients(window.global_samples / num_items)
         self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
+        if hasattr(self.grad_norm, "full_tensor"):  # FSDP: the global norm, as a replicated DTensor
+            self.grad_norm = self.grad_norm.full_tensor()
         # note: host-device sync, once per step: a non-finite update is never applied, and stopping is agreed.
         loss_value, norm_value, stop_value = torch.stack([self.step_loss, self.grad_norm.to(stop), stop]).tolist()
         self._stop_agreed = stop_value > 0
@@ -276,7 +284,10 @@ class Engine:
     def _scale_gradients(self, factor: torch.Tensor) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            with implicit_replication():  # FSDP's DTensor gradients times a plain (replicated) scalar
+                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
     def _set_lr_and_momentum(self, step: int) -> None:
         """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
@@ -337,15 +348,17 @@ class Engine:
         if acc.is_main_process:
             checkpoint.prepare_staging(stage)
         acc.wait_for_everyone()
-        model_state = acc.get_state_dict(self.model)  # gathers sharded weights on every rank
         rng_tensors, rng_meta = rng_to_files()
         checkpoint.write_tensors(stage / f"rng-rank{acc.process_index}.safetensors", rng_tensors)
         checkpoint.write_json(stage / f"rng-rank{acc.process_index}.json", rng_meta)
-        if acc.is_main_process:
-            checkpoint.write_tensors(stage / "model.safetensors", model_state)
+        if sharded.is_fsdp(acc):  # every rank writes its own shards; loadable at any world size
+            sharded.save_sharded(acc, self.model, self._torch_optimizer, stage)
+        elif acc.is_main_process:  # DDP: every rank holds the same weights and optimizer state
+            checkpoint.write_tensors(stage / "model.safetensors", self.unwrapped_model.state_dict())
             opt_tensors, opt_meta = optimizer_to_files(self._torch_optimizer.state_dict())
             checkpoint.write_tensors(stage / "optimizer.safetensors", opt_tensors)
             checkpoint.write_json(stage / "optimizer.json", opt_meta)
+        if acc.is_main_process:
             checkpoint.write_json(stage / "trainer_state.json", self._trainer_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -409,11 +422,20 @@ class Engine:
     def _load(self, path: Path) -> None:
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"])
-        load_model_state(self.unwrapped_model, checkpoint.read_tensors(path / "model.safetensors"), path)
-        optimizer_state = optimizer_from_files(
-            checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")
-        )
-        self._torch_optimizer.load_state_dict(optimizer_state)
+        if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(self.accelerator):
+            kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
+            raise checkpoint.CheckpointError(
+                f"{path} is {kind} but this run {'uses' if sharded.is_fsdp(self.accelerator) else 'does not use'} "
+                "FSDP; resume with the same fsdp setting, or `acctrain export` the weights and start afresh."
+            )
+        if sharded.is_fsdp(self.accelerator):
+            sharded.load_sharded(self.accelerator, self.model, self._torch_optimizer, path)
+        else:
+            load_model_state(self.unwrapped_model, checkpoint.read_tensors(path / "model.safetensors"), path)
+            optimizer_state = optimizer_from_files(
+                checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")
+            )
+            self._torch_optimizer.load_state_dict(optimizer_state)
         self.state = TrainState(**meta["state"])
         saved = meta["schedule"]
         if saved == {**saved, **self.schedule.state_dict(), "state": saved.get("state")}:
@@ -511,8 +533,10 @@ def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 def _make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator whose process group really spans every launched process (pitfalls #1)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Without CUDA, Accelerate runs N independent single-process jobs unless told cpu=True.
-    cpu = config.cpu or (world_size > 1 and not torch.cuda.is_available())
+    fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    # Without CUDA, Accelerate runs N independent single-process jobs unless told cpu=True (FSDP needs the
+    # process group even for one launched process).
+    cpu = config.cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
     if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler; pitfalls #2).
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
@@ -521,14 +545,19 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
         # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
         # a test) may choose another. The process group itself (PartialState) is kept.
         AcceleratorState._reset_state()
+    # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
     accelerator = Accelerator(
         cpu=cpu,
+        fsdp_plugin=plugin,
         mixed_precision=config.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
     )
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        sharded.use_fsdp2_on_cpu(accelerator, plugin)  # Accelerate drops the FSDP plugin on CPU otherwise
     if accelerator.device.type == "cpu":
         # Launchers set OMP_NUM_THREADS=1 (accelerate launch even for one process), leaving cores idle.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

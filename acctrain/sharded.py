@@ -72,8 +72,13 @@ def use_fsdp2_on_cpu(accelerator, fsdp_plugin) -> None:
         raise ValueError("use_fsdp2_on_cpu supports fsdp_version=2 only")
     if accelerator.mixed_precision != "no":
         fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+    from accelerate.state import PartialState
+
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = fsdp_plugin
+    # Every later `AcceleratorState()` copies PartialState's fields over its own (as Accelerate itself does
+    # on GPUs, state.py `PartialState._shared_state["distributed_type"] = ...`): keep them in agreement.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 @contextmanager

@@ -49,7 +49,7 @@ class Recorder(Callback):
         self.grad_norms.append(float(engine.grad_norm))
 
 
-def run(out_dir: str, micro: int, clip: float, precision: str = "no") -> dict:
+def run(out_dir: str, micro: int, clip: float, precision: str = "no", fsdp: bool = False) -> dict:
     cfg = TrainConfig(
         output_dir=os.path.join(out_dir, f"run-clip-{clip}"),
         global_batch_size=GLOBAL_BATCH,
@@ -61,6 +61,7 @@ def run(out_dir: str, micro: int, clip: float, precision: str = "no") -> dict:
         scheduler="constant",
         mixed_precision=precision,
         log_every=100,
+        fsdp=fsdp,
     )
     recorder = Recorder()
     engine = Engine(
@@ -83,7 +84,8 @@ def run(out_dir: str, micro: int, clip: float, precision: str = "no") -> dict:
         "total_steps": engine.plan.total_steps,
         "grad_norms": recorder.grad_norms,
         "per_micro": recorder.per_micro,
-        "params": {n: p.detach().float().cpu().clone() for n, p in engine.unwrapped_model.named_parameters()},
+        "params": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu().clone()
+                   for n, p in engine.unwrapped_model.named_parameters()},
     }
     if engine.accelerator.is_main_process:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -95,9 +97,9 @@ def run(out_dir: str, micro: int, clip: float, precision: str = "no") -> dict:
 
 if __name__ == "__main__":
     out, micro, *clips = sys.argv[1:]
-    engine_result = None
+    fsdp = os.environ.get("GRAD_RUN_FSDP") == "1"
     for clip in clips:
-        run(out, int(micro), float(clip))
+        run(out, int(micro), float(clip), fsdp=fsdp)
     import torch.distributed as dist
 
     if dist.is_initialized():

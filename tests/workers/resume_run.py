@@ -70,14 +70,20 @@ def run(out_dir: str, steps: int = 10, stop_at=None, signal_name="SIGTERM", sign
         "state": vars(engine.state),
         "steps": record.steps, "lrs": record.lrs, "losses": record.losses,
     }
-    tensors = {f"param.{n}": p.detach().clone() for n, p in engine.unwrapped_model.named_parameters()}
-    opt_tensors, _ = optimizer_to_files(engine.optimizer.state_dict())
-    tensors.update({f"opt.{k}": v.clone() for k, v in opt_tensors.items()})
+    tensors = {f"param.{n}": full(p).detach().clone() for n, p in engine.unwrapped_model.named_parameters()}
+    if not cfg.fsdp:  # FSDP's optimizer state is sharded; its exactness is tested in test_fsdp.py
+        opt_tensors, _ = optimizer_to_files(engine.optimizer.state_dict())
+        tensors.update({f"opt.{k}": v.clone() for k, v in opt_tensors.items()})
     if engine.accelerator.is_main_process:
         save_file(tensors, os.path.join(out_dir, "result.safetensors"))
         Path(out_dir, "result.json").write_text(json.dumps(result))
     engine.close()
     return dict(result, tensors=tensors)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, also from an FSDP-sharded DTensor (a collective: every rank must call it)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 if __name__ == "__main__":
