@@ -118,3 +118,26 @@ def test_engine_errors_before_writing(tmp_path, kwargs, field):
         Engine(make_model(), cfg, VarLenTokens(17), loss_fn=token_loss, collate_fn=collate)
     assert err.value.field == field
     assert not out.exists()
+
+
+def test_readme_documents_every_field_with_its_sentence():
+    from pathlib import Path
+
+    from acctrain.config import field_docs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    defaults = TrainConfig()
+    for name, doc in field_docs(TrainConfig).items():
+        assert f"| `{name}` | `{getattr(defaults, name)!r}` | {doc} |" in readme, name
+
+
+def test_help_lists_every_field():
+    import subprocess
+    import sys
+
+    from acctrain.config import field_docs
+
+    out = subprocess.run([sys.executable, "-m", "acctrain.cli", "--help"], capture_output=True, text=True).stdout
+    for name, doc in field_docs(TrainConfig).items():
+        assert f"  {name} = " in out and doc.split()[0] in out
+    assert "model.d_model" in out and "export" in out
