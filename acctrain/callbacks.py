@@ -8,21 +8,35 @@ Where each event fires:
         for each optimizer step:
             before_step                      # lr and momentum already set for this step
             for each micro-batch:
-                (forward) after_loss         # engine.micro_loss holds this micro-batch's summed loss
+                (forward) after_loss         # engine.micro_loss: this micro-batch's summed loss
                 (backward) after_backward    # engine.micro_index, engine.is_last_micro
+            (all-reduce of the step's loss, items and requests)
             before_optimizer_step            # gradients synchronised, normalised and clipped;
-                                             # engine.grad_norm (pre-clip), engine.step_loss (device tensors)
+                                             # engine.grad_norm (pre-clip), engine.step_loss
             (optimizer step) after_step      # engine.state.step counts this step
-            (maybe) evaluate -> after_evaluate
+            (maybe) evaluate -> after_evaluate   # engine.last_eval: {"eval/loss": ...}
         after_epoch
     after_fit
 
-A callback subclasses `Callback` and defines the methods it needs; each receives the engine.
+A callback subclasses `Callback` and defines the methods it needs; each receives the engine. Its
+`state_dict()` is saved in every checkpoint and given back by `load_state_dict()` on resume.
+
+Cancelling: a callback raises `CancelStep` (the step's update is not applied, as fastai's
+CancelStepException), `CancelEpoch` (the step is not applied and the epoch ends) or `CancelFit` (the
+step is not applied and training ends; the last applied step is saved). Whichever rank raises it, all
+ranks take the same decision: requests from before_step, after_loss and after_backward travel with the
+step's own all-reduce (no extra communication); after any other event that has a handler the ranks
+agree with one small all-reduce. A cancel raised after a step was applied (after_step,
+after_evaluate, after_epoch) ends the epoch or the fit right there; CancelStep there has nothing left
+to cancel and is ignored.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 EVENTS = (
     "before_fit",
@@ -36,10 +50,29 @@ EVENTS = (
     "after_epoch",
     "after_fit",
 )
+# Events whose cancel requests ride on the step's all-reduce instead of an agreement of their own.
+IN_STEP_EVENTS = ("before_step", "after_loss", "after_backward")
+
+
+class CancelStep(Exception):
+    """Do not apply this optimizer step (its data is still consumed)."""
+
+
+class CancelEpoch(Exception):
+    """Do not apply this step, and go on with the next epoch."""
+
+
+class CancelFit(Exception):
+    """Do not apply this step, and end training (fit() saves and returns)."""
+
+
+CANCELS = (CancelStep, CancelEpoch, CancelFit)  # index + 1 is the level sent in all-reduces
 
 
 class Callback:
     """Base class: override any of EVENTS; `state_dict` is saved with checkpoints."""
+
+    order = 0  # callbacks run in increasing order (stable for equal values)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -49,16 +82,123 @@ class Callback:
 
 
 class Callbacks:
-    """Calls one event on every callback that defines it, in order."""
+    """Calls one event on every callback that defines it, and remembers the highest cancel requested."""
 
     def __init__(self, callbacks=()):
-        self.items = list(callbacks)
+        self.items = sorted(callbacks, key=lambda cb: cb.order)
         for cb in self.items:
-            unknown = [n for n in vars(type(cb)) if n.startswith(("before_", "after_")) and n not in EVENTS]
+            unknown = [n for n in dir(type(cb)) if n.startswith(("before_", "after_")) and n not in EVENTS]
             if unknown:
                 raise ValueError(f"{type(cb).__name__} defines {unknown}, which are not events; events are {EVENTS}.")
         self._handlers = {e: [getattr(cb, e) for cb in self.items if hasattr(cb, e)] for e in EVENTS}
+        self.requested = 0  # 0: none, else 1 + index in CANCELS, on this rank
+
+    def has(self, event: str) -> bool:
+        return bool(self._handlers[event])
 
     def __call__(self, event: str, engine) -> None:
         for handler in self._handlers[event]:
-            handler(engine)
+            try:
+                handler(engine)
+            except CANCELS as cancel:
+                self.requested = max(self.requested, CANCELS.index(type(cancel)) + 1)
+                return
+
+
+# ------------------------------------------------------------------------------------------ built-ins
+
+
+class EarlyStopping(Callback):
+    """End training when `metric` (from evaluation) has not improved by `min_delta` for `patience` evaluations.
+
+    Eval metrics are reduced over all ranks before callbacks see them, so every rank stops at the same step.
+    """
+
+    def __init__(self, metric: str = "eval/loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}")
+        self.metric, self.patience, self.mode, self.min_delta = metric, patience, mode, min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def after_evaluate(self, engine) -> None:
+        value = engine.last_eval[self.metric]
+        sign = 1.0 if self.mode == "min" else -1.0
+        if self.best is None or (math.isfinite(value) and sign * (self.best - value) > self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            engine.accelerator.print(
+                f"early stopping at step {engine.state.step}: {self.metric} has not improved on {self.best:.6g} "
+                f"for {self.wait} evaluations",
+                flush=True,
+            )
+            raise CancelFit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+
+
+class ShortEpoch(Callback):
+    """Run only the first `pct` of each epoch's optimizer steps (smoke runs), as fastai's ShortEpochCallback."""
+
+    def __init__(self, pct: float = 0.01):
+        if not 0 < pct <= 1:
+            raise ValueError(f"ShortEpoch pct must be in (0, 1], got {pct}")
+        self.pct = pct
+
+    def before_step(self, engine) -> None:
+        plan = engine.plan
+        limit = max(1, math.ceil(self.pct * plan.steps_per_epoch))
+        if engine.state.step % plan.steps_per_epoch >= limit:  # the same on every rank: a function of the step
+            raise CancelEpoch()
+
+
+class BnFreeze(Callback):
+    """Keep the BatchNorm layers of frozen parts in eval mode, so their running statistics stay fixed.
+
+    A BatchNorm layer counts as frozen when all its parameters are frozen (engine.freeze, or
+    requires_grad=False). As fastai's BnFreeze; applied at the start of fit and after every evaluation
+    (whose end switches the model back to training mode).
+    """
+
+    order = 10
+
+    def before_fit(self, engine) -> None:
+        self.after_evaluate(engine)
+
+    def after_evaluate(self, engine) -> None:  # evaluate() ends with model.train()
+        for module in engine.unwrapped_model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+                params = list(module.parameters())
+                if params and all(engine.is_frozen(p) for p in params):
+                    module.eval()
+
+
+class SaveBest(Callback):
+    """Save a checkpoint at every evaluation whose `metric` is the best so far (with keep_best to keep it).
+
+    Set the config's `keep_best` to the same metric (and `keep_best_mode` to `mode`), so rotation keeps
+    the best checkpoint whatever `keep_last` is.
+    """
+
+    def __init__(self, metric: str = "eval/loss", mode: str = "min"):
+        self.metric, self.mode = metric, mode
+        self.best: float | None = None
+
+    def after_evaluate(self, engine) -> None:
+        value = engine.last_eval[self.metric]
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better and math.isfinite(value):
+            self.best = value
+            engine.save()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]

@@ -40,7 +40,7 @@ from accelerate.utils import (
 )
 from torch.utils.data import DataLoader
 
-from acctrain.callbacks import Callbacks
+from acctrain.callbacks import CANCELS, Callbacks, CancelEpoch, CancelFit
 from acctrain import checkpoint, sharded
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
@@ -49,6 +49,8 @@ from acctrain.optim import build_optimizer, get_momentum, set_momentum
 from acctrain.schedules import build_schedule
 from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from acctrain.tracking import MetricLog
+
+CANCEL_STEP = 1  # cancel levels: 0 none, 1 + index in CANCELS (CancelStep, CancelEpoch, CancelFit)
 
 
 @dataclass
@@ -119,58 +121,75 @@ class Engine:
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._stop_signal: str | None = None
+        self._fitting = False
+        self._frozen: list[torch.nn.Parameter] = []
         self.resumed_from = self._resume()
 
     # ------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
-        with self._stop_on_signals():
-            return self._fit()
+        self._fitting = True
+        try:
+            with self._stop_on_signals():
+                return self._fit()
+        finally:
+            self._fitting = False
 
     def _fit(self) -> dict[str, float]:
         cfg, plan, state = self.config, self.plan, self.state
         self._start_run()
-        self.callbacks("before_fit", self)
-        self.metrics.start(state.step, state.samples_seen)
-        while state.step < plan.total_steps:
-            epoch, first = divmod(state.step, plan.steps_per_epoch)
-            stop = first + plan.total_steps - state.step
-            windows = plan.rank_windows(epoch, self.accelerator.process_index, first, stop)
-            batches = micro_batch_loader(
-                self.train_data, windows, self.collate_fn, cfg.num_workers, seed=cfg.seed * 7919 + epoch
-            )
-            self.epoch = epoch
-            self.callbacks("before_epoch", self)
-            for window in windows:
-                self._train_step(window, batches)
-                if self._stop_agreed:
-                    self.metrics.flush(state.samples_seen)
-                    self.save()
-                    stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
-                                     f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
-                    self.accelerator.print(stop.message, flush=True)
-                    raise stop
-                if state.step % cfg.log_every == 0:
-                    self.metrics.flush(state.samples_seen)
-                if cfg.eval_every and state.step % cfg.eval_every == 0:
+        try:
+            self._event("before_fit")
+            self.metrics.start(state.step, state.samples_seen)
+            while state.step < plan.total_steps:
+                epoch, first = divmod(state.step, plan.steps_per_epoch)
+                stop = first + plan.total_steps - state.step
+                windows = plan.rank_windows(epoch, self.accelerator.process_index, first, stop)
+                batches = micro_batch_loader(
+                    self.train_data, windows, self.collate_fn, cfg.num_workers, seed=cfg.seed * 7919 + epoch
+                )
+                self.epoch = epoch
+                try:
+                    self._event("before_epoch")
+                    for window in windows:
+                        self._train_step(window, batches)
+                        self._after_step()
+                except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
+                    state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
+                self.metrics.flush(state.samples_seen)
+                # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
+                if (not cfg.eval_every or state.step == plan.total_steps) and self._eval_step != state.step:
                     self.evaluate()
-                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < plan.total_steps:
-                    self.save()
+                self._event("after_epoch")
+        except CancelFit:  # agreed by all ranks; the last applied step is saved below
             self.metrics.flush(state.samples_seen)
-            # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
-            if (not cfg.eval_every or state.step == plan.total_steps) and self._eval_step != state.step:
-                self.evaluate()
-            self.callbacks("after_epoch", self)
         self.save()
-        self.callbacks("after_fit", self)
+        self._event("after_fit")
         return dict(self.metrics.last, **self.last_eval)
+
+    def _after_step(self) -> None:
+        """Between optimizer steps: stop on a signal, log, evaluate and save as configured."""
+        cfg, state = self.config, self.state
+        if self._stop_agreed:
+            self.metrics.flush(state.samples_seen)
+            self.save()
+            stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
+                             f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
+            self.accelerator.print(stop.message, flush=True)
+            raise stop
+        if state.step % cfg.log_every == 0:
+            self.metrics.flush(state.samples_seen)
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            self.evaluate()
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.plan.total_steps:
+            self.save()
 
     def _train_step(self, window: Window, batches) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
         acc, state = self.accelerator, self.state
         self._set_lr_and_momentum(state.schedule_step)
-        self.callbacks("before_step", self)
+        self.callbacks("before_step", self)  # its cancel requests travel with this step's all-reduce
         loss_sum = torch.zeros((), dtype=self._item_dtype, device=acc.device)
         num_items = torch.zeros((), dtype=self._item_dtype, device=acc.device)
         # Each micro-batch backpropagates loss_sum * world / window_samples. DDP averages over ranks, so the
@@ -191,30 +210,34 @@ class Engine:
             loss_sum += self.micro_loss.detach()
             num_items += items
             token_weighted |= weighted
-        # One all-reduce per step, on the device: the step's loss and item count, and how many ranks were
-        # asked to stop (SIGTERM/SIGUSR1), so that all ranks take the same decisions below.
-        stop = torch.tensor(float(self._stop_signal is not None), dtype=self._item_dtype, device=acc.device)
-        loss_sum, num_items, stop = acc.reduce(torch.stack([loss_sum, num_items, stop]), reduction="sum").unbind()
+        # One all-reduce per step, on the device: the step's loss and item count, and what any rank asks for
+        # (a stop by SIGTERM/SIGUSR1, a callback's cancel), so that all ranks take the same decisions below.
+        loss_sum, num_items, requests = self._reduce_step(loss_sum, num_items)
         self.step_loss = loss_sum / num_items  # the exact mean over all of this step's items
         if token_weighted:
             self._scale_gradients(window.global_samples / num_items)
+        for param in self._frozen:
+            param.grad = None  # frozen: no update, no weight decay, no momentum drift
         self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
         if hasattr(self.grad_norm, "full_tensor"):  # FSDP: the global norm, as a replicated DTensor
             self.grad_norm = self.grad_norm.full_tensor()
-        # note: host-device sync, once per step: a non-finite update is never applied, and stopping is agreed.
-        loss_value, norm_value, stop_value = torch.stack([self.step_loss, self.grad_norm.to(stop), stop]).tolist()
-        self._stop_agreed = stop_value > 0
+        # note: host-device sync, once per step: a non-finite update is never applied, and requests are agreed.
+        loss_value, norm_value, stop, *cancels = torch.stack([self.step_loss, self.grad_norm.to(requests), *requests]).tolist()
+        self._stop_agreed = stop > 0
+        cancel = max((level for level, n in enumerate(cancels, 1) if n > 0), default=0)
         finite = self._check_finite(loss_value, norm_value)
-        self.callbacks("before_optimizer_step", self)
-        if finite:
+        cancel = max(cancel, self._event("before_optimizer_step", defer=True))
+        if finite and not cancel:
             self.optimizer.step()
         # With fp16 the GradScaler skips a step whose gradients overflowed (its own sync decided that).
-        skipped = not finite or self.optimizer.step_was_skipped
+        skipped = not finite or bool(cancel) or self.optimizer.step_was_skipped
         self._torch_optimizer.zero_grad(set_to_none=True)
+        if cancel > CANCEL_STEP:  # the step is not consumed: a resume would run it again
+            raise CANCELS[cancel - 1]()
         state.step += 1
         state.samples_seen += window.global_samples
         state.skipped_steps += skipped
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if not finite else 0
         state.schedule_step += not skipped
         if self.lr_scheduler is not None and not skipped:
             self.lr_scheduler.step()
@@ -228,7 +251,7 @@ class Engine:
                 **self._lr_metrics,
             },
         )
-        self.callbacks("after_step", self)
+        self._event("after_step")
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -244,6 +267,34 @@ class Engine:
         if num_samples == 0:  # a padding micro-batch: it only joins the all-reduce
             loss_sum, items = loss_sum * 0, items * 0
         return loss_sum, items, weighted
+
+    def _reduce_step(self, loss_sum: torch.Tensor, num_items: torch.Tensor):
+        """All-reduce (sum) the step's loss and items with every rank's stop flag and in-step cancel request."""
+        acc, requested = self.accelerator, self.callbacks.requested
+        self.callbacks.requested = 0
+        flags = [self._stop_signal is not None] + [requested == level for level in range(1, len(CANCELS) + 1)]
+        flags = torch.tensor(flags, dtype=self._item_dtype, device=acc.device)
+        totals = acc.reduce(torch.cat([torch.stack([loss_sum, num_items]), flags]), reduction="sum")
+        return totals[0], totals[1], totals[2:]
+
+    def _event(self, name: str, defer: bool = False) -> int:
+        """Run an event's callbacks; where it has any, all ranks agree on the cancel any of them requested.
+
+        Returns the agreed level (0 none, else 1 + index in CANCELS). Inside fit, an agreed CancelEpoch or
+        CancelFit is raised here unless `defer`.
+        """
+        self.callbacks(name, self)
+        if not self.callbacks.has(name):
+            return 0
+        level = self.callbacks.requested
+        self.callbacks.requested = 0
+        if self.accelerator.num_processes > 1:
+            # note: host-device sync and a collective, only after events that have callbacks
+            flag = torch.tensor(level, device=self.accelerator.device)
+            level = int(self.accelerator.reduce(flag, reduction="max").item())
+        if level > CANCEL_STEP and not defer and self._fitting:
+            raise CANCELS[level - 1]()
+        return level
 
     def _check_finite(self, loss: float, grad_norm: float) -> bool:
         """Whether to apply this step; with nan_policy='halt' (or too many skips) a non-finite one raises."""
@@ -336,7 +387,7 @@ class Engine:
         self._eval_step = self.state.step
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         acc.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}", flush=True)
-        self.callbacks("after_evaluate", self)
+        self._event("after_evaluate")
         return self.last_eval
 
     def save(self) -> None:
