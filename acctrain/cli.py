@@ -4,6 +4,8 @@
     acctrain plan  [CONFIG] [key=value ...]   # print the run plan for WORLD_SIZE (or world_size=N) and exit
     acctrain plot-schedule [CONFIG] [key=value ...] [out=PATH]   # PNG of lr and momentum per optimizer step
     acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names
+    acctrain lr-find [CONFIG] [key=value ...] [num_it=N]   # LR range test: suggestions and lr_find.png
+    acctrain summary [CONFIG] [key=value ...]   # parameter counts per module, trainable and frozen
     acctrain --help                           # commands and every config field with its sentence
 
 Keys `model.*` and `data.*` set the embedded job's model and data (acctrain.bytelm).
@@ -149,6 +151,57 @@ def export_main(args: list[str]) -> int:
     return 0
 
 
+def _job_engine(args: list[str]):
+    """An Engine for the embedded job from `[CONFIG] [key=value ...]` (for lr-find), and its model."""
+    import torch
+
+    from acctrain.engine import Engine
+
+    path, overrides = _split_args(args)
+    cfg, sections = load_config(path, overrides, sections=SECTIONS)
+    torch.manual_seed(cfg.seed)
+    train_set, eval_set = stdlib_datasets(sections["data"], sections["model"].context_len)
+    return Engine(ByteLM(sections["model"]), cfg, train_set, eval_set, loss_fn=lm_loss)
+
+
+def lr_find_main(args: list[str]) -> int:
+    """`acctrain lr-find [CONFIG] [key=value ...] [num_it=N]`: print suggestions, write lr_find.png."""
+    num_it = 100
+    rest = []
+    for item in args:
+        if item.startswith("num_it="):
+            num_it = int(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    try:
+        engine = _job_engine(rest)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        suggestions = engine.lr_find(num_it=num_it)
+        for name, value in suggestions._asdict().items():
+            engine.accelerator.print(f"{name:>8}: {value:.3e}")
+        engine.accelerator.print(f"plot: {os.path.join(engine.config.output_dir, 'lr_find.png')}")
+    finally:
+        engine.close()
+    return 0
+
+
+def summary_main(args: list[str]) -> int:
+    """`acctrain summary [CONFIG] [key=value ...]`: the embedded job's model summary, without training."""
+    from acctrain.summary import model_summary
+
+    path, overrides = _split_args(args)
+    try:
+        _, sections = load_config(path, overrides, sections=SECTIONS)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(model_summary(ByteLM(sections["model"])))
+    return 0
+
+
 def _help() -> str:
     lines = [__doc__.strip(), "", "Config fields (key=value, or in a YAML/TOML file):"]
     defaults = TrainConfig()
@@ -164,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export"])
+    parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export", "lr-find", "summary"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
-    commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main}
+    commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main,
+                "lr-find": lr_find_main, "summary": summary_main}
     return commands[ns.command](ns.args)
 
 

@@ -48,6 +48,8 @@ class TrainConfig:
     """AdamW weight decay, applied to weight matrices only (not to biases or norm weights)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW (beta1, beta2) for the default optimizer; a momentum schedule overrides beta1."""
+    param_groups: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern (module prefix or glob), e.g. {'backbone': 0.1}; first match wins."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this once per optimizer step; 0 disables clipping (the norm is still logged)."""
     mixed_precision: str = "no"
@@ -112,6 +114,9 @@ class TrainConfig:
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}.")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}.")
+        for pattern, mult in self.param_groups.items():
+            if not (isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0):
+                raise ConfigError(f"param_groups.{pattern}", f"the lr multiplier must be a number > 0, got {mult!r}.")
         if not self.max_grad_norm >= 0:
             raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.mixed_precision not in MIXED_PRECISIONS:

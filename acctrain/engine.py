@@ -17,6 +17,7 @@ step sees, the schedule (acctrain.schedules) the lr; neither goes through `accel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -45,8 +46,9 @@ from acctrain import checkpoint, sharded
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
-from acctrain.optim import build_optimizer, get_momentum, set_momentum
+from acctrain.optim import build_optimizer, get_momentum, matches, set_momentum
 from acctrain.schedules import build_schedule
+from acctrain.summary import model_summary
 from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from acctrain.tracking import MetricLog
 
@@ -112,7 +114,8 @@ class Engine:
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(callbacks)
         self.state = TrainState()
-        optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas)
+        optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
+                                    config.param_groups)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The raw torch optimizer: zero_grad on it skips Accelerate's per-call signature inspection.
         self._torch_optimizer = optimizer
@@ -122,6 +125,7 @@ class Engine:
         self._eval_step = -1
         self._stop_signal: str | None = None
         self._fitting = False
+        self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
         self.resumed_from = self._resume()
 
@@ -351,10 +355,11 @@ class Engine:
                     set_momentum(group, momentum)
         self._lr_metrics = {"train/lr": groups[0]["lr"]}
         for i, group in enumerate(groups):
+            name = group.get("name", f"group{i}")
             if len(groups) > 1:
-                self._lr_metrics[f"train/lr/group{i}"] = group["lr"]
+                self._lr_metrics[f"train/lr/{name}"] = group["lr"]
             if get_momentum(group) is not None:
-                self._lr_metrics[f"train/momentum/group{i}" if len(groups) > 1 else "train/momentum"] = get_momentum(group)
+                self._lr_metrics[f"train/momentum/{name}" if len(groups) > 1 else "train/momentum"] = get_momentum(group)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -526,7 +531,14 @@ class Engine:
         if cfg.resume == "none" and cfg.overwrite and acc.is_main_process:
             shutil.rmtree(checkpoint.checkpoints_root(cfg.output_dir), ignore_errors=True)
         acc.wait_for_everyone()
-        acc.init_trackers("tensorboard", config=_flat_config(cfg.to_dict()))
+        logging_dir = os.path.join(cfg.output_dir, "logs")
+        if getattr(self, "_logging_dir", None) != logging_dir:  # the first fit, or a new phase's output_dir
+            for tracker in acc.trackers:
+                tracker.finish()
+            acc.trackers = []
+            acc.project_configuration.project_dir, acc.project_configuration.logging_dir = cfg.output_dir, logging_dir
+            acc.init_trackers("tensorboard", config=_flat_config(cfg.to_dict()))
+            self._logging_dir = logging_dir
         self.model.train()
         if self.resumed_from is None:
             torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index)  # dropout: per rank, reproducible
@@ -534,6 +546,9 @@ class Engine:
             rng_from_files(*self._restored_rng)
         else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
             torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index + 7919 * self.state.step)
+        if not self._summarised:
+            acc.print(model_summary(self.unwrapped_model, self.is_frozen), flush=True)
+            self._summarised = True
         plan = self.plan.describe()
         acc.print(
             "run plan: "
@@ -542,6 +557,85 @@ class Engine:
             + f", device={acc.device.type}, output_dir={self.config.output_dir}",
             flush=True,
         )
+
+    # ------------------------------------------------------------------------------------ the toolkit
+
+    def freeze(self, patterns: str | Sequence[str] | None = None) -> list[str]:
+        """Freeze parameters by name pattern (module prefix or glob); returns the frozen names.
+
+        Without patterns, everything but the model's last top-level module (its head) is frozen, as
+        fastai's `freeze()`. Frozen parameters stay bitwise unchanged: their gradients are dropped before
+        clipping and the optimizer step, so they get no update, no weight decay and no momentum drift.
+        """
+        named = dict(self.unwrapped_model.named_parameters())
+        if patterns is None:
+            children = [n for n, _ in self.unwrapped_model.named_children()]
+            patterns = children[:-1]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        frozen = []
+        for pattern in patterns:
+            hits = [n for n in named if matches(n, pattern)]
+            if not hits:
+                raise ValueError(f"freeze: {pattern!r} matches no parameter; names look like {list(named)[:3]}")
+            frozen += hits
+        frozen = sorted(set(frozen))
+        self._frozen = [named[n] for n in frozen]
+        return frozen
+
+    def unfreeze(self) -> None:
+        """Train every parameter again (those created with requires_grad=False stay as they are)."""
+        self._frozen = []
+
+    def is_frozen(self, param: torch.nn.Parameter) -> bool:
+        return not param.requires_grad or any(param is p for p in self._frozen)
+
+    def lr_find(self, **kwargs):
+        """fastai's LR range test; see `acctrain.lr_finder.lr_find`. The model and optimizer are left unchanged."""
+        from acctrain.lr_finder import lr_find
+
+        return lr_find(self, **kwargs)
+
+    def fit_one_cycle(self, epochs: int, lr_max: float | None = None, **kwargs) -> dict[str, float]:
+        """Train `epochs` with the one-cycle policy (fastai semantics); see `acctrain.recipes`."""
+        from acctrain import recipes
+
+        return recipes.fit_one_cycle(self, epochs, lr_max, **kwargs)
+
+    def fit_flat_cos(self, epochs: int, lr: float | None = None, **kwargs) -> dict[str, float]:
+        from acctrain import recipes
+
+        return recipes.fit_flat_cos(self, epochs, lr, **kwargs)
+
+    def fit_sgdr(self, n_cycles: int, cycle_len: int, lr_max: float | None = None, **kwargs) -> dict[str, float]:
+        from acctrain import recipes
+
+        return recipes.fit_sgdr(self, n_cycles, cycle_len, lr_max, **kwargs)
+
+    def fine_tune(self, epochs: int, base_lr: float = 2e-3, **kwargs) -> dict[str, float]:
+        from acctrain import recipes
+
+        return recipes.fine_tune(self, epochs, base_lr, **kwargs)
+
+    def replan(self, **changes: Any) -> None:
+        """Start a new training phase with these config changes (epochs, lr, scheduler, output_dir, ...).
+
+        The model and optimizer carry over; the plan, schedule and step counter start afresh, and a
+        checkpoint in the (new) output_dir is resumed as usual, so a multi-phase recipe is resumable.
+        """
+        old_lr = self.config.lr
+        if self.config.resume not in ("auto", "none"):  # a given checkpoint belongs to the first phase only
+            changes.setdefault("resume", "auto")
+        self.config = dataclasses.replace(self.config, **changes)
+        cfg = self.config
+        self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed)
+        self.schedule = build_schedule(cfg.scheduler, self.plan.total_steps, warmup_steps=cfg.warmup_steps,
+                                       warmup_ratio=cfg.warmup_ratio, steps_per_epoch=self.plan.steps_per_epoch,
+                                       args=cfg.schedule_args)
+        for group in self._torch_optimizer.param_groups:  # the Engine's groups know their multiplier
+            group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
+        self.metrics = MetricLog(self.accelerator, self.plan.total_steps)
+        self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
+        self.resumed_from = self._resume()
 
     def _schedule_name(self) -> str:
         return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name

@@ -2,27 +2,42 @@
 
 Weight decay applies to weight matrices and embeddings only: parameters with fewer than two dimensions
 (biases, LayerNorm/BatchNorm weights) go into a group with no decay, as in nanoGPT and the HF Trainer.
-Each group records its `base_lr`, which the schedule multiplies at every optimizer step.
+`lr_mults` (the config's `param_groups`) gives parameters matching a name pattern their own lr
+multiplier: discriminative learning rates. Each group records its `base_lr`, which the schedule
+multiplies at every optimizer step.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Callable
 
 import torch
 
+from acctrain.errors import ConfigError
 
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into a decayed and a non-decayed group."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+
+def matches(name: str, pattern: str) -> bool:
+    """A parameter name matches a module prefix ('backbone' -> 'backbone.*') or a glob ('*.bias')."""
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mults: dict[str, float] = {}) -> list[dict]:
+    """All parameters, grouped by the first `lr_mults` pattern they match (else 'default'), each split into
+    a decayed and a non-decayed group. Frozen parameters are included: freezing happens in the Engine."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        pattern = next((p for p in lr_mults if matches(name, p)), "default")
+        groups.setdefault((pattern, param.ndim >= 2), []).append(param)
+    for pattern in lr_mults:
+        if not any(key[0] == pattern for key in groups):
+            raise ConfigError(f"param_groups.{pattern}", "matches no parameter name; use a module prefix like "
+                              "'backbone' or a glob like 'encoder.layers.*'.")
+    return [
+        {"params": params, "name": pattern if decay else f"{pattern}/no_decay", "lr_mult": lr_mults.get(pattern, 1.0),
+         "weight_decay": weight_decay if decay else 0.0, "lr": lr * lr_mults.get(pattern, 1.0)}
+        for (pattern, decay), params in groups.items()
     ]
-    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(
@@ -31,17 +46,18 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
+    lr_mults: dict[str, float] = {},
 ) -> torch.optim.Optimizer:
     """The user's optimizer as given, a factory called with the default param groups, or AdamW."""
     if isinstance(optimizer, torch.optim.Optimizer):
         opt = optimizer
     elif optimizer is not None:
-        opt = optimizer(param_groups(model, lr, weight_decay))
+        opt = optimizer(param_groups(model, lr, weight_decay, lr_mults))
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer.")
     else:
         # foreach is torch's fast multi-tensor path on CPU and GPU alike
-        opt = torch.optim.AdamW(param_groups(model, lr, weight_decay), lr=lr, betas=betas, foreach=True)
+        opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, lr_mults), lr=lr, betas=betas, foreach=True)
     for group in opt.param_groups:
         group.setdefault("base_lr", group["lr"])
     return opt
