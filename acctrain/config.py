@@ -64,6 +64,8 @@ class TrainConfig:
     """Extra parameters of the chosen schedule, e.g. {'div': 25, 'pct_start': 0.25} for one_cycle."""
     eval_every: int = 0
     """Evaluate every this many optimizer steps; 0 means at the end of each epoch and of the run."""
+    log_with: str = "tensorboard"
+    """Trackers, comma-separated, among those Accelerate supports and you have installed (tensorboard, wandb, mlflow, ...)."""
     log_every: int = 10
     """Print progress and flush logged metrics every this many optimizer steps (every step is logged)."""
     save_every: int = 0
@@ -134,6 +136,7 @@ class TrainConfig:
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError("resume", f"{self.resume} is not a checkpoint directory; use 'auto', 'none' or a path "
                               "like runs/x/checkpoints/step-00001000.")
+        _check_trackers(self.log_with)
         if not self.output_dir:
             raise ConfigError("output_dir", "must be a directory path, got an empty string.")
         check_schedule_config(self.scheduler, self.warmup_steps, self.warmup_ratio, self.schedule_args)
@@ -141,6 +144,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values (for logs and checkpoints)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _check_trackers(log_with: str) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in (n.strip() for n in log_with.split(",") if n.strip()):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError("log_with", f"unknown tracker {name!r}.{hint} Known: {', '.join(LOGGER_TYPE_TO_CLASS)}.")
 
 
 def field_docs(cls: type) -> dict[str, str]:

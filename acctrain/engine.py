@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -119,7 +120,7 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The raw torch optimizer: zero_grad on it skips Accelerate's per-call signature inspection.
         self._torch_optimizer = optimizer
-        self.metrics = MetricLog(self.accelerator, self.plan.total_steps)
+        self.metrics = self._metric_log()
         self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
@@ -139,6 +140,7 @@ class Engine:
                 return self._fit()
         finally:
             self._fitting = False
+            self.metrics.close()
 
     def _fit(self) -> dict[str, float]:
         cfg, plan, state = self.config, self.plan, self.state
@@ -254,6 +256,7 @@ class Engine:
                 "train/epoch": state.samples_seen / self.plan.dataset_len,
                 **self._lr_metrics,
             },
+            items=num_items if token_weighted else None,
         )
         self._event("after_step")
 
@@ -537,7 +540,8 @@ class Engine:
                 tracker.finish()
             acc.trackers = []
             acc.project_configuration.project_dir, acc.project_configuration.logging_dir = cfg.output_dir, logging_dir
-            acc.init_trackers("tensorboard", config=_flat_config(cfg.to_dict()))
+            acc.init_trackers("acctrain", config=_flat_config(cfg.to_dict()))
+            acc.log({"config": "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```"}, step=self.state.step)
             self._logging_dir = logging_dir
         self.model.train()
         if self.resumed_from is None:
@@ -633,9 +637,14 @@ class Engine:
                                        args=cfg.schedule_args)
         for group in self._torch_optimizer.param_groups:  # the Engine's groups know their multiplier
             group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
-        self.metrics = MetricLog(self.accelerator, self.plan.total_steps)
+        self.metrics = self._metric_log()
         self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
         self.resumed_from = self._resume()
+
+    def _metric_log(self) -> MetricLog:
+        flops = getattr(self.unwrapped_model, "flops_per_token", None)
+        flops = flops() if callable(flops) else flops
+        return MetricLog(self.accelerator, self.plan.total_steps, flops, self.config.mixed_precision)
 
     def _schedule_name(self) -> str:
         return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name
@@ -696,7 +705,7 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
         cpu=cpu,
         fsdp_plugin=plugin,
         mixed_precision=config.mixed_precision,
-        log_with="tensorboard",
+        log_with=[name.strip() for name in config.log_with.split(",") if name.strip()],
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),

@@ -1,35 +1,74 @@
 """Per-step metrics: kept on the device while training, written in one batch at each flush.
 
 Every optimizer step is logged (train/loss, train/lr, train/grad_norm, ...), but values stay device
-tensors until `flush()`, which reads them all with one host-device sync. Writing goes through
-Accelerate's trackers (TensorBoard by default, under `{output_dir}/logs/`), on the main process only.
+tensors until `flush()`, which reads them all with one host-device sync. Each flush also logs the
+throughput since the previous one: train/samples_per_s, train/tokens_per_s (the items a token-weighted
+loss counted), train/step_time_s, train/peak_memory_gb and, on a GPU whose peak is in PEAK_FLOPS and a
+model that states `flops_per_token`, train/mfu. Writing goes through Accelerate's trackers (TensorBoard
+by default, under `{output_dir}/logs/`), on the main process only. Progress goes to a tqdm bar on a
+terminal, and to one plain line per flush otherwise (CI, SLURM logs); only the main process prints.
 """
 
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from typing import Any
 
 import torch
 
+# Dense bf16/fp16 tensor-core peaks in FLOP/s per GPU, from the vendors' data sheets (no sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of this GPU from PEAK_FLOPS, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
 
 class MetricLog:
     """A buffer of per-step metrics and a writer of them to the trackers and the console."""
 
-    def __init__(self, accelerator, total_steps: int):
+    def __init__(self, accelerator, total_steps: int, flops_per_token: float | None = None, mixed_precision: str = "no"):
         self.accelerator = accelerator
         self.total_steps = total_steps
         self.pending: list[tuple[int, dict[str, Any]]] = []
         self.last: dict[str, float] = {}
-        self._clock = (time.perf_counter(), 0)  # (time, samples) at the last flush
+        self._clock = (time.perf_counter(), 0, 0)  # (time, samples, first step) at the last flush
+        self._items = 0.0
+        self._peak = peak_flops(accelerator.device) if flops_per_token and mixed_precision != "no" else None
+        self._flops_per_token = flops_per_token
+        self._bar = None
 
-    def add(self, step: int, values: dict[str, Any]) -> None:
+    def start(self, step: int, samples_seen: int) -> None:
+        """Start the clocks (after setup, so that throughput and ETA measure training only)."""
+        self._started, self._first_step = time.perf_counter(), step
+        self._clock = (self._started, samples_seen, step)
+        if self.accelerator.is_main_process and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def add(self, step: int, values: dict[str, Any], items: torch.Tensor | None = None) -> None:
         """Record the metrics of optimizer step `step` (1-based); tensors are not read yet."""
-        self.pending.append((step, values))
+        self.pending.append((step, dict(values, _items=items) if items is not None else values))
 
     def flush(self, samples_seen: int) -> list[tuple[int, dict[str, float]]]:
-        """Read the pending values to the host, write them to the trackers, print one progress line."""
+        """Read the pending values to the host, write them to the trackers, report progress."""
         if not self.pending:
             return []
         tensors = [v.detach().float().reshape(()) for _, vals in self.pending for v in vals.values() if torch.is_tensor(v)]
@@ -40,38 +79,63 @@ class MetricLog:
             for step, vals in self.pending
         ]
         self.pending = []
-        now, then_samples = time.perf_counter(), self._clock[1]
-        elapsed = now - self._clock[0]
-        throughput = (samples_seen - then_samples) / elapsed if elapsed > 0 else 0.0
-        self._clock = (now, samples_seen)
+        items = sum(values.pop("_items", 0.0) for _, values in rows)
         for step, values in rows:
             self.accelerator.log(values, step=step)
-        self.last = dict(rows[-1][1], step=rows[-1][0], samples_per_s=throughput)
-        self.accelerator.log({"train/samples_per_s": throughput}, step=rows[-1][0])
-        self.print_progress(rows)
+        step = rows[-1][0]
+        throughput = self._throughput(step, samples_seen, items)
+        self.accelerator.log(throughput, step=step)
+        self.last = dict(rows[-1][1], step=step, **throughput)
+        self._report(rows, throughput)
         return rows
 
-    def print_progress(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _throughput(self, step: int, samples_seen: int, items: float) -> dict[str, float]:
+        now = time.perf_counter()
+        then, then_samples, then_step = self._clock
+        self._clock = (now, samples_seen, step)
+        elapsed = max(now - then, 1e-9)
+        out = {
+            "train/samples_per_s": (samples_seen - then_samples) / elapsed,
+            "train/step_time_s": elapsed / max(step - then_step, 1),
+            "train/peak_memory_gb": _peak_memory_gb(self.accelerator.device),
+        }
+        if items:
+            out["train/tokens_per_s"] = items / elapsed
+            if self._peak:
+                per_device = out["train/tokens_per_s"] / self.accelerator.num_processes
+                out["train/mfu"] = per_device * self._flops_per_token / self._peak
+        return out
+
+    def _report(self, rows: list[tuple[int, dict[str, float]]], throughput: dict[str, float]) -> None:
         step, values = rows[-1]
         loss = sum(v["train/loss"] for _, v in rows) / len(rows)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}",
+                                  samples_s=f"{throughput['train/samples_per_s']:.0f}", refresh=False)
+            return
         remaining = self.total_steps - step
-        speed = self.last["samples_per_s"]
-        eta = ""
-        if speed > 0 and len(rows) > 0:
-            seconds_per_step = (time.perf_counter() - self._started) / max(step - self._first_step, 1)
-            eta = f" | eta {_duration(seconds_per_step * remaining)}"
+        seconds_per_step = (time.perf_counter() - self._started) / max(step - self._first_step, 1)
         skipped = f" | skipped {int(values['train/skipped_steps'])}" if values.get("train/skipped_steps") else ""
+        tokens = f" | {throughput['train/tokens_per_s']:.0f} tok/s" if "train/tokens_per_s" in throughput else ""
         self.accelerator.print(
             f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {values['train/lr']:.3e} | "
-            f"grad_norm {values['train/grad_norm']:.3f} | {speed:.0f} samples/s{eta}{skipped}",
+            f"grad_norm {values['train/grad_norm']:.3f} | {throughput['train/samples_per_s']:.0f} samples/s{tokens} | "
+            f"eta {_duration(seconds_per_step * remaining)}{skipped}",
             flush=True,
         )
 
-    def start(self, step: int, samples_seen: int) -> None:
-        """Start the clocks (after setup, so that throughput and ETA measure training only)."""
-        self._started = time.perf_counter()
-        self._first_step = step
-        self._clock = (self._started, samples_seen)
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _duration(seconds: float) -> str:

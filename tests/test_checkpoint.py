@@ -43,7 +43,7 @@ def assert_same_run(a: dict, b: dict, exact: bool = True):
 
 
 def logged(out: Path, tag: str) -> dict[int, float]:
-    events = EventAccumulator(str(out / "logs" / "tensorboard"))
+    events = EventAccumulator(str(out / "logs" / "acctrain"))
     events.Reload()
     return {e.step: e.value for e in events.Scalars(tag)}
 

@@ -30,10 +30,11 @@ def reference(clip: float):
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     launch([str(TESTS / "workers" / "grad_run.py"), str(out), "2", "0", str(CLIP)], nproc=2)
-    return {
+    runs = {
         clip: (json.loads((out / f"clip-{clip}.json").read_text()), load_file(out / f"params-clip-{clip}.safetensors"))
         for clip in (0.0, CLIP)
     }
+    return dict(runs, dir=out)
 
 
 @pytest.mark.parametrize("micro", [8, 2], ids=["no-accumulation", "accumulation-4"])
@@ -89,3 +90,20 @@ def test_clipping_once_on_global_norm_two_processes(two_process_runs):
     ref_params, ref_norms = reference(CLIP)
     assert meta["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
     assert rel_diff(params, ref_params) < 1e-6
+
+
+def test_logged_loss_is_the_exact_step_mean(two_process_runs, tmp_path):
+    """TensorBoard's train/loss of the 2-process run is the full-batch token mean of each step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tiny import reference_sgd
+
+    reference(0.0)
+    out = two_process_runs["dir"] / "run-clip-0.0" / "logs" / "acctrain"
+    events = EventAccumulator(str(out))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx(reference_sgd.losses, rel=1e-6)
+    tags = set(events.Tags()["scalars"])
+    assert {"train/samples_per_s", "train/tokens_per_s", "train/step_time_s", "train/peak_memory_gb",
+            "train/grad_norm", "train/lr", "train/skipped_steps"} <= tags

@@ -107,7 +107,7 @@ def test_tensorboard_has_lr_and_momentum_of_every_group(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = schedule_run.run(str(tmp_path), "one_cycle", 4)
-    events = EventAccumulator(str(tmp_path / "one_cycle-4" / "logs" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "one_cycle-4" / "logs" / "acctrain"))
     events.Reload()
     for group in (0, 1):
         lrs = [e.value for e in events.Scalars(f"train/lr/group{group}")]

@@ -46,7 +46,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def scalars(out: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(out / "logs" / "tensorboard"))
+    events = EventAccumulator(str(out / "logs" / "acctrain"))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 

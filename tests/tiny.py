@@ -72,16 +72,18 @@ def token_loss(model, batch):
 def reference_sgd(model, dataset, plan, lr: float, max_grad_norm: float = 0.0):
     """Full-batch SGD in float64 over the plan's windows: the ground truth the Engine must match.
 
-    Returns the final parameters and the pre-clip gradient norm of every step.
+    Returns the final parameters and the pre-clip gradient norm of every step; the loss of every step
+    (the mean over the window's counted tokens) is left in `reference_sgd.losses`.
     """
     model = model.to(torch.float64)
-    norms = []
+    norms, reference_sgd.losses = [], []
     for step in range(plan.total_steps):
         epoch, k = divmod(step, plan.steps_per_epoch)
         batch = collate([dataset[i] for i in plan.window(epoch, k)])
         model.zero_grad()
         loss_sum, count = token_loss_f64(model, batch)
         (loss_sum / count).backward()
+        reference_sgd.losses.append(float(loss_sum.detach() / count))
         grads = [p.grad for p in model.parameters()]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         norms.append(float(norm))
