@@ -23,11 +23,9 @@ import math
 import os
 import signal
 import threading
-import warnings
 from collections.abc import Mapping
 import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,20 +35,19 @@ from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
     ProjectConfiguration,
-    broadcast_object_list,
     send_to_device,
 )
 from torch.utils.data import DataLoader
 
 from acctrain.callbacks import CANCELS, Callbacks, CancelEpoch, CancelFit
-from acctrain import checkpoint, sharded
+from acctrain import checkpoint, persist, sharded
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import build_optimizer, get_momentum, matches, set_momentum
 from acctrain.schedules import build_schedule
 from acctrain.summary import model_summary
-from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
+from acctrain.state import rng_from_files
 from acctrain.tracking import MetricLog
 
 CANCEL_STEP = 1  # cancel levels: 0 none, 1 + index in CANCELS (CancelStep, CancelEpoch, CancelFit)
@@ -128,7 +125,7 @@ class Engine:
         self._fitting = False
         self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
-        self.resumed_from = self._resume()
+        self.resumed_from = persist.resume(self)
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -399,134 +396,8 @@ class Engine:
         return self.last_eval
 
     def save(self) -> None:
-        """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it."""
-        acc, cfg, step = self.accelerator, self.config, self.state.step
-        if checkpoint.checkpoint_dir(cfg.output_dir, step).is_dir():  # e.g. resumed at the end: nothing new
-            return
-        stage = checkpoint.staging_dir(cfg.output_dir, step)
-        if acc.is_main_process:
-            checkpoint.prepare_staging(stage)
-        acc.wait_for_everyone()
-        rng_tensors, rng_meta = rng_to_files()
-        checkpoint.write_tensors(stage / f"rng-rank{acc.process_index}.safetensors", rng_tensors)
-        checkpoint.write_json(stage / f"rng-rank{acc.process_index}.json", rng_meta)
-        if sharded.is_fsdp(acc):  # every rank writes its own shards; loadable at any world size
-            sharded.save_sharded(acc, self.model, self._torch_optimizer, stage)
-        elif acc.is_main_process:  # DDP: every rank holds the same weights and optimizer state
-            checkpoint.write_tensors(stage / "model.safetensors", self.unwrapped_model.state_dict())
-            opt_tensors, opt_meta = optimizer_to_files(self._torch_optimizer.state_dict())
-            checkpoint.write_tensors(stage / "optimizer.safetensors", opt_tensors)
-            checkpoint.write_json(stage / "optimizer.json", opt_meta)
-        if acc.is_main_process:
-            checkpoint.write_json(stage / "trainer_state.json", self._trainer_state())
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.checkpoint_path = checkpoint.commit(stage)
-            checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
-        acc.wait_for_everyone()
-        self.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
-
-    def _trainer_state(self) -> dict[str, Any]:
-        """Everything of the loop that a resume needs, as JSON."""
-        import accelerate
-
-        import acctrain
-
-        plan = self.plan
-        return {
-            "state": asdict(self.state),
-            "epoch": self.state.step // plan.steps_per_epoch,
-            "plan": {**plan.describe(), "seed": plan.seed},
-            "config": self.config.to_dict(),
-            "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
-            "schedule": self.schedule.state_dict(),
-            "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
-            "scaler": jsonable(self.accelerator.scaler.state_dict()) if self.accelerator.scaler is not None else None,
-            "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks.items],
-            "metrics": dict(self.last_eval) if self._eval_step == self.state.step else {},
-        }
-
-    def _resume(self) -> Path | None:
-        """Load the checkpoint that `config.resume` selects (or none); every rank loads the same one."""
-        cfg, acc = self.config, self.accelerator
-        if cfg.resume == "none":
-            if checkpoint.has_checkpoints(cfg.output_dir) and not cfg.overwrite:
-                raise ConfigError("resume", f"{cfg.output_dir} already holds checkpoints; use resume=auto to continue "
-                                  "that run, or overwrite=true to delete them and start afresh.")
-            return None
-        choice: list[Any] = [None]
-        if acc.is_main_process:  # verifying reads every byte: once, then shared with the other ranks
-            try:
-                if cfg.resume == "auto":
-                    path, skipped = checkpoint.find_resumable(cfg.output_dir)
-                    for message in skipped:
-                        warnings.warn(message)
-                        acc.print(f"warning: {message}", flush=True)
-                else:
-                    path = Path(cfg.resume)
-                    checkpoint.verify(path)
-                choice = [str(path) if path else None]
-            except checkpoint.CheckpointError as err:
-                choice = [err]
-        choice = broadcast_object_list(choice) if acc.num_processes > 1 else choice
-        if isinstance(choice[0], Exception):
-            raise choice[0]
-        if choice[0] is None:
-            return None
-        path = Path(choice[0])
-        self._load(path)
-        acc.print(f"resumed from {path} at optimizer step {self.state.step}", flush=True)
-        return path
-
-    def _load(self, path: Path) -> None:
-        meta = checkpoint.read_json(path / "trainer_state.json")
-        self._check_plan(meta["plan"])
-        if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(self.accelerator):
-            kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
-            raise checkpoint.CheckpointError(
-                f"{path} is {kind} but this run {'uses' if sharded.is_fsdp(self.accelerator) else 'does not use'} "
-                "FSDP; resume with the same fsdp setting, or `acctrain export` the weights and start afresh."
-            )
-        if sharded.is_fsdp(self.accelerator):
-            sharded.load_sharded(self.accelerator, self.model, self._torch_optimizer, path)
-        else:
-            load_model_state(self.unwrapped_model, checkpoint.read_tensors(path / "model.safetensors"), path)
-            optimizer_state = optimizer_from_files(
-                checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")
-            )
-            self._torch_optimizer.load_state_dict(optimizer_state)
-        self.state = TrainState(**meta["state"])
-        saved = meta["schedule"]
-        if saved == {**saved, **self.schedule.state_dict(), "state": saved.get("state")}:
-            self.schedule.load_state_dict(saved)
-        elif saved.get("name") == self.schedule.name:
-            self.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
-        if self.lr_scheduler is not None and meta["lr_scheduler"]:
-            self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
-        if self.accelerator.scaler is not None and meta["scaler"]:
-            self.accelerator.scaler.load_state_dict(meta["scaler"])
-        for cb, saved_cb in zip(self.callbacks.items, meta["callbacks"]):
-            if type(cb).__name__ == saved_cb["class"]:
-                cb.load_state_dict(saved_cb["state"])
-        rank = self.accelerator.process_index
-        rng = path / f"rng-rank{rank}.safetensors"
-        # Restored right before training resumes (fit), so nothing in between draws from it.
-        self._restored_rng = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
-
-    def _check_plan(self, saved: dict[str, Any]) -> None:
-        """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
-        now = {**self.plan.describe(), "seed": self.plan.seed}
-        keys = ("global_batch", "dataset_len", "seed")
-        diff = [f"{k}: {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
-        if diff and not self.config.allow_plan_change:
-            raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "
-                              "restore those settings, or set allow_plan_change=true to continue at the same step anyway.")
-        if saved.get("world_size") != now["world_size"]:
-            self.accelerator.print(
-                f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
-                f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step",
-                flush=True,
-            )
+        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.persist."""
+        persist.save(self)
 
     def _start_run(self) -> None:
         """Create the output directory and trackers, print the run plan (nothing is written before this)."""
@@ -639,7 +510,7 @@ class Engine:
             group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
         self.metrics = self._metric_log()
         self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
-        self.resumed_from = self._resume()
+        self.resumed_from = persist.resume(self)
 
     def _metric_log(self) -> MetricLog:
         flops = getattr(self.unwrapped_model, "flops_per_token", None)
@@ -656,21 +527,6 @@ class Engine:
     def close(self) -> None:
         """Finish trackers and destroy the process group (gloo may abort at exit otherwise, pitfalls #3)."""
         self.accelerator.end_training()
-
-
-def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:
-    """Load weights strictly; a mismatch lists every missing, unexpected and differently shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
-                    for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        raise checkpoint.CheckpointError(
-            f"{source} does not fit the model:\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
-            f"\n  shape mismatches: {shapes}"
-        )
-    model.load_state_dict(saved, strict=True)
 
 
 def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:

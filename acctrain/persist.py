@@ -1,0 +1,169 @@
+"""What a checkpoint holds of a run, and how a run continues from one.
+
+    persist.save(engine)              # all ranks: model, optimizer, RNG, schedule, loop state -> step-N/
+    engine.resumed_from = persist.resume(engine)   # per config.resume: auto, none, or a path
+
+The files and their crash-safe commit are acctrain.checkpoint's; the FSDP shards acctrain.sharded's.
+Here: which state goes into which file, and the checks on the way back (a verified checkpoint, a model
+that fits, the same global batch plan), so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+
+from acctrain import checkpoint, sharded
+from acctrain.errors import ConfigError
+from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, rng_to_files
+
+
+def save(engine) -> None:
+    """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it."""
+    acc, cfg, step = engine.accelerator, engine.config, engine.state.step
+    if checkpoint.checkpoint_dir(cfg.output_dir, step).is_dir():  # e.g. resumed at the end: nothing new
+        return
+    stage = checkpoint.staging_dir(cfg.output_dir, step)
+    if acc.is_main_process:
+        checkpoint.prepare_staging(stage)
+    acc.wait_for_everyone()
+    rng_tensors, rng_meta = rng_to_files()
+    checkpoint.write_tensors(stage / f"rng-rank{acc.process_index}.safetensors", rng_tensors)
+    checkpoint.write_json(stage / f"rng-rank{acc.process_index}.json", rng_meta)
+    if sharded.is_fsdp(acc):  # every rank writes its own shards; loadable at any world size
+        sharded.save_sharded(acc, engine.model, engine._torch_optimizer, stage)
+    elif acc.is_main_process:  # DDP: every rank holds the same weights and optimizer state
+        checkpoint.write_tensors(stage / "model.safetensors", engine.unwrapped_model.state_dict())
+        opt_tensors, opt_meta = optimizer_to_files(engine._torch_optimizer.state_dict())
+        checkpoint.write_tensors(stage / "optimizer.safetensors", opt_tensors)
+        checkpoint.write_json(stage / "optimizer.json", opt_meta)
+    if acc.is_main_process:
+        checkpoint.write_json(stage / "trainer_state.json", trainer_state(engine))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        engine.checkpoint_path = checkpoint.commit(stage)
+        checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
+    acc.wait_for_everyone()
+    engine.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
+
+def trainer_state(engine) -> dict[str, Any]:
+    """Everything of the loop that a resume needs, as JSON."""
+    import accelerate
+
+    import acctrain
+
+    plan = engine.plan
+    return {
+        "state": asdict(engine.state),
+        "epoch": engine.state.step // plan.steps_per_epoch,
+        "plan": {**plan.describe(), "seed": plan.seed},
+        "config": engine.config.to_dict(),
+        "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
+        "schedule": engine.schedule.state_dict(),
+        "lr_scheduler": jsonable(engine.lr_scheduler.state_dict()) if engine.lr_scheduler is not None else None,
+        "scaler": jsonable(engine.accelerator.scaler.state_dict()) if engine.accelerator.scaler is not None else None,
+        "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in engine.callbacks.items],
+        "metrics": dict(engine.last_eval) if engine._eval_step == engine.state.step else {},
+    }
+
+def resume(engine) -> Path | None:
+    """Load the checkpoint that `config.resume` selects (or none); every rank loads the same one."""
+    cfg, acc = engine.config, engine.accelerator
+    if cfg.resume == "none":
+        if checkpoint.has_checkpoints(cfg.output_dir) and not cfg.overwrite:
+            raise ConfigError("resume", f"{cfg.output_dir} already holds checkpoints; use resume=auto to continue "
+                              "that run, or overwrite=true to delete them and start afresh.")
+        return None
+    choice: list[Any] = [None]
+    if acc.is_main_process:  # verifying reads every byte: once, then shared with the other ranks
+        try:
+            if cfg.resume == "auto":
+                path, skipped = checkpoint.find_resumable(cfg.output_dir)
+                for message in skipped:
+                    warnings.warn(message)
+                    acc.print(f"warning: {message}", flush=True)
+            else:
+                path = Path(cfg.resume)
+                checkpoint.verify(path)
+            choice = [str(path) if path else None]
+        except checkpoint.CheckpointError as err:
+            choice = [err]
+    choice = broadcast_object_list(choice) if acc.num_processes > 1 else choice
+    if isinstance(choice[0], Exception):
+        raise choice[0]
+    if choice[0] is None:
+        return None
+    path = Path(choice[0])
+    _load(engine, path)
+    acc.print(f"resumed from {path} at optimizer step {engine.state.step}", flush=True)
+    return path
+
+def _load(engine, path: Path) -> None:
+    meta = checkpoint.read_json(path / "trainer_state.json")
+    _check_plan(engine, meta["plan"])
+    if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(engine.accelerator):
+        kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
+        raise checkpoint.CheckpointError(
+            f"{path} is {kind} but this run {'uses' if sharded.is_fsdp(engine.accelerator) else 'does not use'} "
+            "FSDP; resume with the same fsdp setting, or `acctrain export` the weights and start afresh."
+        )
+    if sharded.is_fsdp(engine.accelerator):
+        sharded.load_sharded(engine.accelerator, engine.model, engine._torch_optimizer, path)
+    else:
+        load_model_state(engine.unwrapped_model, checkpoint.read_tensors(path / "model.safetensors"), path)
+        optimizer_state = optimizer_from_files(
+            checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")
+        )
+        engine._torch_optimizer.load_state_dict(optimizer_state)
+    engine.state = type(engine.state)(**meta["state"])
+    saved = meta["schedule"]
+    if saved == {**saved, **engine.schedule.state_dict(), "state": saved.get("state")}:
+        engine.schedule.load_state_dict(saved)
+    elif saved.get("name") == engine.schedule.name:
+        engine.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
+    if engine.lr_scheduler is not None and meta["lr_scheduler"]:
+        engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+    if engine.accelerator.scaler is not None and meta["scaler"]:
+        engine.accelerator.scaler.load_state_dict(meta["scaler"])
+    for cb, saved_cb in zip(engine.callbacks.items, meta["callbacks"]):
+        if type(cb).__name__ == saved_cb["class"]:
+            cb.load_state_dict(saved_cb["state"])
+    rank = engine.accelerator.process_index
+    rng = path / f"rng-rank{rank}.safetensors"
+    # Restored right before training resumes (fit), so nothing in between draws from it.
+    engine._restored_rng = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
+
+def _check_plan(engine, saved: dict[str, Any]) -> None:
+    """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
+    now = {**engine.plan.describe(), "seed": engine.plan.seed}
+    keys = ("global_batch", "dataset_len", "seed")
+    diff = [f"{k}: {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
+    if diff and not engine.config.allow_plan_change:
+        raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "
+                          "restore those settings, or set allow_plan_change=true to continue at the same step anyway.")
+    if saved.get("world_size") != now["world_size"]:
+        engine.accelerator.print(
+            f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
+            f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step",
+            flush=True,
+        )
+
+
+def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:
+    """Load weights strictly; a mismatch lists every missing, unexpected and differently shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+                    for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise checkpoint.CheckpointError(
+            f"{source} does not fit the model:\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
+            f"\n  shape mismatches: {shapes}"
+        )
+    model.load_state_dict(saved, strict=True)
