@@ -168,6 +168,7 @@ class Engine:
         except CancelFit:  # agreed by all ranks; the last applied step is saved below
             self.metrics.flush(state.samples_seen)
         self.save()
+        persist.wait_for_save(self)  # fit returns with its last checkpoint committed
         self._event("after_fit")
         return dict(self.metrics.last, **self.last_eval)
 
@@ -177,6 +178,7 @@ class Engine:
         if self._stop_agreed:
             self.metrics.flush(state.samples_seen)
             self.save()
+            persist.wait_for_save(self)
             stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
                              f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
             self.accelerator.print(stop.message, flush=True)
@@ -525,7 +527,8 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def close(self) -> None:
-        """Finish trackers and destroy the process group (gloo may abort at exit otherwise, pitfalls #3)."""
+        """Wait for a background save, finish trackers and destroy the process group (pitfalls #3)."""
+        persist.wait_for_save(self)
         self.accelerator.end_training()
 
 

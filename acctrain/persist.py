@@ -10,6 +10,8 @@ that fits, the same global batch plan), so that a resumed run continues exactly.
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -24,32 +26,102 @@ from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, r
 
 
 def save(engine) -> None:
-    """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it."""
+    """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it.
+
+    With `async_save`, the tensors are copied to CPU memory here (the only pause of training) and a
+    background thread writes and commits them; each rank marks its part done with a file, so the commit
+    needs no collective. Crash safety is the same: nothing is named `step-N` before it is complete.
+    """
     acc, cfg, step = engine.accelerator, engine.config, engine.state.step
+    wait_for_save(engine)  # one save at a time, in order
     if checkpoint.checkpoint_dir(cfg.output_dir, step).is_dir():  # e.g. resumed at the end: nothing new
         return
     stage = checkpoint.staging_dir(cfg.output_dir, step)
     if acc.is_main_process:
         checkpoint.prepare_staging(stage)
     acc.wait_for_everyone()
-    rng_tensors, rng_meta = rng_to_files()
-    checkpoint.write_tensors(stage / f"rng-rank{acc.process_index}.safetensors", rng_tensors)
-    checkpoint.write_json(stage / f"rng-rank{acc.process_index}.json", rng_meta)
-    if sharded.is_fsdp(acc):  # every rank writes its own shards; loadable at any world size
+    if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
         sharded.save_sharded(acc, engine.model, engine._torch_optimizer, stage)
-    elif acc.is_main_process:  # DDP: every rank holds the same weights and optimizer state
-        checkpoint.write_tensors(stage / "model.safetensors", engine.unwrapped_model.state_dict())
-        opt_tensors, opt_meta = optimizer_to_files(engine._torch_optimizer.state_dict())
-        checkpoint.write_tensors(stage / "optimizer.safetensors", opt_tensors)
-        checkpoint.write_json(stage / "optimizer.json", opt_meta)
-    if acc.is_main_process:
-        checkpoint.write_json(stage / "trainer_state.json", trainer_state(engine))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        engine.checkpoint_path = checkpoint.commit(stage)
-        checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
-    acc.wait_for_everyone()
+    files = _files(engine, copy=cfg.async_save)
     engine.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
+    if cfg.async_save:
+        engine._save_thread = _Writer(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
+        engine._save_thread.start()
+        return
+    _write(files)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _commit(stage, cfg)
+    acc.wait_for_everyone()
+
+
+def wait_for_save(engine) -> None:
+    """Block until a background save has committed; re-raise its error if it failed."""
+    thread = getattr(engine, "_save_thread", None)
+    if thread is not None:
+        thread.join()
+        engine._save_thread = None
+        if thread.error is not None:
+            raise thread.error
+
+
+def _files(engine, copy: bool) -> dict[Path, Any]:
+    """This rank's files of the checkpoint: path -> tensors (safetensors) or plain data (JSON)."""
+    acc, stage = engine.accelerator, checkpoint.staging_dir(engine.config.output_dir, engine.state.step)
+    rank = acc.process_index
+    rng_tensors, rng_meta = rng_to_files()
+    files: dict[Path, Any] = {stage / f"rng-rank{rank}.safetensors": rng_tensors, stage / f"rng-rank{rank}.json": rng_meta}
+    if acc.is_main_process:
+        if not sharded.is_fsdp(acc):  # DDP: every rank holds the same weights and optimizer state
+            opt_tensors, opt_meta = optimizer_to_files(engine._torch_optimizer.state_dict())
+            files[stage / "model.safetensors"] = engine.unwrapped_model.state_dict()
+            files[stage / "optimizer.safetensors"] = opt_tensors
+            files[stage / "optimizer.json"] = opt_meta
+        files[stage / "trainer_state.json"] = trainer_state(engine)
+    if copy:  # a snapshot on the CPU, so that training can go on changing the originals
+        files = {p: {k: v.detach().to("cpu", copy=True) for k, v in c.items()} if p.suffix == ".safetensors" else c
+                 for p, c in files.items()}
+    return files
+
+
+def _write(files: dict[Path, Any]) -> None:
+    for path, content in files.items():
+        if path.suffix == ".safetensors":
+            checkpoint.write_tensors(path, content)
+        else:
+            checkpoint.write_json(path, content)
+
+
+def _commit(stage: Path, cfg) -> None:
+    checkpoint.commit(stage)
+    checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
+
+
+class _Writer(threading.Thread):
+    """Writes one rank's part of a checkpoint in the background; the main rank's also commits it."""
+
+    def __init__(self, files, stage: Path, rank: int, world: int, is_main: bool, cfg):
+        super().__init__(name="acctrain-save", daemon=False)
+        self.files, self.stage, self.rank, self.world, self.is_main, self.cfg = files, stage, rank, world, is_main, cfg
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            _write(self.files)
+            (self.stage / f".done-rank{self.rank}").touch()
+            if self.is_main:
+                markers = [self.stage / f".done-rank{r}" for r in range(self.world)]
+                deadline = time.monotonic() + 3600
+                while not all(m.exists() for m in markers):  # the other ranks' parts, written by their threads
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.stage}: other ranks did not finish their part within an hour")
+                    time.sleep(0.02)
+                for marker in markers:
+                    marker.unlink()
+                _commit(self.stage, self.cfg)
+        except BaseException as err:  # surfaced by wait_for_save, in the training thread
+            self.error = err
+
 
 def trainer_state(engine) -> dict[str, Any]:
     """Everything of the loop that a resume needs, as JSON."""

@@ -279,3 +279,55 @@ def test_nan_policy_halt_names_the_step_and_keeps_the_checkpoint(tmp_path):
 def test_too_many_skipped_steps_in_a_row_halt(tmp_path):
     with pytest.raises(NonFiniteError, match="max_skipped_steps"):
         resume_run.run(str(tmp_path), steps=8, nan_at=3, max_skipped_steps=1)
+
+
+# ----------------------------------------------------------------------------------------- async save
+
+
+def test_async_save_writes_the_same_checkpoints_in_the_background(tmp_path):
+    sync = resume_run.run(str(tmp_path / "sync"), save_every=3)
+    asynchronous = resume_run.run(str(tmp_path / "async"), save_every=3, async_save=True)
+    assert_same_run(sync, asynchronous)
+    assert ckpts(tmp_path / "async") == ckpts(tmp_path / "sync") == ["step-00000009", "step-00000010"]
+    for step in ckpts(tmp_path / "async"):
+        verify(tmp_path / "async" / "checkpoints" / step)
+    for name in ("model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
+        assert (tmp_path / "async" / "checkpoints" / "step-00000009" / name).read_bytes() == \
+            (tmp_path / "sync" / "checkpoints" / "step-00000009" / name).read_bytes()
+
+
+def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
+    from acctrain import persist
+
+    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the writing thread sleeps 0.3 s per file
+    engine_box = {}
+
+    class SaveAt2(resume_run.Callback):
+        def after_step(self, engine):
+            if engine.state.step == 2:
+                engine.save()
+                engine_box["committed_at_return"] = (tmp_path / "checkpoints" / "step-00000002").exists()
+                persist.wait_for_save(engine)
+                engine_box["committed_after_wait"] = (tmp_path / "checkpoints" / "step-00000002").exists()
+
+    from acctrain import Engine, TrainConfig
+    from tiny import VarLenTokens, collate, make_model, token_loss
+
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=8, max_steps=3,
+                      async_save=True)
+    Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate,
+           callbacks=[SaveAt2()]).fit()
+    assert engine_box == {"committed_at_return": False, "committed_after_wait": True}
+    verify(tmp_path / "checkpoints" / "step-00000002")
+
+
+def test_async_save_with_two_processes_resumes_exactly(tmp_path, reference):
+    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "async_save": True, "save_every": 2})],
+           nproc=2, check=False)
+    assert ckpts(tmp_path) == ["step-00000004", "step-00000005"]
+    for name in ckpts(tmp_path):
+        verify(tmp_path / "checkpoints" / name)
+    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "async_save": True, "save_every": 2})], nproc=2)
+    resumed = load_result(tmp_path)
+    assert resumed["steps"] == list(range(6, 11))
+    assert_same_run(resumed, reference[0.0], exact=False)
