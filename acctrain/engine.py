@@ -232,10 +232,15 @@ class Engine:
         cancel = max((level for level, n in enumerate(cancels, 1) if n > 0), default=0)
         finite = self._check_finite(loss_value, norm_value)
         cancel = max(cancel, self._event("before_optimizer_step", defer=True))
+        overflow = False
         if finite and not cancel:
-            self.optimizer.step()
-        # With fp16 the GradScaler skips a step whose gradients overflowed (its own sync decided that).
-        skipped = not finite or bool(cancel) or self.optimizer.step_was_skipped
+            if acc.scaler is None and acc.distributed_type != DistributedType.XLA:
+                # the raw step: without a GradScaler (or XLA) Accelerate's wrapper only re-checks packages
+                self._torch_optimizer.step()
+            else:  # fp16: the GradScaler skips a step whose gradients overflowed (its own sync decided that)
+                self.optimizer.step()
+                overflow = self.optimizer.step_was_skipped
+        skipped = not finite or bool(cancel) or overflow
         self._torch_optimizer.zero_grad(set_to_none=True)
         if cancel > CANCEL_STEP:  # the step is not consumed: a resume would run it again
             raise CANCELS[cancel - 1]()
