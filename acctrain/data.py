@@ -147,6 +147,7 @@ def micro_batch_loader(
     collate_fn: Callable | None,
     num_workers: int,
     seed: int,
+    pin_memory: bool = False,
 ) -> Iterator[Any]:
     """Batches for these windows' micro-batches, in order, loaded by a plain DataLoader.
 
@@ -160,6 +161,7 @@ def micro_batch_loader(
         collate_fn=collate_fn or default_collate,
         num_workers=num_workers,
         persistent_workers=False,
+        pin_memory=pin_memory,  # page-locked host batches: the copy to the GPU overlaps compute
         generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)

@@ -149,9 +149,8 @@ class Engine:
                 epoch, first = divmod(state.step, plan.steps_per_epoch)
                 stop = first + plan.total_steps - state.step
                 windows = plan.rank_windows(epoch, self.accelerator.process_index, first, stop)
-                batches = micro_batch_loader(
-                    self.train_data, windows, self.collate_fn, cfg.num_workers, seed=cfg.seed * 7919 + epoch
-                )
+                batches = micro_batch_loader(self.train_data, windows, self.collate_fn, cfg.num_workers,
+                                             seed=cfg.seed * 7919 + epoch, pin_memory=self.accelerator.device.type == "cuda")
                 self.epoch = epoch
                 try:
                     self._event("before_epoch")
