@@ -129,10 +129,9 @@ class EarlyStopping(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            engine.accelerator.print(
+            engine.print(
                 f"early stopping at step {engine.state.step}: {self.metric} has not improved on {self.best:.6g} "
                 f"for {self.wait} evaluations",
-                flush=True,
             )
             raise CancelFit()
 

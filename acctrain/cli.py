@@ -37,12 +37,11 @@ def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> d
     engine = Engine(ByteLM(model_cfg), cfg, train_set, eval_set, loss_fn=lm_loss)
     try:
         result = engine.fit()
-        engine.accelerator.print(
+        engine.print(
             f"done: train loss {result.get('train/loss', float('nan')):.4f}, "
             f"eval loss {result.get('eval/loss', float('nan')):.4f}\n"
             f"logs: {os.path.join(cfg.output_dir, 'logs')} (tensorboard --logdir {os.path.join(cfg.output_dir, 'logs')})\n"
             f"checkpoint: {getattr(engine, 'checkpoint_path', cfg.output_dir)}",
-            flush=True,
         )
         return result
     finally:
@@ -68,8 +67,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except Preempted as stop:
-        print(stop.message, file=sys.stderr)
+    except Preempted as stop:  # the main process already printed the message
         return stop.code
     return 0
 
@@ -181,8 +179,8 @@ def lr_find_main(args: list[str]) -> int:
     try:
         suggestions = engine.lr_find(num_it=num_it)
         for name, value in suggestions._asdict().items():
-            engine.accelerator.print(f"{name:>8}: {value:.3e}")
-        engine.accelerator.print(f"plot: {os.path.join(engine.config.output_dir, 'lr_find.png')}")
+            engine.print(f"{name:>8}: {value:.3e}")
+        engine.print(f"plot: {os.path.join(engine.config.output_dir, 'lr_find.png')}")
     finally:
         engine.close()
     return 0

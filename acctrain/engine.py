@@ -180,7 +180,7 @@ class Engine:
             persist.wait_for_save(self)
             stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
                              f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
-            self.accelerator.print(stop.message, flush=True)
+            self.print(stop.message)
             raise stop
         if state.step % cfg.log_every == 0:
             self.metrics.flush(state.samples_seen)
@@ -321,7 +321,7 @@ class Engine:
             raise NonFiniteError(f"{what} with nan_policy=halt{kept}")
         if self.state.skipped_in_a_row + 1 >= cfg.max_skipped_steps:
             raise NonFiniteError(f"{what}: {cfg.max_skipped_steps} skipped steps in a row (max_skipped_steps){kept}")
-        self.accelerator.print(f"skipping the update of step {step}: {what} (nan_policy=skip)", flush=True)
+        self.print(f"skipping the update of step {step}: {what} (nan_policy=skip)")
         return False
 
     @contextlib.contextmanager
@@ -397,7 +397,7 @@ class Engine:
         acc.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
-        acc.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}", flush=True)
+        self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
         self._event("after_evaluate")
         return self.last_eval
 
@@ -428,15 +428,14 @@ class Engine:
         else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
             torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index + 7919 * self.state.step)
         if not self._summarised:
-            acc.print(model_summary(self.unwrapped_model, self.is_frozen), flush=True)
+            self.print(model_summary(self.unwrapped_model, self.is_frozen))
             self._summarised = True
         plan = self.plan.describe()
-        acc.print(
+        self.print(
             "run plan: "
             + ", ".join(f"{k}={v}" for k, v in plan.items())
             + f", precision={self.config.mixed_precision}, schedule={self._schedule_name()}"
             + f", device={acc.device.type}, output_dir={self.config.output_dir}",
-            flush=True,
         )
 
     # ------------------------------------------------------------------------------------ the toolkit
@@ -525,6 +524,11 @@ class Engine:
 
     def _schedule_name(self) -> str:
         return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name
+
+    def print(self, *args, **kwargs) -> None:
+        """Print once per job, from the main process (Accelerate's print is once per node)."""
+        if self.accelerator.is_main_process:
+            print(*args, **kwargs)
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:

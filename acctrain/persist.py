@@ -158,7 +158,7 @@ def resume(engine) -> Path | None:
                 path, skipped = checkpoint.find_resumable(cfg.output_dir)
                 for message in skipped:
                     warnings.warn(message)
-                    acc.print(f"warning: {message}", flush=True)
+                    engine.print(f"warning: {message}")
             else:
                 path = Path(cfg.resume)
                 checkpoint.verify(path)
@@ -172,7 +172,7 @@ def resume(engine) -> Path | None:
         return None
     path = Path(choice[0])
     _load(engine, path)
-    acc.print(f"resumed from {path} at optimizer step {engine.state.step}", flush=True)
+    engine.print(f"resumed from {path} at optimizer step {engine.state.step}")
     return path
 
 def _load(engine, path: Path) -> None:
@@ -219,10 +219,9 @@ def _check_plan(engine, saved: dict[str, Any]) -> None:
         raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "
                           "restore those settings, or set allow_plan_change=true to continue at the same step anyway.")
     if saved.get("world_size") != now["world_size"]:
-        engine.accelerator.print(
+        engine.print(
             f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
             f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step",
-            flush=True,
         )
 
 

@@ -123,12 +123,13 @@ class MetricLog:
         seconds_per_step = (time.perf_counter() - self._started) / max(step - self._first_step, 1)
         skipped = f" | skipped {int(values['train/skipped_steps'])}" if values.get("train/skipped_steps") else ""
         tokens = f" | {throughput['train/tokens_per_s']:.0f} tok/s" if "train/tokens_per_s" in throughput else ""
-        self.accelerator.print(
-            f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {values['train/lr']:.3e} | "
-            f"grad_norm {values['train/grad_norm']:.3f} | {throughput['train/samples_per_s']:.0f} samples/s{tokens} | "
-            f"eta {_duration(seconds_per_step * remaining)}{skipped}",
-            flush=True,
-        )
+        if self.accelerator.is_main_process:  # once per job; Accelerate's print is once per node
+            print(
+                f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {values['train/lr']:.3e} | "
+                f"grad_norm {values['train/grad_norm']:.3f} | {throughput['train/samples_per_s']:.0f} samples/s"
+                f"{tokens} | eta {_duration(seconds_per_step * remaining)}{skipped}",
+                flush=True,
+            )
 
 
 def _peak_memory_gb(device: torch.device) -> float:
