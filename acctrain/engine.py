@@ -119,12 +119,20 @@ class Engine:
         self._torch_optimizer = optimizer
         self.metrics = self._metric_log()
         self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
+        self._on_cpu = self.accelerator.device.type == "cpu"  # batches are already where they must be
+        self._single = self.accelerator.num_processes == 1  # no gradient all-reduce to hold back
+        # Plain DDP or one process without a GradScaler: Accelerate's backward, clip and step wrappers add
+        # nothing there, and the Engine calls torch directly (fp16, FSDP, DeepSpeed and XLA go through them).
+        self._plain = self.accelerator.scaler is None and self.accelerator.distributed_type in (
+            DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        self._params = [p for p in self.model.parameters()]
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._stop_signal: str | None = None
         self._fitting = False
         self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
+        self._lr_tags: list[tuple[str | None, str]] = []
         self.resumed_from = persist.resume(self)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -194,25 +202,24 @@ class Engine:
         acc, state = self.accelerator, self.state
         self._set_lr_and_momentum(state.schedule_step)
         self.callbacks("before_step", self)  # its cancel requests travel with this step's all-reduce
-        loss_sum = torch.zeros((), dtype=self._item_dtype, device=acc.device)
-        num_items = torch.zeros((), dtype=self._item_dtype, device=acc.device)
         # Each micro-batch backpropagates loss_sum * world / window_samples. DDP averages over ranks, so the
         # synced gradient is sum(grad loss_sum) / window_samples: exact for per-sample means, and rescaled
         # below to the true item count for token-weighted losses (pitfalls #7, #9).
         scale = acc.num_processes / window.global_samples
-        token_weighted = False
+        loss_sum, num_items, token_weighted = 0.0, 0, False  # num_items stays a host int for per-sample means
         last = len(window.micro_batches) - 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
-            batch = send_to_device(next(batches), acc.device, non_blocking=True)
+            batch = next(batches) if self._on_cpu else send_to_device(next(batches), acc.device, non_blocking=True)
             # All-reduce gradients on the window's last micro-batch only; the Engine drives this, not accumulate().
-            with contextlib.nullcontext() if self.is_last_micro else acc.no_sync(self.model):
+            with contextlib.nullcontext() if self.is_last_micro or self._single else acc.no_sync(self.model):
                 self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self.callbacks("after_loss", self)
-                acc.backward(self.micro_loss * scale)
+                # Without a GradScaler (or DeepSpeed, XLA) Accelerate's backward only divides by its own accumulation (1).
+                (self.micro_loss * scale).backward() if self._plain else acc.backward(self.micro_loss * scale)
             self.callbacks("after_backward", self)
-            loss_sum += self.micro_loss.detach()
-            num_items += items
+            loss_sum = loss_sum + self.micro_loss.detach()
+            num_items = num_items + items
             token_weighted |= weighted
         # One all-reduce per step, on the device: the step's loss and item count, and what any rank asks for
         # (a stop by SIGTERM/SIGUSR1, a callback's cancel), so that all ranks take the same decisions below.
@@ -222,19 +229,24 @@ class Engine:
             self._scale_gradients(window.global_samples / num_items)
         for param in self._frozen:
             param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or float("inf"))
+        max_norm = self.config.max_grad_norm or float("inf")
+        if self._plain:  # DDP's gradients are identical on all ranks: the local norm is the global one
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        else:  # unscales fp16 gradients first; FSDP's norm spans the shards
+            self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(self.grad_norm, "full_tensor"):  # FSDP: the global norm, as a replicated DTensor
             self.grad_norm = self.grad_norm.full_tensor()
         # note: host-device sync, once per step: a non-finite update is never applied, and requests are agreed.
-        loss_value, norm_value, stop, *cancels = torch.stack([self.step_loss, self.grad_norm.to(requests), *requests]).tolist()
+        values = [self.step_loss, self.grad_norm, *(requests if torch.is_tensor(requests) else ())]
+        loss_value, norm_value, *agreed = torch.stack([v.to(self.grad_norm.dtype) for v in values]).tolist()
+        stop, *cancels = agreed or requests
         self._stop_agreed = stop > 0
         cancel = max((level for level, n in enumerate(cancels, 1) if n > 0), default=0)
         finite = self._check_finite(loss_value, norm_value)
         cancel = max(cancel, self._event("before_optimizer_step", defer=True))
         overflow = False
         if finite and not cancel:
-            if acc.scaler is None and acc.distributed_type != DistributedType.XLA:
-                # the raw step: without a GradScaler (or XLA) Accelerate's wrapper only re-checks packages
+            if self._plain:  # the raw step: here Accelerate's wrapper would only re-check optional packages
                 self._torch_optimizer.step()
             else:  # fp16: the GradScaler skips a step whose gradients overflowed (its own sync decided that)
                 self.optimizer.step()
@@ -270,7 +282,7 @@ class Engine:
         out = self.loss_fn(self.model, batch) if self.loss_fn is not None else _model_loss(self.model, batch)
         if isinstance(out, (tuple, list)):
             loss_sum, items = out
-            items = torch.as_tensor(items, dtype=self._item_dtype, device=self.accelerator.device)
+            items = items.to(self._item_dtype) if torch.is_tensor(items) else float(items)
             weighted = True
         else:
             loss_sum, items, weighted = out * num_samples, num_samples, False
@@ -278,13 +290,21 @@ class Engine:
             loss_sum, items = loss_sum * 0, items * 0
         return loss_sum, items, weighted
 
-    def _reduce_step(self, loss_sum: torch.Tensor, num_items: torch.Tensor):
-        """All-reduce (sum) the step's loss and items with every rank's stop flag and in-step cancel request."""
+    def _reduce_step(self, loss_sum: torch.Tensor, num_items: torch.Tensor | int):
+        """Sum the step's loss and items over all ranks, with each rank's stop flag and in-step cancel request.
+
+        Returns (loss_sum, num_items, requests): requests are [stops, CancelStep, CancelEpoch, CancelFit]
+        counts, a device tensor after an all-reduce, or plain numbers in a single process.
+        """
         acc, requested = self.accelerator, self.callbacks.requested
         self.callbacks.requested = 0
-        flags = [self._stop_signal is not None] + [requested == level for level in range(1, len(CANCELS) + 1)]
-        flags = torch.tensor(flags, dtype=self._item_dtype, device=acc.device)
-        totals = acc.reduce(torch.cat([torch.stack([loss_sum, num_items]), flags]), reduction="sum")
+        flags = [float(self._stop_signal is not None)] + [float(requested == n) for n in range(1, len(CANCELS) + 1)]
+        if acc.num_processes == 1:
+            return loss_sum, num_items, flags
+        dtype = self._item_dtype
+        local = torch.cat([torch.stack([loss_sum.to(dtype), torch.as_tensor(num_items, dtype=dtype, device=acc.device)]),
+                           torch.tensor(flags, dtype=dtype, device=acc.device)])
+        totals = acc.reduce(local, reduction="sum")
         return totals[0], totals[1], totals[2:]
 
     def _event(self, name: str, defer: bool = False) -> int:
@@ -359,13 +379,17 @@ class Engine:
                 group["lr"] = group["base_lr"] * factor
                 if momentum is not None:
                     set_momentum(group, momentum)
+        if len(self._lr_tags) != len(groups):  # tag names, built once: train/lr/{group name} per group
+            names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
+            self._lr_tags = [(f"train/lr/{n}", f"train/momentum/{n}") if len(groups) > 1 else (None, "train/momentum")
+                             for n in names]
         self._lr_metrics = {"train/lr": groups[0]["lr"]}
-        for i, group in enumerate(groups):
-            name = group.get("name", f"group{i}")
-            if len(groups) > 1:
-                self._lr_metrics[f"train/lr/{name}"] = group["lr"]
-            if get_momentum(group) is not None:
-                self._lr_metrics[f"train/momentum/{name}" if len(groups) > 1 else "train/momentum"] = get_momentum(group)
+        for group, (lr_tag, momentum_tag) in zip(groups, self._lr_tags):
+            if lr_tag:
+                self._lr_metrics[lr_tag] = group["lr"]
+            momentum = get_momentum(group)
+            if momentum is not None:
+                self._lr_metrics[momentum_tag] = momentum
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
