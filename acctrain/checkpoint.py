@@ -22,18 +22,15 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_DIGESTS: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256) of tensors this process wrote
 
 
 class CheckpointError(RuntimeError):
@@ -72,16 +69,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         key = tensor.untyped_storage().data_ptr()
         out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
         seen.add(key)
-    data = safetensors_bytes(out, metadata={"format": "pt"})
-    # sha256 for the manifest, computed from memory while the same bytes go to disk (hashlib releases the GIL)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        stat = path.stat()
-        _DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest.result())
+    save_file(out, path, metadata={"format": "pt"})
     _slow_save_hook()
 
 
@@ -95,15 +83,10 @@ def commit(stage: Path) -> Path:
     final = stage.with_name(stage.name.removesuffix(".tmp"))
     manifest = {}
     for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        stat = path.stat()
-        known = _DIGESTS.pop(str(path), None)
-        if known and known[:2] == (stat.st_size, stat.st_mtime_ns):  # hashed and fsync'd as it was written
-            digest = known[2]
-        else:  # other ranks' files, JSON, FSDP shards
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-                os.fsync(f.fileno())
-        manifest[str(path.relative_to(stage))] = {"size": stat.st_size, "sha256": digest}
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+        manifest[str(path.relative_to(stage))] = {"size": path.stat().st_size, "sha256": digest}
     write_json(stage / MANIFEST, {"files": manifest})
     _fsync_file(stage / MANIFEST)
     _fsync_dir(stage)
