@@ -1,0 +1,400 @@
+"""Checkpoint throughput: acctrain's save and load against raw safetensors on the same tensors.
+
+    python benchmarks/checkpoint_io.py                    # ~537 MB model + AdamW state (1.6 GB), 3 rounds (~3 min)
+    python benchmarks/checkpoint_io.py --layers 2 --rounds 5 --what-if --json out.json
+    python benchmarks/checkpoint_io.py --dir /mnt/nvme/tmp   # the disk to measure (default: the system temp dir)
+
+The model is an MLP of `--layers` Linear(4096, 4096) layers (8: 134M fp32 parameters, 537 MB) with AdamW
+state (exp_avg, exp_avg_sq: twice that), created by one optimizer step. Variants, alternating in each round:
+
+- save, acctrain: `Engine.save()` as fit() calls it: RNG state, model.safetensors, optimizer.safetensors and
+  .json, trainer_state.json, then `checkpoint.commit` (sha256 manifest, fsync of every file and the
+  directory, rename, `latest`). keep_last=0, so no rotation work is timed; the directory is deleted after.
+- save, raw: `safetensors.torch.save_file` of the same tensors (model.state_dict(), and the optimizer's
+  state tensors under flat names) into two files, then fsync of both.
+- load, acctrain: what a resume reads: `checkpoint.verify` (sizes and sha256 of every file), then
+  `read_tensors` of the model, optimizer and RNG files and `read_json` of the JSON files.
+- load, raw: `safetensors.torch.load_file` of the raw save's two files.
+Both loads end by copying every loaded tensor into the live model and optimizer state (`copy_`), so every
+byte is really read: `load_file` maps the file and reads nothing until a tensor is touched. Loads run
+"cold" (every file evicted from the page cache with posix_fadvise(DONTNEED) first) and "hot" (files in the
+page cache). Throughput is the bytes of the tensors (the same for both) per second.
+
+Before each timed save the previous files are deleted and `os.sync()` is called (untimed), so that their
+writeback and the file system's discards do not land in the next timing.
+
+If `TrainConfig` has an `async_save` field, a third part times the training pause of `Engine.save()`
+with async_save=true (the call's duration) against a synchronous save, and separately the time until
+the checkpoint directory is complete; otherwise it is skipped with a note. The snapshot copy inside the
+pause is timed on its own too.
+
+With --what-if, prototypes of proposed changes are measured next to them (acctrain itself is not
+changed): checkpoint.write_tensors replaced by safetensors' zero-copy save_file plus the sha256 computed
+from the tensors in memory while a thread fsyncs (when acctrain.checkpoint keeps digests from the write,
+`_DIGESTS`), and the async snapshot copied into staging buffers kept from the previous save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from _common import (WAIT_HELP, alternate, cpu_busy, describe, loadavg, machine, median, paired_ratios, spread, table,
+                     wait_for_quiet, write_json)
+
+WIDTH = 4096
+
+
+def build(layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+
+
+def make_engine(model: nn.Module, output_dir: Path, optimizer=None, **extra):
+    from acctrain import Engine, TrainConfig
+
+    config = TrainConfig(output_dir=str(output_dir), global_batch_size=1, micro_batch_size=1, max_steps=1,
+                         keep_last=0, resume="none", **extra)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Engine(model, config, [torch.zeros(WIDTH)], loss_fn=lambda m, b: m(b).square().mean(),
+                      optimizer=optimizer)
+
+
+def adam_state(engine) -> None:
+    """One AdamW step on constant gradients: exp_avg and exp_avg_sq for every parameter."""
+    for p in engine.unwrapped_model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    engine._torch_optimizer.step()
+    engine._torch_optimizer.zero_grad(set_to_none=True)
+
+
+def evict(directory: Path) -> None:
+    """Drop a directory's files from the page cache (clean pages only: they were fsync'd)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Bench:
+    def __init__(self, engine, root: Path):
+        from acctrain import checkpoint
+
+        self.engine, self.root, self.ckpt = engine, root, checkpoint
+        self.raw_dir = root / "raw"
+        self.saves = 0
+        self.last_acctrain: Path | None = None
+        opt = self.optimizer_tensors()
+        tensors = [*engine.unwrapped_model.state_dict().values(), *opt.values()]
+        self.bytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.engine._torch_optimizer.state_dict()["state"]
+        return {f"state.{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+
+    # ---------------------------------------------------------------------------------- saves
+
+    def save_from_memory(self) -> float:
+        """acctrain's save with write_tensors_from_memory in place of checkpoint.write_tensors (what-if)."""
+        original = self.ckpt.write_tensors
+        self.ckpt.write_tensors = write_tensors_from_memory
+        try:
+            seconds = self.save_acctrain()
+        finally:
+            self.ckpt.write_tensors = original
+        self.ckpt.verify(self.last_acctrain)  # untimed: the manifest's digests are the files' own
+        return seconds
+
+    def save_acctrain(self, engine=None) -> float:
+        engine = engine or self.engine
+        self._clear()
+        self.saves += 1
+        engine.state.step = self.saves  # a new step directory each time (save() skips an existing one)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.save()
+        seconds = time.perf_counter() - start
+        self.last_acctrain = self.ckpt.checkpoint_dir(engine.config.output_dir, engine.state.step)
+        return seconds
+
+    def save_raw(self) -> float:
+        self._clear_raw()
+        self.raw_dir.mkdir()
+        start = time.perf_counter()
+        model = self.engine.unwrapped_model.state_dict()
+        save_file(model, self.raw_dir / "model.safetensors", metadata={"format": "pt"})
+        save_file(self.optimizer_tensors(), self.raw_dir / "optimizer.safetensors", metadata={"format": "pt"})
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            fsync(self.raw_dir / name)
+        return time.perf_counter() - start
+
+    def _clear(self) -> None:
+        for d in self.root.glob("run*/checkpoints"):
+            shutil.rmtree(d, ignore_errors=True)
+        os.sync()  # untimed: the deletion's writeback (and ext4 discards) must not land in the next timing
+
+    def _clear_raw(self) -> None:
+        shutil.rmtree(self.raw_dir, ignore_errors=True)
+        os.sync()
+
+    # ---------------------------------------------------------------------------------- loads
+
+    def load_acctrain(self, cold: bool) -> float:
+        path = self.last_acctrain
+        if cold:
+            evict(path)
+        start = time.perf_counter()
+        self.ckpt.verify(path)
+        self.ckpt.read_json(path / "trainer_state.json")
+        model = self.ckpt.read_tensors(path / "model.safetensors")
+        opt = self.ckpt.read_tensors(path / "optimizer.safetensors")
+        self.ckpt.read_json(path / "optimizer.json")
+        self.ckpt.read_tensors(path / "rng-rank0.safetensors")
+        self.ckpt.read_json(path / "rng-rank0.json")
+        self.consume(model, opt)
+        return time.perf_counter() - start
+
+    def load_raw(self, cold: bool) -> float:
+        if cold:
+            evict(self.raw_dir)
+        start = time.perf_counter()
+        model = load_file(self.raw_dir / "model.safetensors")
+        opt = load_file(self.raw_dir / "optimizer.safetensors")
+        self.consume(model, opt)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def consume(self, model: dict[str, torch.Tensor], opt: dict[str, torch.Tensor]) -> None:
+        """Copy loaded tensors into the live model and optimizer state: what makes a load read its bytes."""
+        live = {**self.engine.unwrapped_model.state_dict(), **self.optimizer_tensors()}
+        for name, tensor in [*model.items(), *opt.items()]:
+            live[name].copy_(tensor)
+
+
+def write_tensors_from_memory(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """What-if (--what-if) for checkpoint.write_tensors: safetensors' zero-copy save_file, then the file's
+    sha256 computed from the tensors in memory (the header read back from the file, then each tensor's bytes
+    in file order) while another thread fsyncs the file. The digest equals the file's sha256 (checked in
+    the benchmark); commit reuses it through checkpoint._DIGESTS, as for acctrain's own write_tensors."""
+    import hashlib
+    import json
+    import struct
+    import threading
+
+    from acctrain import checkpoint
+
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():  # as checkpoint.write_tensors: contiguous CPU tensors, tied ones copied
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    save_file(out, path, metadata={"format": "pt"})
+    syncer = threading.Thread(target=fsync, args=(path,))
+    syncer.start()
+    with open(path, "rb") as f:
+        size = f.read(8)
+        header = f.read(struct.unpack("<Q", size)[0])
+    digest = hashlib.sha256(size + header)
+    layout = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+    for name in sorted(layout, key=lambda k: layout[k]["data_offsets"][0]):
+        if out[name].numel():
+            digest.update(memoryview(out[name].reshape(-1).view(torch.uint8).numpy()))  # no copy; GIL released
+    syncer.join()
+    stat = path.stat()
+    checkpoint._DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+
+
+def throughput_rows(results, nbytes, pairs) -> list[list[str]]:
+    rows = []
+    for name, ref in pairs:
+        mbs = [nbytes / s / 1e6 for s in results[name]]
+        ratio = paired_ratios({k: [1 / s for s in v] for k, v in results.items()}, name, ref)  # throughput ratio
+        rows.append([name, f"{median(results[name]):.2f}", f"{median(mbs):.0f}",
+                     f"{median(ratio):.3f} ({spread(ratio)})" if name != ref else "1 (reference)"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="Linear(4096, 4096) layers (8: 134M parameters)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="a directory on the disk to measure (default: tempfile's)")
+    parser.add_argument("--wait-quiet", type=float, default=0, help=WAIT_HELP)
+    parser.add_argument("--what-if", action="store_true",
+                        help="also time prototypes of proposed changes (hash from memory, reused staging buffers)")
+    parser.add_argument("--json", help="write all results to this JSON file")
+    args = parser.parse_args()
+
+    if args.wait_quiet:
+        wait_for_quiet(args.wait_quiet)
+    info = machine()
+    print(describe(info))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    root = Path(tempfile.mkdtemp(prefix="acctrain-ckpt-bench-", dir=args.dir))
+    print(f"directory: {root}; CPU busy before: {cpu_busy():.0%}")
+    started = time.perf_counter()
+    out = {"machine": info, "dir": str(root)}
+    try:
+        model = build(args.layers)
+        engine = make_engine(model, root / "run-sync")
+        adam_state(engine)
+        bench = Bench(engine, root)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model: {params / 1e6:.1f}M fp32 parameters; tensors saved: {bench.bytes / 1e9:.2f} GB "
+              f"(weights + AdamW state); {args.rounds} rounds")
+
+        print("\nsave (durable: fsync)")
+        variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
+        if args.what_if and hasattr(bench.ckpt, "_DIGESTS"):
+            variants["acctrain save, sha256 from memory ∥ fsync (what-if)"] = bench.save_from_memory
+        saves = alternate(variants, args.rounds)
+        rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]
+                               + [(name, "raw save_file+fsync") for name in variants if name.startswith("acctrain")])
+        print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
+        out["save_seconds"] = saves
+
+        print("\nload (cold: evicted from the page cache first; hot: cached)")
+        loads = alternate({
+            "acctrain load, cold": lambda: bench.load_acctrain(cold=True),
+            "raw load_file, cold": lambda: bench.load_raw(cold=True),
+            "acctrain load, hot": lambda: bench.load_acctrain(cold=False),
+            "raw load_file, hot": lambda: bench.load_raw(cold=False),
+        }, args.rounds)
+        rows = throughput_rows(loads, bench.bytes, [
+            ("raw load_file, cold", "raw load_file, cold"), ("acctrain load, cold", "raw load_file, cold"),
+            ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot")])
+        print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
+        out["load_seconds"] = loads
+        out["async"] = async_save(bench, model, root, args.rounds, args.what_if)
+        out["hash_mb_s"] = hash_speeds()
+        out["bytes"], out["params"] = bench.bytes, params
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    info["loadavg_after"] = loadavg()
+    print(f"\ndone in {time.perf_counter() - started:.0f} s; load average after: {info['loadavg_after']}")
+    write_json(args.json, out)
+
+
+def hash_speeds(mb: int = 256) -> dict[str, float]:
+    """MB/s of the checksums a manifest could use, on an in-memory buffer (what verify and commit pay per byte)."""
+    import hashlib
+    import threading
+    import zlib
+
+    data = bytes(memoryview(torch.randint(0, 256, (mb << 20,), dtype=torch.uint8).numpy()))
+    speeds = {}
+    for name, fn in [("sha256", lambda b: hashlib.sha256(b).digest()), ("sha1", lambda b: hashlib.sha1(b).digest()),
+                     ("blake2b", lambda b: hashlib.blake2b(b).digest()), ("zlib.crc32", zlib.crc32)]:
+        start = time.perf_counter()
+        fn(data)
+        speeds[name] = mb / (time.perf_counter() - start)
+    # two files hashed at once: hashlib releases the GIL, so threads use both cores
+    threads = [threading.Thread(target=lambda: hashlib.sha256(data).digest()) for _ in range(2)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    speeds["sha256, 2 threads (aggregate)"] = 2 * mb / (time.perf_counter() - start)
+    print(f"\nchecksum throughput on {mb} MB in memory (MB/s)")
+    print(table(["checksum", "MB/s"], [[k, f"{v:.0f}"] for k, v in speeds.items()]))
+    return speeds
+
+
+def staging_copy(tensors: list[torch.Tensor], reuse: bool) -> float:
+    """Seconds to snapshot `tensors` on the CPU: into new tensors, or (reuse) into buffers allocated before."""
+    if not reuse:
+        start = time.perf_counter()
+        copies = [t.detach().to("cpu", copy=True) for t in tensors]
+        seconds = time.perf_counter() - start
+        assert len(copies) == len(tensors)
+        return seconds
+    buffers = [torch.empty_like(t, device="cpu") for t in tensors]
+    for b, t in zip(buffers, tensors):  # the first save's copy: allocates and touches the buffers
+        b.copy_(t)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for b, t in zip(buffers, tensors):
+            b.copy_(t)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int, what_if: bool) -> dict:
+    """The training pause of an async save against a synchronous one, if the Engine has async_save."""
+    from acctrain import TrainConfig
+
+    if "async_save" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        print("\nasync save: skipped, TrainConfig has no `async_save` field in this version of acctrain")
+        return {"skipped": "TrainConfig has no async_save field"}
+    engine = make_engine(model, root / "run-async", optimizer=bench.engine._torch_optimizer, async_save=True)
+    has_persist = importlib.util.find_spec("acctrain.persist") is not None
+    completion: list[float] = []
+
+    def pause() -> float:
+        bench._clear()
+        start = time.perf_counter()
+        seconds = bench.save_acctrain(engine)  # returns once training could continue
+        final = bench.ckpt.checkpoint_dir(engine.config.output_dir, engine.state.step)
+        while not final.is_dir():  # complete: the step directory exists only after commit
+            if time.perf_counter() - start > 600:
+                raise TimeoutError(f"{final} did not appear within 600 s")
+            time.sleep(0.01)
+        completion.append(time.perf_counter() - start)
+        wait = getattr(importlib.import_module("acctrain.persist"), "wait_for_save", None) if has_persist else None
+        if wait is not None:
+            wait(engine)  # the writer thread's last steps after the rename (rotation), untimed
+        return seconds
+
+    print("\nasync save: the training pause (Engine.save() returning) against a synchronous save")
+    results = alternate({"sync save": bench.save_acctrain, "async save pause": pause}, rounds)
+    ratio = paired_ratios(results, "async save pause", "sync save")
+    sync = median(results["sync save"])
+    rows = [["sync save", f"{sync:.2f}", "1 (reference)"],
+            ["async save: pause", f"{median(results['async save pause']):.3f}",
+             f"{median(ratio):.3f} ({spread(ratio)})"],
+            ["async save: until complete", f"{median(completion):.2f}", ""]]
+    tensors = [*bench.engine.unwrapped_model.state_dict().values(), *bench.optimizer_tensors().values()]
+    fresh = [staging_copy(tensors, reuse=False) for _ in range(3)]
+    rows.append(["  of the pause: copy to new CPU tensors (what async_save does)", f"{median(fresh):.3f}",
+                 f"{median(fresh) / sync:.3f}"])
+    if what_if:
+        reused = staging_copy(tensors, reuse=True)
+        rows.append(["  what-if: copy_ into staging buffers kept from the last save", f"{reused:.3f}",
+                     f"{reused / sync:.3f}"])
+    print(table(["variant", "seconds (median)", "vs sync save"], rows))
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine.close()
+    return {"seconds": results, "completion_seconds": completion}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""GPU throughput and MFU: a GPT-2-124M-shaped model in bf16, the Engine against a hand-written Accelerate loop.
+
+    python benchmarks/gpu_throughput.py                      # one CUDA GPU; exits with a message without one
+    python benchmarks/gpu_throughput.py --micro-batch 32 --accumulation 1 4 --rounds 3 --json gpu.json
+    python benchmarks/gpu_throughput.py --smoke              # a tiny model on the CPU: checks the code paths only
+
+The model is nanoGPT's GPT-2 small: 12 layers, 12 heads, width 768, context 1024, vocabulary 50304
+(50257 padded to a multiple of 64), tied input/output embedding, biases, GELU MLP (124.4M parameters).
+Both variants use: `model.compile()` (torch.compile in place, state-dict keys unchanged), bf16 autocast
+through Accelerate (fp32 master weights), fused AdamW (lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on
+matrices only), clipping at 1.0, and flash attention only (torch.backends.cuda: flash SDPA on, the math,
+memory-efficient and cuDNN kernels off, so a fallback is an error, not a silent slowdown). Data: random
+tokens in host memory, one indexing op per micro-batch, copied with non_blocking=True.
+
+- accelerate: prepare(model, optimizer); per micro-batch `with accumulate(model)`: backward, clip when
+  sync_gradients, step, zero_grad. No per-step host sync.
+- engine: Engine.fit() (scheduler constant, log_every longer than the run); it syncs with the host once
+  per optimizer step (the non-finite check) and all-reduces the step's loss.
+
+Timing: after `--warmup` steps (compilation happens there), torch.cuda.synchronize(), clock; after
+`--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds.
+
+MFU = tokens/s x flops per token / peak, with flops per token = 6 N + 12 L H Q T (PaLM appendix B, as
+nanoGPT's estimate_mfu): N parameters without the position embedding (the tied token embedding counts:
+it is the output projection), L layers, H heads, Q head size, T context; the attention term counts the
+full (non-causal) score matrix, the convention, though flash attention skips the masked half.
+Peak dense bf16 tensor-core FLOP/s (NVIDIA datasheets, without sparsity): see PEAK_TFLOPS; `--peak-tflops`
+overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _common import alternate, describe, machine, median, paired_ratios, spread, table, write_json
+
+PEAK_TFLOPS = {  # dense bf16, without sparsity
+    "H100 SXM": 989.4,
+    "H100 PCIe": 756.0,
+    "H200": 989.4,
+    "A100": 312.0,
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, cfg.n_embd), nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.T  # tied output projection
+
+    def flops_per_token(self) -> float:
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
+
+def loss_fn(model, batch):
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())  # mean: every token counts
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, cfg: GPTConfig):
+        g = torch.Generator().manual_seed(1)
+        self.tokens = torch.randint(0, min(50257, cfg.vocab_size), (n, cfg.block_size + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices):
+        rows = self.tokens[torch.tensor(indices)]
+        return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+def identity(batch):
+    return batch
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(fused: bool):
+    return functools.partial(torch.optim.AdamW, lr=6e-4, betas=(0.9, 0.95), fused=fused)
+
+
+def fresh_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class Case:
+    def __init__(self, args, cfg: GPTConfig, accumulation: int):
+        from acctrain.data import DataPlan
+
+        self.args, self.cfg, self.accumulation = args, cfg, accumulation
+        self.micro, self.global_batch = args.micro_batch, args.micro_batch * accumulation
+        self.total = args.warmup + args.steps + 1  # one more step: the Engine is clocked at the start of a step
+        self.data = RandomTokens(self.global_batch * self.total, cfg)
+        plan = DataPlan(len(self.data), self.global_batch, self.micro, world_size=1, seed=0, max_steps=self.total)
+        self.batches = [mb.indices for w in plan.rank_windows(0, 0) for mb in w.micro_batches]
+        self.smoke = args.smoke
+
+    def model(self) -> GPT:
+        torch.manual_seed(0)
+        model = GPT(self.cfg)
+        if not self.smoke:
+            model.compile()
+        return model
+
+    def sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def seconds(self, stamps: list[float]) -> float:
+        return (stamps[1] - stamps[0]) / self.args.steps
+
+    def accelerate(self) -> float:
+        from accelerate import Accelerator
+
+        fresh_accelerate()
+        accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=self.accumulation,
+                                  cpu=self.smoke)
+        model = self.model()
+        optimizer = make_adamw(not self.smoke)(param_groups(model))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches, collate_fn=identity)
+        stamps, steps = [], 0
+        for batch in loader:
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model, batch))
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+                if steps in (self.args.warmup, self.args.warmup + self.args.steps):
+                    self.sync()
+                    stamps.append(time.perf_counter())
+        return self.seconds(stamps)
+
+    def engine(self) -> float:
+        from acctrain import Callback, Engine, TrainConfig
+
+        case = self
+
+        class Clock(Callback):
+            """At the start of the step after the warm-up and after the last timed step: synchronise, stamp.
+            Only before_step, which the Engine dispatches without a collective or host sync of its own."""
+
+            def __init__(self):
+                self.stamps = []
+
+            def before_step(self, engine):
+                if engine.state.step in (case.args.warmup, case.args.warmup + case.args.steps):
+                    case.sync()
+                    self.stamps.append(time.perf_counter())
+
+        fresh_accelerate()
+        out = tempfile.mkdtemp(prefix="acctrain-gpu-bench-")
+        try:
+            config = TrainConfig(output_dir=out, global_batch_size=self.global_batch, micro_batch_size=self.micro,
+                                 max_steps=self.total, mixed_precision="bf16", scheduler="constant",
+                                 log_every=10 * self.total, resume="none", max_grad_norm=1.0, cpu=self.smoke)
+            clock = Clock()
+            with contextlib.redirect_stdout(io.StringIO()):
+                engine = Engine(self.model(), config, self.data, loss_fn=loss_fn, collate_fn=identity,
+                                optimizer=make_adamw(not self.smoke), callbacks=[clock])
+                engine.fit()
+                engine.close()
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return self.seconds(clock.stamps)
+
+
+def device_peak(name: str) -> tuple[str, float | None]:
+    if "H200" in name:
+        return "H200", PEAK_TFLOPS["H200"]
+    if "H100" in name:
+        if "NVL" in name:
+            return name, None  # not in the table: pass --peak-tflops
+        kind = "H100 PCIe" if "PCIe" in name else "H100 SXM"
+        return kind, PEAK_TFLOPS[kind]
+    if "A100" in name:
+        return "A100", PEAK_TFLOPS["A100"]
+    return name, None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--accumulation", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps (torch.compile compiles here)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=0, help="override the device's peak bf16 TFLOP/s")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model on the CPU, no compile: checks the code only")
+    parser.add_argument("--json", help="write all results to this JSON file")
+    args = parser.parse_args()
+
+    if args.smoke:
+        cfg = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32)
+        args.micro_batch, args.warmup, args.steps, args.rounds = 2, 2, 3, 1
+        peak_name, peak = "CPU (smoke test: no MFU)", None
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_throughput: no CUDA device here (torch.cuda.is_available() is False); nothing measured. "
+                  "Run it on a machine with an H100/H200, or use --smoke to check the code paths on the CPU.")
+            return 0
+        cfg = GPTConfig()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        import torch._dynamo as dynamo
+
+        for limit in ("recompile_limit", "cache_size_limit"):  # new models per run must not fall back to eager
+            if hasattr(dynamo.config, limit):
+                setattr(dynamo.config, limit, 64)
+        name = torch.cuda.get_device_name()
+        peak_name, peak = device_peak(name)
+    if args.peak_tflops:
+        peak = args.peak_tflops
+    info = machine()
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
+    info["cuda"] = torch.version.cuda
+    print(describe(info))
+    shown = peak if peak else "? (pass --peak-tflops)"
+    print(f"device: {info['device']}; peak bf16 dense: {peak_name} {shown} TFLOP/s")
+    model = GPT(cfg)
+    n_params, fpt = sum(p.numel() for p in model.parameters()), model.flops_per_token()
+    del model
+    print(f"GPT: {n_params / 1e6:.1f}M parameters, {fpt / 1e6:.1f} MFLOP per token (6N + 12LHQT)")
+    out = {"machine": info, "peak_tflops": peak, "params": n_params, "flops_per_token": fpt, "cases": []}
+    for accumulation in args.accumulation:
+        case = Case(args, cfg, accumulation)
+        tokens_per_step = case.global_batch * cfg.block_size
+        print(f"\nmicro batch {args.micro_batch}, accumulation {accumulation} ({tokens_per_step} tokens per step): "
+              f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps")
+        results = alternate({"accelerate": case.accelerate, "engine": case.engine}, args.rounds)
+        rows = []
+        for variant in results:
+            tps = tokens_per_step / median(results[variant])
+            mfu = f"{tps * fpt / (peak * 1e12):.1%}" if peak else "n/a"
+            ratio = paired_ratios({k: [1 / s for s in v] for k, v in results.items()}, variant, "accelerate")
+            rows.append([variant, f"{median(results[variant]) * 1e3:.1f}", f"{tps:,.0f}", mfu,
+                         "1 (reference)" if variant == "accelerate" else f"{median(ratio):.3f} ({spread(ratio)})"])
+        print(table(["variant", "ms/step (median)", "tokens/s", "MFU", "throughput vs accelerate"], rows))
+        out["cases"].append({"accumulation": accumulation, "micro_batch": args.micro_batch,
+                             "seconds_per_step": results})
+    write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
