@@ -30,8 +30,9 @@ pause is timed on its own too.
 
 With --what-if, prototypes of proposed changes are measured next to them (acctrain itself is not
 changed): checkpoint.write_tensors replaced by safetensors' zero-copy save_file plus the sha256 computed
-from the tensors in memory while a thread fsyncs (when acctrain.checkpoint keeps digests from the write,
-`_DIGESTS`), and the async snapshot copied into staging buffers kept from the previous save.
+from the tensors in memory while a thread fsyncs, with a commit that does not read those files again
+(every what-if checkpoint is then verified, untimed); and the async snapshot copied into staging buffers
+kept from the previous save.
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ class Bench:
     # ---------------------------------------------------------------------------------- saves
 
     def save_from_memory(self) -> float:
-        """acctrain's save with write_tensors_from_memory in place of checkpoint.write_tensors (what-if)."""
-        original = self.ckpt.write_tensors
-        self.ckpt.write_tensors = write_tensors_from_memory
+        """acctrain's save with the what-if write_tensors and commit in place of checkpoint's."""
+        originals = self.ckpt.write_tensors, self.ckpt.commit
+        self.ckpt.write_tensors, self.ckpt.commit = write_tensors_from_memory, commit_known_digests
         try:
             seconds = self.save_acctrain()
         finally:
-            self.ckpt.write_tensors = original
+            self.ckpt.write_tensors, self.ckpt.commit = originals
         self.ckpt.verify(self.last_acctrain)  # untimed: the manifest's digests are the files' own
         return seconds
 
@@ -196,17 +197,17 @@ class Bench:
             live[name].copy_(tensor)
 
 
+_DIGESTS: dict[str, tuple[int, int, str]] = {}  # what-if: path -> (size, mtime_ns, sha256) known from the write
+
+
 def write_tensors_from_memory(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """What-if (--what-if) for checkpoint.write_tensors: safetensors' zero-copy save_file, then the file's
     sha256 computed from the tensors in memory (the header read back from the file, then each tensor's bytes
-    in file order) while another thread fsyncs the file. The digest equals the file's sha256 (checked in
-    the benchmark); commit reuses it through checkpoint._DIGESTS, as for acctrain's own write_tensors."""
+    in file order) while another thread fsyncs the file. commit_known_digests uses it (no second read)."""
     import hashlib
     import json
     import struct
     import threading
-
-    from acctrain import checkpoint
 
     seen: set[int] = set()
     out = {}
@@ -228,7 +229,35 @@ def write_tensors_from_memory(path: Path, tensors: dict[str, torch.Tensor]) -> N
             digest.update(memoryview(out[name].reshape(-1).view(torch.uint8).numpy()))  # no copy; GIL released
     syncer.join()
     stat = path.stat()
-    checkpoint._DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+    _DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+
+
+def commit_known_digests(stage: Path) -> Path:
+    """What-if for checkpoint.commit: the same steps, but a file whose digest was computed (and which was
+    fsync'd) by write_tensors_from_memory is not read again."""
+    import hashlib
+
+    from acctrain import checkpoint
+
+    final = stage.with_name(stage.name.removesuffix(".tmp"))
+    manifest = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        stat = path.stat()
+        known = _DIGESTS.pop(str(path), None)
+        if known and known[:2] == (stat.st_size, stat.st_mtime_ns):
+            digest = known[2]
+        else:  # JSON files, RNG state
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                os.fsync(f.fileno())
+        manifest[str(path.relative_to(stage))] = {"size": stat.st_size, "sha256": digest}
+    checkpoint.write_json(stage / checkpoint.MANIFEST, {"files": manifest})
+    fsync(stage / checkpoint.MANIFEST)
+    fsync(stage)
+    os.replace(stage, final)
+    fsync(final.parent)
+    checkpoint._write_atomic(final.parent / checkpoint.LATEST, final.name + "\n")
+    return final
 
 
 def throughput_rows(results, nbytes, pairs) -> list[list[str]]:
@@ -272,7 +301,7 @@ def main() -> None:
 
         print("\nsave (durable: fsync)")
         variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
-        if args.what_if and hasattr(bench.ckpt, "_DIGESTS"):
+        if args.what_if:
             variants["acctrain save, sha256 from memory ∥ fsync (what-if)"] = bench.save_from_memory
         saves = alternate(variants, args.rounds)
         rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]

@@ -18,7 +18,10 @@ tokens in host memory, one indexing op per micro-batch, copied with non_blocking
   per optimizer step (the non-finite check) and all-reduces the step's loss.
 
 Timing: after `--warmup` steps (compilation happens there), torch.cuda.synchronize(), clock; after
-`--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds.
+`--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds. Every run builds
+and compiles a fresh model, so a run costs its compilation (tens of seconds, less once inductor's cache is
+warm); `--rounds 1 --accumulation 1` is the quick check. Not yet run on a GPU: written and checked with
+--smoke on a CPU only.
 
 MFU = tokens/s x flops per token / peak, with flops per token = 6 N + 12 L H Q T (PaLM appendix B, as
 nanoGPT's estimate_mfu): N parameters without the position embedding (the tied token embedding counts:
