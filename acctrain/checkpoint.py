@@ -170,10 +170,6 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def step_of(path: Path) -> int:
-    return _step_of(path)
-
-
 # ------------------------------------------------------------------------------------------- helpers
 
 

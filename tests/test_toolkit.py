@@ -45,7 +45,6 @@ def snapshot(model):
 
 def test_lr_find_follows_the_exponential_and_restores_everything(tmp_path):
     e = engine(tmp_path, epochs=5)
-    e.fit_one_cycle  # noqa: B018 (the recipes exist on the engine)
     before, opt_before = snapshot(e.unwrapped_model), json.dumps(e._torch_optimizer.state_dict(), default=str)
     torch.manual_seed(123)
     suggestions = e.lr_find(num_it=20, stop_div=False)
