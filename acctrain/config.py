@@ -71,7 +71,7 @@ class TrainConfig:
     save_every: int = 0
     """Save a checkpoint every this many optimizer steps; 0 means only at the end of fit()."""
     async_save: bool = False
-    """Copy checkpoint tensors to CPU memory and write them in the background (same crash safety), so training pauses only for the copy."""
+    """Copy checkpoint tensors to CPU buffers kept for the run and write them in the background (same crash safety), so training pauses only for the copy."""
     keep_last: int = 2
     """Keep the newest this many checkpoints (older ones are deleted after a new one is complete); 0 keeps all."""
     keep_best: str = ""

@@ -133,6 +133,7 @@ class Engine:
         self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
         self._lr_tags: list[tuple[str | None, str]] = []
+        self._staging_buffers: dict = {}  # async_save: the CPU snapshot's memory, reused from save to save
         self.resumed_from = persist.resume(self)
 
     # ------------------------------------------------------------------------------------ the loop

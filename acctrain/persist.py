@@ -28,8 +28,8 @@ from acctrain.state import jsonable, optimizer_from_files, optimizer_to_files, r
 def save(engine) -> None:
     """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it.
 
-    With `async_save`, the tensors are copied to CPU memory here (the only pause of training) and a
-    background thread writes and commits them; each rank marks its part done with a file, so the commit
+    With `async_save`, the tensors are copied to CPU buffers here (the only pause of training; the buffers
+    are kept for the next save) and a background thread writes and commits them; each rank marks its part done with a file, so the commit
     needs no collective. Crash safety is the same: nothing is named `step-N` before it is complete.
     """
     acc, cfg, step = engine.accelerator, engine.config, engine.state.step
@@ -42,16 +42,17 @@ def save(engine) -> None:
     acc.wait_for_everyone()
     if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
         sharded.save_sharded(acc, engine.model, engine._torch_optimizer, stage)
-    files = _files(engine, copy=cfg.async_save)
+    files = _files(engine)
     engine.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
     if cfg.async_save:
-        engine._save_thread = _Writer(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
+        files, copied = _snapshot(files, engine._staging_buffers)
+        engine._save_thread = _Writer(files, copied, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
         engine._save_thread.start()
         return
-    _write(files)
+    digests = checkpoint.write_files(files)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _commit(stage, cfg)
+        _commit(stage, digests, cfg)
     acc.wait_for_everyone()
 
 
@@ -65,7 +66,7 @@ def wait_for_save(engine) -> None:
             raise thread.error
 
 
-def _files(engine, copy: bool) -> dict[Path, Any]:
+def _files(engine) -> dict[Path, Any]:
     """This rank's files of the checkpoint: path -> tensors (safetensors) or plain data (JSON)."""
     acc, stage = engine.accelerator, checkpoint.staging_dir(engine.config.output_dir, engine.state.step)
     rank = acc.process_index
@@ -78,36 +79,56 @@ def _files(engine, copy: bool) -> dict[Path, Any]:
             files[stage / "optimizer.safetensors"] = opt_tensors
             files[stage / "optimizer.json"] = opt_meta
         files[stage / "trainer_state.json"] = trainer_state(engine)
-    if copy:  # a snapshot on the CPU, so that training can go on changing the originals
-        files = {p: {k: v.detach().to("cpu", copy=True) for k, v in c.items()} if p.suffix == ".safetensors" else c
-                 for p, c in files.items()}
     return files
 
 
-def _write(files: dict[Path, Any]) -> None:
+def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tensor]):
+    """Copy the tensors of `files` to CPU buffers, so that training can go on changing the originals.
+
+    The buffers are kept for the next save (`buffers` is updated in place): copying into memory that is
+    already mapped is 3x faster than into fresh memory, which takes a page fault per 4 KiB. CUDA tensors
+    go to pinned buffers without blocking; the returned event (None on CPU) marks the copies as done.
+    """
+    used: dict[tuple[str, str], torch.Tensor] = {}
+    snapshot, copied = {}, None
     for path, content in files.items():
-        if path.suffix == ".safetensors":
-            checkpoint.write_tensors(path, content)
-        else:
-            checkpoint.write_json(path, content)
+        if path.suffix != ".safetensors":
+            snapshot[path] = content
+            continue
+        snapshot[path] = {}
+        for name, tensor in content.items():
+            buffer = buffers.get((path.name, name))
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            snapshot[path][name] = used[(path.name, name)] = buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+            if tensor.is_cuda and copied is None:
+                copied = torch.cuda.Event()
+    if copied is not None:
+        copied.record()  # after every copy on this stream; the optimizer's next writes queue behind them
+    buffers.clear()
+    buffers.update(used)
+    return snapshot, copied
 
 
-def _commit(stage: Path, cfg) -> None:
-    checkpoint.commit(stage)
+def _commit(stage: Path, digests: dict[Path, str], cfg) -> None:
+    checkpoint.commit(stage, digests)
     checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
 
 
 class _Writer(threading.Thread):
     """Writes one rank's part of a checkpoint in the background; the main rank's also commits it."""
 
-    def __init__(self, files, stage: Path, rank: int, world: int, is_main: bool, cfg):
+    def __init__(self, files, copied, stage: Path, rank: int, world: int, is_main: bool, cfg):
         super().__init__(name="acctrain-save", daemon=False)
-        self.files, self.stage, self.rank, self.world, self.is_main, self.cfg = files, stage, rank, world, is_main, cfg
+        self.files, self.copied, self.stage, self.cfg = files, copied, stage, cfg
+        self.rank, self.world, self.is_main = rank, world, is_main
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            _write(self.files)
+            if self.copied is not None:
+                self.copied.synchronize()  # the device-to-host copies of the snapshot have landed
+            digests = checkpoint.write_files(self.files)
             (self.stage / f".done-rank{self.rank}").touch()
             if self.is_main:
                 markers = [self.stage / f".done-rank{r}" for r in range(self.world)]
@@ -118,7 +139,7 @@ class _Writer(threading.Thread):
                     time.sleep(0.02)
                 for marker in markers:
                     marker.unlink()
-                _commit(self.stage, self.cfg)
+                _commit(self.stage, digests, self.cfg)
         except BaseException as err:  # surfaced by wait_for_save, in the training thread
             self.error = err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acctrain import ConfigError
-from acctrain.checkpoint import CheckpointError, find_resumable, verify
+from acctrain.checkpoint import CheckpointError, find_resumable, verify, write_files
 from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 from conftest import ROOT, TESTS, launch
 from tiny import rel_diff
@@ -90,6 +92,46 @@ def test_checkpoint_contents_and_no_pickle(tmp_path):
         assert key in state["plan"]
     assert set(state["versions"]) == {"acctrain", "torch", "accelerate"}
     assert state["config"]["save_every"] == 3 and state["schedule"]["name"] == "warmup_linear"
+
+
+def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {
+        "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(), "i64": torch.arange(5),
+        "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3), "transposed": base.t(),  # not contiguous
+        "tied": base, "slice": base[1:3],
+    }
+    files = {tmp_path / "t.safetensors": tensors, tmp_path / "meta.json": {"a": [1, 2.5, None], "b": "x"},
+             tmp_path / "none.safetensors": {}}
+    digests = write_files(files)
+    assert set(digests) == set(files)
+    for path, digest in digests.items():
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path.name
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    with safe_open(tmp_path / "t.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert load_file(tmp_path / "none.safetensors") == {}
+    assert json.loads((tmp_path / "meta.json").read_text()) == {"a": [1, 2.5, None], "b": "x"}
+
+
+def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
+    from acctrain.persist import _snapshot
+
+    weight, buffers = torch.ones(3, 4), {}
+    files = {tmp_path / "model.safetensors": {"w": weight}, tmp_path / "state.json": {"step": 1}}
+    first, copied = _snapshot(files, buffers)
+    assert copied is None and first[tmp_path / "state.json"] == {"step": 1}
+    weight.add_(1)  # training goes on: the snapshot keeps the values at the save
+    assert torch.equal(first[tmp_path / "model.safetensors"]["w"], torch.ones(3, 4))
+    second, _ = _snapshot(files, buffers)
+    assert second[tmp_path / "model.safetensors"]["w"].data_ptr() == first[tmp_path / "model.safetensors"]["w"].data_ptr()
+    assert torch.equal(second[tmp_path / "model.safetensors"]["w"], weight)
+    _snapshot({tmp_path / "model.safetensors": {"v": torch.zeros(2)}}, buffers)
+    assert list(buffers) == [("model.safetensors", "v")]  # buffers no longer used are let go
 
 
 def test_rotation_keeps_last_and_best(tmp_path):
