@@ -1,15 +1,15 @@
 """Checkpoint throughput: acctrain's save and load against raw safetensors on the same tensors.
 
     python benchmarks/checkpoint_io.py                    # ~537 MB model + AdamW state (1.6 GB), 3 rounds (~3 min)
-    python benchmarks/checkpoint_io.py --layers 2 --rounds 5 --what-if --json out.json
+    python benchmarks/checkpoint_io.py --layers 2 --rounds 5 --json out.json
     python benchmarks/checkpoint_io.py --dir /mnt/nvme/tmp   # the disk to measure (default: the system temp dir)
 
 The model is an MLP of `--layers` Linear(4096, 4096) layers (8: 134M fp32 parameters, 537 MB) with AdamW
 state (exp_avg, exp_avg_sq: twice that), created by one optimizer step. Variants, alternating in each round:
 
 - save, acctrain: `Engine.save()` as fit() calls it: RNG state, model.safetensors, optimizer.safetensors and
-  .json, trainer_state.json, then `checkpoint.commit` (sha256 manifest, fsync of every file and the
-  directory, rename, `latest`). keep_last=0, so no rotation work is timed; the directory is deleted after.
+  .json, trainer_state.json (`checkpoint.write_files`: written, fsync'd, sha256 computed from memory),
+  then `checkpoint.commit` (manifest, fsync of the directory, rename, `latest`). keep_last=0, so no rotation work is timed; the directory is deleted after.
 - save, raw: `safetensors.torch.save_file` of the same tensors (model.state_dict(), and the optimizer's
   state tensors under flat names) into two files, then fsync of both.
 - load, acctrain: what a resume reads: `checkpoint.verify` (sizes and sha256 of every file), then
@@ -20,19 +20,14 @@ byte is really read: `load_file` maps the file and reads nothing until a tensor 
 "cold" (every file evicted from the page cache with posix_fadvise(DONTNEED) first) and "hot" (files in the
 page cache). Throughput is the bytes of the tensors (the same for both) per second.
 
-Before each timed save the previous files are deleted and `os.sync()` is called (untimed), so that their
-writeback and the file system's discards do not land in the next timing.
+Before each timed save the previous files are deleted, `os.sync()` is called and `--settle` seconds
+pass (untimed), so that their writeback and the file system's discards do not land in the next timing.
+Every acctrain checkpoint is verified after its timing (untimed): its manifest's digests are its files'.
 
 If `TrainConfig` has an `async_save` field, a third part times the training pause of `Engine.save()`
 with async_save=true (the call's duration) against a synchronous save, and separately the time until
-the checkpoint directory is complete; otherwise it is skipped with a note. The snapshot copy inside the
-pause is timed on its own too.
-
-With --what-if, prototypes of proposed changes are measured next to them (acctrain itself is not
-changed): checkpoint.write_tensors replaced by safetensors' zero-copy save_file plus the sha256 computed
-from the tensors in memory while a thread fsyncs, with a commit that does not read those files again
-(every what-if checkpoint is then verified, untimed); and the async snapshot copied into staging buffers
-kept from the previous save.
+the checkpoint directory is complete; otherwise it is skipped with a note. The first async save of a run
+allocates the CPU snapshot's buffers; later ones reuse them, so the two are reported apart.
 """
 
 from __future__ import annotations
@@ -40,8 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import io
 import os
 import shutil
@@ -103,10 +96,10 @@ def fsync(path: Path) -> None:
 
 
 class Bench:
-    def __init__(self, engine, root: Path):
+    def __init__(self, engine, root: Path, settle_s: float):
         from acctrain import checkpoint
 
-        self.engine, self.root, self.ckpt = engine, root, checkpoint
+        self.engine, self.root, self.ckpt, self.settle_s = engine, root, checkpoint, settle_s
         self.raw_dir = root / "raw"
         self.saves = 0
         self.last_acctrain: Path | None = None
@@ -120,27 +113,18 @@ class Bench:
 
     # ---------------------------------------------------------------------------------- saves
 
-    def save_from_memory(self) -> float:
-        """acctrain's save with the what-if write_tensors and commit in place of checkpoint's."""
-        originals = self.ckpt.write_tensors, self.ckpt.commit
-        self.ckpt.write_tensors, self.ckpt.commit = write_tensors_from_memory, commit_known_digests
-        try:
-            seconds = self.save_acctrain()
-        finally:
-            self.ckpt.write_tensors, self.ckpt.commit = originals
-        self.ckpt.verify(self.last_acctrain)  # untimed: the manifest's digests are the files' own
-        return seconds
-
     def save_acctrain(self, engine=None) -> float:
         engine = engine or self.engine
         self._clear()
         self.saves += 1
         engine.state.step = self.saves  # a new step directory each time (save() skips an existing one)
-        start = time.perf_counter()
+        start = self.save_started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             engine.save()
         seconds = time.perf_counter() - start
         self.last_acctrain = self.ckpt.checkpoint_dir(engine.config.output_dir, engine.state.step)
+        if not engine.config.async_save:
+            self.ckpt.verify(self.last_acctrain)  # untimed: the manifest's digests are the files' own
         return seconds
 
     def save_raw(self) -> float:
@@ -157,11 +141,15 @@ class Bench:
     def _clear(self) -> None:
         for d in self.root.glob("run*/checkpoints"):
             shutil.rmtree(d, ignore_errors=True)
+        self._settle()
+
+    def _settle(self) -> None:
         os.sync()  # untimed: the deletion's writeback (and ext4 discards) must not land in the next timing
+        time.sleep(self.settle_s)
 
     def _clear_raw(self) -> None:
         shutil.rmtree(self.raw_dir, ignore_errors=True)
-        os.sync()
+        self._settle()
 
     # ---------------------------------------------------------------------------------- loads
 
@@ -197,69 +185,6 @@ class Bench:
             live[name].copy_(tensor)
 
 
-_DIGESTS: dict[str, tuple[int, int, str]] = {}  # what-if: path -> (size, mtime_ns, sha256) known from the write
-
-
-def write_tensors_from_memory(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """What-if (--what-if) for checkpoint.write_tensors: safetensors' zero-copy save_file, then the file's
-    sha256 computed from the tensors in memory (the header read back from the file, then each tensor's bytes
-    in file order) while another thread fsyncs the file. commit_known_digests uses it (no second read)."""
-    import hashlib
-    import json
-    import struct
-    import threading
-
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():  # as checkpoint.write_tensors: contiguous CPU tensors, tied ones copied
-        tensor = tensor.detach().to("cpu").contiguous()
-        key = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
-        seen.add(key)
-    save_file(out, path, metadata={"format": "pt"})
-    syncer = threading.Thread(target=fsync, args=(path,))
-    syncer.start()
-    with open(path, "rb") as f:
-        size = f.read(8)
-        header = f.read(struct.unpack("<Q", size)[0])
-    digest = hashlib.sha256(size + header)
-    layout = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
-    for name in sorted(layout, key=lambda k: layout[k]["data_offsets"][0]):
-        if out[name].numel():
-            digest.update(memoryview(out[name].reshape(-1).view(torch.uint8).numpy()))  # no copy; GIL released
-    syncer.join()
-    stat = path.stat()
-    _DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
-
-
-def commit_known_digests(stage: Path) -> Path:
-    """What-if for checkpoint.commit: the same steps, but a file whose digest was computed (and which was
-    fsync'd) by write_tensors_from_memory is not read again."""
-    import hashlib
-
-    from acctrain import checkpoint
-
-    final = stage.with_name(stage.name.removesuffix(".tmp"))
-    manifest = {}
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        stat = path.stat()
-        known = _DIGESTS.pop(str(path), None)
-        if known and known[:2] == (stat.st_size, stat.st_mtime_ns):
-            digest = known[2]
-        else:  # JSON files, RNG state
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-                os.fsync(f.fileno())
-        manifest[str(path.relative_to(stage))] = {"size": stat.st_size, "sha256": digest}
-    checkpoint.write_json(stage / checkpoint.MANIFEST, {"files": manifest})
-    fsync(stage / checkpoint.MANIFEST)
-    fsync(stage)
-    os.replace(stage, final)
-    fsync(final.parent)
-    checkpoint._write_atomic(final.parent / checkpoint.LATEST, final.name + "\n")
-    return final
-
-
 def throughput_rows(results, nbytes, pairs) -> list[list[str]]:
     rows = []
     for name, ref in pairs:
@@ -276,8 +201,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="a directory on the disk to measure (default: tempfile's)")
     parser.add_argument("--wait-quiet", type=float, default=0, help=WAIT_HELP)
-    parser.add_argument("--what-if", action="store_true",
-                        help="also time prototypes of proposed changes (hash from memory, reused staging buffers)")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds to wait (untimed) after deleting the previous files and os.sync(), before a save")
     parser.add_argument("--json", help="write all results to this JSON file")
     args = parser.parse_args()
 
@@ -294,15 +219,13 @@ def main() -> None:
         model = build(args.layers)
         engine = make_engine(model, root / "run-sync")
         adam_state(engine)
-        bench = Bench(engine, root)
+        bench = Bench(engine, root, args.settle)
         params = sum(p.numel() for p in model.parameters())
         print(f"model: {params / 1e6:.1f}M fp32 parameters; tensors saved: {bench.bytes / 1e9:.2f} GB "
               f"(weights + AdamW state); {args.rounds} rounds")
 
         print("\nsave (durable: fsync)")
         variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
-        if args.what_if:
-            variants["acctrain save, sha256 from memory ∥ fsync (what-if)"] = bench.save_from_memory
         saves = alternate(variants, args.rounds)
         rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]
                                + [(name, "raw save_file+fsync") for name in variants if name.startswith("acctrain")])
@@ -321,7 +244,7 @@ def main() -> None:
             ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot")])
         print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
         out["load_seconds"] = loads
-        out["async"] = async_save(bench, model, root, args.rounds, args.what_if)
+        out["async"] = async_save(bench, model, root, args.rounds)
         out["hash_mb_s"] = hash_speeds()
         out["bytes"], out["params"] = bench.bytes, params
     finally:
@@ -357,72 +280,47 @@ def hash_speeds(mb: int = 256) -> dict[str, float]:
     return speeds
 
 
-def staging_copy(tensors: list[torch.Tensor], reuse: bool) -> float:
-    """Seconds to snapshot `tensors` on the CPU: into new tensors, or (reuse) into buffers allocated before."""
-    if not reuse:
-        start = time.perf_counter()
-        copies = [t.detach().to("cpu", copy=True) for t in tensors]
-        seconds = time.perf_counter() - start
-        assert len(copies) == len(tensors)
-        return seconds
-    buffers = [torch.empty_like(t, device="cpu") for t in tensors]
-    for b, t in zip(buffers, tensors):  # the first save's copy: allocates and touches the buffers
-        b.copy_(t)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for b, t in zip(buffers, tensors):
-            b.copy_(t)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int, what_if: bool) -> dict:
+def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     """The training pause of an async save against a synchronous one, if the Engine has async_save."""
     from acctrain import TrainConfig
 
     if "async_save" not in {f.name for f in dataclasses.fields(TrainConfig)}:
         print("\nasync save: skipped, TrainConfig has no `async_save` field in this version of acctrain")
         return {"skipped": "TrainConfig has no async_save field"}
+    from acctrain import persist
+
     engine = make_engine(model, root / "run-async", optimizer=bench.engine._torch_optimizer, async_save=True)
-    has_persist = importlib.util.find_spec("acctrain.persist") is not None
     completion: list[float] = []
 
     def pause() -> float:
-        bench._clear()
-        start = time.perf_counter()
         seconds = bench.save_acctrain(engine)  # returns once training could continue
+        start = bench.save_started
         final = bench.ckpt.checkpoint_dir(engine.config.output_dir, engine.state.step)
         while not final.is_dir():  # complete: the step directory exists only after commit
             if time.perf_counter() - start > 600:
                 raise TimeoutError(f"{final} did not appear within 600 s")
             time.sleep(0.01)
         completion.append(time.perf_counter() - start)
-        wait = getattr(importlib.import_module("acctrain.persist"), "wait_for_save", None) if has_persist else None
-        if wait is not None:
-            wait(engine)  # the writer thread's last steps after the rename (rotation), untimed
+        persist.wait_for_save(engine)  # the writer thread's last steps after the rename (rotation), untimed
+        bench.ckpt.verify(final)  # untimed
         return seconds
 
     print("\nasync save: the training pause (Engine.save() returning) against a synchronous save")
+    first = pause()  # the run's first async save allocates the snapshot's CPU buffers; later ones reuse them
+    first_completion = completion.pop()
     results = alternate({"sync save": bench.save_acctrain, "async save pause": pause}, rounds)
     ratio = paired_ratios(results, "async save pause", "sync save")
     sync = median(results["sync save"])
     rows = [["sync save", f"{sync:.2f}", "1 (reference)"],
-            ["async save: pause", f"{median(results['async save pause']):.3f}",
+            ["async save: pause (buffers from the previous save)", f"{median(results['async save pause']):.3f}",
              f"{median(ratio):.3f} ({spread(ratio)})"],
-            ["async save: until complete", f"{median(completion):.2f}", ""]]
-    tensors = [*bench.engine.unwrapped_model.state_dict().values(), *bench.optimizer_tensors().values()]
-    fresh = [staging_copy(tensors, reuse=False) for _ in range(3)]
-    rows.append(["  of the pause: copy to new CPU tensors (what async_save does)", f"{median(fresh):.3f}",
-                 f"{median(fresh) / sync:.3f}"])
-    if what_if:
-        reused = staging_copy(tensors, reuse=True)
-        rows.append(["  what-if: copy_ into staging buffers kept from the last save", f"{reused:.3f}",
-                     f"{reused / sync:.3f}"])
+            ["async save: pause, the run's first (allocates the buffers)", f"{first:.3f}", f"{first / sync:.3f}"],
+            ["async save: until complete", f"{median(completion):.2f}", f"{median(completion) / sync:.3f}"]]
     print(table(["variant", "seconds (median)", "vs sync save"], rows))
     with contextlib.redirect_stdout(io.StringIO()):
         engine.close()
-    return {"seconds": results, "completion_seconds": completion}
+    return {"seconds": results, "completion_seconds": completion, "first_pause": first,
+            "first_completion": first_completion}
 
 
 if __name__ == "__main__":
