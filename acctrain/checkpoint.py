@@ -97,7 +97,8 @@ def _encode(path: Path, content: Any) -> list:
         return [json.dumps(content, indent=1, sort_keys=True, allow_nan=True).encode()]
     seen: set[int] = set()
     tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
-    for name, tensor in content.items():
+    # Wider elements first: every tensor then starts at a multiple of its element size, as in save_file.
+    for name, tensor in sorted(content.items(), key=lambda item: -item[1].element_size()):
         tensor = tensor.detach().to("cpu").contiguous()
         key = tensor.untyped_storage().data_ptr()
         tensor = tensor.clone() if key in seen and tensor.numel() else tensor

@@ -114,8 +114,16 @@ def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     with safe_open(tmp_path / "t.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+    header = json.loads(safetensors_header(tmp_path / "t.safetensors"))
+    for name, entry in header.items():  # every tensor aligned to its element size, as save_file writes them
+        assert name == "__metadata__" or entry["data_offsets"][0] % tensors[name].element_size() == 0, name
     assert load_file(tmp_path / "none.safetensors") == {}
     assert json.loads((tmp_path / "meta.json").read_text()) == {"a": [1, 2.5, None], "b": "x"}
+
+
+def safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
 
 
 def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
