@@ -134,6 +134,7 @@ class Engine:
         self._frozen: list[torch.nn.Parameter] = []
         self._lr_tags: list[tuple[str | None, str]] = []
         self._staging_buffers: dict = {}  # async_save: the CPU snapshot's memory, reused from save to save
+        self._reservation = None  # async_save: the thread allocating those buffers ahead of the first save
         self.resumed_from = persist.resume(self)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -195,6 +196,7 @@ class Engine:
             self.metrics.flush(state.samples_seen)
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             self.evaluate()
+        persist.reserve_snapshot_buffers(self)  # async_save: once, in the background, now that the state exists
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.plan.total_steps:
             self.save()
 

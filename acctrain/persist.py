@@ -10,6 +10,8 @@ that fits, the same global batch plan), so that a resumed run continues exactly.
 
 from __future__ import annotations
 
+import math
+import mmap
 import threading
 import time
 import warnings
@@ -45,6 +47,10 @@ def save(engine) -> None:
     files = _files(engine)
     engine.checkpoint_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
     if cfg.async_save:
+        if engine._reservation is not None:  # buffers allocated in the background since the first step
+            engine._reservation.join()
+            engine._staging_buffers.update(engine._reservation.buffers)
+            engine._reservation = None
         files, copied = _snapshot(files, engine._staging_buffers)
         engine._save_thread = _Writer(files, copied, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
         engine._save_thread.start()
@@ -108,6 +114,42 @@ def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tenso
     buffers.clear()
     buffers.update(used)
     return snapshot, copied
+
+
+def reserve_snapshot_buffers(engine) -> None:
+    """async_save: allocate the snapshot's CPU buffers in a background thread, ahead of the first save.
+
+    Called after every optimizer step; it acts once, when the optimizer state exists. Fresh memory costs a
+    page fault per 4 KiB when first written, which made the first save's pause as long as a synchronous
+    save; mapped here, off the training thread, the first save only copies, like every later one.
+    """
+    if not engine.config.async_save or engine._staging_buffers or engine._reservation is not None:
+        return
+    layout = {(path.name, name): (tuple(t.shape), t.dtype, t.is_cuda)
+              for path, content in _files(engine).items() if path.suffix == ".safetensors"
+              for name, t in content.items()}
+    engine._reservation = _Reservation(layout)
+    engine._reservation.start()
+
+
+class _Reservation(threading.Thread):
+    def __init__(self, layout: dict[tuple[str, str], tuple]):
+        super().__init__(name="acctrain-reserve", daemon=True)
+        self.layout, self.buffers = layout, {}
+
+    def run(self) -> None:
+        for key, (shape, dtype, pinned) in self.layout.items():
+            self.buffers[key] = _mapped(shape, dtype, pinned)
+
+
+def _mapped(shape: tuple, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """An empty CPU tensor whose pages are already mapped (pinned for CUDA copies)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if pinned or nbytes < 1 << 20:  # cudaHostAlloc maps its pages itself; small ones fault in quickly
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+    # MAP_POPULATE: the kernel maps every page in the call, which releases the GIL
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _commit(stage: Path, digests: dict[Path, str], cfg) -> None:

@@ -142,6 +142,26 @@ def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path
     assert list(buffers) == [("model.safetensors", "v")]  # buffers no longer used are let go
 
 
+def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses(tmp_path):
+    from acctrain.persist import _Reservation, _snapshot
+
+    big, small = torch.randn(512, 1024), torch.arange(6, dtype=torch.int64)  # 2 MiB: mapped with MAP_POPULATE
+    reservation = _Reservation({("model.safetensors", "big"): ((512, 1024), torch.float32, False),
+                                ("model.safetensors", "small"): ((6,), torch.int64, False)})
+    reservation.start()
+    reservation.join()
+    reserved = dict(reservation.buffers)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in reserved.items()} == {
+        ("model.safetensors", "big"): ((512, 1024), torch.float32), ("model.safetensors", "small"): ((6,), torch.int64)}
+    snapshot, _ = _snapshot({tmp_path / "model.safetensors": {"big": big, "small": small}}, reservation.buffers)
+    for name, tensor in snapshot[tmp_path / "model.safetensors"].items():
+        assert tensor.data_ptr() == reserved[("model.safetensors", name)].data_ptr(), name
+    assert torch.equal(snapshot[tmp_path / "model.safetensors"]["big"], big)
+    digests = write_files({tmp_path / "model.safetensors": snapshot[tmp_path / "model.safetensors"]})
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["big"], big)
+    assert digests[tmp_path / "model.safetensors"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+
+
 def test_rotation_keeps_last_and_best(tmp_path):
     resume_run.run(str(tmp_path / "a"), steps=10, save_every=2, keep_last=2)
     assert ckpts(tmp_path / "a") == ["step-00000008", "step-00000010"]
@@ -365,9 +385,11 @@ def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
 
     cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=8, max_steps=3,
                       async_save=True)
-    Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate,
-           callbacks=[SaveAt2()]).fit()
+    engine = Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate,
+                    callbacks=[SaveAt2()])
+    engine.fit()
     assert engine_box == {"committed_at_return": False, "committed_after_wait": True}
+    assert engine._reservation is None and len(engine._staging_buffers) > 0  # reserved after step 1, used at 2
     verify(tmp_path / "checkpoints" / "step-00000002")
 
 
