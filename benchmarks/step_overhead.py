@@ -3,6 +3,7 @@
     python benchmarks/step_overhead.py                       # tiny MLP (accumulation 1, 4), 20M MLP (1): ~3 min
     python benchmarks/step_overhead.py --models tiny --rounds 21 --what-if --json out.json
     python benchmarks/step_overhead.py --wait-quiet 300      # wait for an idle machine before each round
+    python benchmarks/step_overhead.py --models 20m --rounds 3 --interleaved 8   # step-by-step turns, ~5 min
 
 Four variants train the same model on the same data with the same math and are timed per optimizer step:
 
@@ -21,6 +22,11 @@ Four variants train the same model on the same data with the same math and are t
   one CPU process without a GradScaler (optimizer.step, backward, clip_grad_norm_, reduce, no_sync)
   replaced on the instance by the torch calls they end in. The Engine now takes that direct path itself
   (its `_plain` path), so this variant should time like `engine`; it stays as a check.
+
+With --interleaved, the Engine and the raw loop also run in one process taking turns step by step (a
+callback runs one raw step at the start of each Engine step), and a raw/raw A/A control the same way; the
+statistic is the pooled per-step ratio, each step paired with its neighbour in time. On a shared virtual
+machine whose speed drifts over seconds, this resolves differences that separate runs cannot.
 
 All variants read the Engine's data order (DataPlan windows) from in-memory tensors through the same plain
 DataLoader (one indexing op per micro-batch), use AdamW with the Engine's parameter groups (foreach),
@@ -151,20 +157,63 @@ class Case:
         if name not in self.weights:
             self.weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def raw(self, name: str = "raw") -> float:
-        torch.set_num_threads(self.threads)
+    def raw_stepper(self):
+        """A raw model and a function that trains it one optimizer step per call, over the same batches."""
         model = build_model(self.widths)
         optimizer = adamw(model)
-        batches, stamps = self.loader(), []
-        for _ in range(self.total):
+        batches = self.loader()
+
+        def step() -> None:
             for _ in range(self.accumulation):
                 (loss_fn(model, next(batches)) / self.accumulation).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+        return model, step
+
+    def raw(self, name: str = "raw") -> float:
+        torch.set_num_threads(self.threads)
+        model, step = self.raw_stepper()
+        stamps = []
+        for _ in range(self.total):
+            step()
             stamps.append(clock())
         self.keep(name, model)
         return self.per_step(name, stamps)
+
+    def interleaved(self, engine: bool) -> list[float]:
+        """Per-step time ratios, two loops taking turns step by step in one process: the Engine against raw
+        (engine=True; a callback runs one raw step at each Engine `before_step`), or raw against raw (the A/A
+        control). Neighbouring steps see the same machine, so slow drifts of a shared host cancel out."""
+        torch.set_num_threads(self.threads)
+        raw_model, raw_step = self.raw_stepper()
+        marks: list[tuple[float, float]] = []  # (before, after) the raw step, once per turn
+
+        def turn() -> None:
+            before = time.perf_counter()
+            raw_step()
+            marks.append((before, time.perf_counter()))
+
+        if engine:
+            from acctrain import Callback
+
+            class Turns(Callback):
+                def before_step(self, engine):
+                    turn()
+
+            trained = self.run_engine("engine (interleaved)", [Turns()])
+        else:
+            trained, other_step = self.raw_stepper()
+            for _ in range(self.total):
+                turn()
+                other_step()
+            marks.append((time.perf_counter(), float("nan")))
+        # the other loop's step k runs from the end of raw step k to the start of raw step k + 1
+        ratios = [(b[0] - a[1]) / (a[1] - a[0]) for a, b in zip(marks, marks[1:])][self.warmup:]
+        same = all(torch.equal(a, b) for a, b in zip(raw_model.state_dict().values(), trained.state_dict().values()))
+        assert same, "the interleaved loops did not end with identical weights"
+        return ratios
 
     def accelerate(self, name: str = "accelerate") -> float:
         from accelerate import Accelerator
@@ -188,7 +237,7 @@ class Case:
         return self.per_step(name, stamps)
 
     def engine(self, name: str = "engine", bypass: bool = False) -> float:
-        from acctrain import Callback, Engine, TrainConfig
+        from acctrain import Callback
 
         class Clock(Callback):
             """Stamps the start of each step. Only before_step: an event the Engine dispatches without a
@@ -200,25 +249,32 @@ class Case:
             def before_step(self, engine):
                 self.stamps.append(clock())
 
+        stamps = Clock()
+        self.run_engine(name, [stamps], bypass)
+        # stamp k is taken at the start of step k + 1, i.e. right after step k
+        return self.per_step(name, stamps.stamps[1:] + [(float("nan"), float("nan"))])
+
+    def run_engine(self, name: str, callbacks: list, bypass: bool = False) -> nn.Module:
+        """Engine.fit() as users run it, with `callbacks`; returns the trained model."""
+        from acctrain import Engine, TrainConfig
+
         fresh_accelerate()
         out = tempfile.mkdtemp(prefix="acctrain-bench-", dir=self.tmp_root)
         try:
             config = TrainConfig(output_dir=out, global_batch_size=self.global_batch, micro_batch_size=self.micro,
                                  max_steps=self.total, scheduler="constant", log_every=self.log_every,
                                  resume="none", cpu_threads=self.threads)
-            stamps = Clock()
             with contextlib.redirect_stdout(io.StringIO()):
                 engine = Engine(build_model(self.widths), config, self.data, loss_fn=loss_fn,
-                                callbacks=[stamps], collate_fn=identity)
+                                callbacks=callbacks, collate_fn=identity)
                 if bypass:
                     bypass_accelerate(engine)
-                engine.fit()  # the end-of-run save happens after the last stamp
+                engine.fit()  # the end-of-run save happens after the last step's clock
                 engine.close()
             self.keep(name, engine.unwrapped_model)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        # stamp k is taken at the start of step k + 1, i.e. right after step k
-        return self.per_step(name, stamps.stamps[1:] + [(float("nan"), float("nan"))])
+        return engine.unwrapped_model
 
     def check_identical(self) -> bool:
         ref = self.weights["raw"]
@@ -271,9 +327,22 @@ def run_case(model: str, accumulation: int, args) -> dict:
     if args.what_if:
         variants["engine-bypass (what-if)"] = lambda: case.engine("engine-bypass (what-if)", bypass=True)
     results = alternate(variants, rounds)
+    interleaved = {}
+    if args.interleaved:
+        turns = Case(widths, micro, accumulation, warmup, args.interleaved_steps, threads, args.tmp, args.log_every)
+        print(f"interleaved: {args.interleaved} runs of each pair, {warmup} warm-up + {args.interleaved_steps} "
+              "timed steps, the two loops taking turns step by step")
+        interleaved = {"engine / raw": [], "raw / raw (A/A)": []}
+        for run in range(args.interleaved):  # alternating which of the two goes first
+            for name in sorted(interleaved, reverse=bool(run % 2)):
+                interleaved[name] += turns.interleaved(engine=name.startswith("engine"))
+            print(f"  run {run + 1}/{args.interleaved}: " + ", ".join(
+                f"{name} {median(r):.4f}" for name, r in interleaved.items()))
+        report_interleaved(interleaved)
     out = {"model": model, "params": params, "micro_batch": micro, "accumulation": accumulation, "threads": threads,
            "warmup_steps": warmup, "timed_steps": steps, "rounds": rounds, "weights_identical": case.check_identical(),
-           "median_step_seconds": results, "mean_step_seconds": case.means, "median_step_cpu_seconds": case.cpu}
+           "median_step_seconds": results, "mean_step_seconds": case.means, "median_step_cpu_seconds": case.cpu,
+           "interleaved_step_ratios": interleaved}
     report_case(out)
     return out
 
@@ -295,6 +364,11 @@ def report_case(case: dict) -> None:
                  "ratio vs raw", "95% CI"], rows))
     print(f"final weights bit-identical across the {len(results)} variants: "
           f"{'yes' if case['weights_identical'] else 'NO'}")
+
+
+def report_interleaved(ratios: dict[str, list[float]]) -> None:
+    rows = [[name, f"{median(r):.4f}", median_ci(r), f"{sum(x < 1 for x in r)}/{len(r)}"] for name, r in ratios.items()]
+    print(table(["interleaved, per step", "median ratio", "95% CI", "steps with ratio < 1"], rows))
 
 
 # ------------------------------------------------------------------------------------------ components
@@ -423,6 +497,10 @@ def main() -> None:
     parser.add_argument("--no-components", action="store_true", help="skip the per-call cost table")
     parser.add_argument("--what-if", action="store_true",
                         help="add a variant: the Engine with Accelerate's no-op wrappers bypassed (instance patches)")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="RUNS",
+                        help="also time the Engine and raw loop taking turns step by step in one process, "
+                             "RUNS runs of it and of a raw/raw A/A control (pooled per-step ratios)")
+    parser.add_argument("--interleaved-steps", type=int, default=60, help="timed steps of each interleaved run")
     parser.add_argument("--wait-quiet", type=float, default=0, help=WAIT_HELP)
     parser.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                         help="where the Engine's end-of-run checkpoint goes (not timed)")
@@ -438,6 +516,8 @@ def main() -> None:
                   f"accumulation {case['accumulation']}: {case['rounds']} rounds of {case['warmup_steps']} warm-up + "
                   f"{case['timed_steps']} timed steps per variant, {case['threads']} torch thread(s)")
             report_case(case)
+            if case.get("interleaved_step_ratios"):
+                report_interleaved(case["interleaved_step_ratios"])
         if saved.get("components"):
             print(f"\n{COMPONENTS_TITLE}")
             print(table(["call", "µs", "plain torch µs", "Δ µs"], saved["components"]))
