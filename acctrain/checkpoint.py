@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _SAFETENSORS_DTYPE = {  # the format's names (safetensors' README)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.complex64: "C64", torch.bool: "BOOL",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
 }
@@ -70,39 +72,40 @@ def prepare_staging(stage: Path) -> None:
 def write_files(files: dict[Path, Any]) -> dict[Path, str]:
     """Write files durably (content, then fsync) and return each one's sha256, for `commit`'s manifest.
 
-    `*.safetensors` files take a dict of tensors (contiguous CPU tensors; tied ones written as separate
-    copies), anything else JSON. The sha256 is computed from the bytes in memory, in other threads while
-    the files are written and fsync'd (hashlib releases the GIL), so `commit` need not read them back:
-    reading 1.6 GB back to hash it cost as much as writing it.
+    `*.safetensors` files take a dict of tensors (written as contiguous CPU tensors), anything else JSON
+    (or its bytes, from `encode_json`). The sha256 is computed from the bytes in memory, in other threads
+    while the files are written and fsync'd (hashlib releases the GIL), so `commit` need not read them
+    back: reading 1.6 GB back to hash it cost as much as writing it. Plain threads, not an executor: an
+    async save's writer may still be running at interpreter exit, when executors refuse new work.
     """
     encoded = {path: _encode(path, content) for path, content in files.items()}
     largest_first = sorted(encoded, key=lambda p: -sum(memoryview(b).nbytes for b in encoded[p]))
-    with ThreadPoolExecutor(max_workers=2 * len(files) or 1, thread_name_prefix="acctrain-write") as pool:
-        digests = {path: pool.submit(_sha256, encoded[path]) for path in largest_first}
-        synced = []
-        for path in largest_first:
-            with open(path, "wb") as f:
-                for chunk in encoded[path]:
-                    f.write(chunk)
-            synced.append(pool.submit(_fsync_file, path))  # the disk's wait overlaps the next file's write
-            _slow_save_hook()
-        for done in synced:
-            done.result()
-        return {path: digest.result() for path, digest in digests.items()}
+    digests = {path: _Task(_sha256, encoded[path]) for path in largest_first}
+    synced = []
+    for path in largest_first:
+        with open(path, "wb") as f:
+            for chunk in encoded[path]:
+                f.write(chunk)
+        synced.append(_Task(_fsync_file, path))  # the disk's wait overlaps the next file's write
+        _slow_save_hook()
+    for task in synced:
+        task.result()
+    return {path: task.result() for path, task in digests.items()}
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode()
 
 
 def _encode(path: Path, content: Any) -> list:
     """A file's bytes, in order, as buffers: safetensors' header, then each tensor's memory (no copy)."""
     if path.suffix != ".safetensors":
-        return [json.dumps(content, indent=1, sort_keys=True, allow_nan=True).encode()]
-    seen: set[int] = set()
+        return [content if isinstance(content, bytes) else encode_json(content)]
     tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
     # Wider elements first: every tensor then starts at a multiple of its element size, as in save_file.
+    # Each tensor's own bytes are written, so tensors that share memory (tied weights) need no care here.
     for name, tensor in sorted(content.items(), key=lambda item: -item[1].element_size()):
         tensor = tensor.detach().to("cpu").contiguous()
-        key = tensor.untyped_storage().data_ptr()
-        tensor = tensor.clone() if key in seen and tensor.numel() else tensor
-        seen.add(key)
         size = tensor.numel() * tensor.element_size()
         if tensor.dtype not in _SAFETENSORS_DTYPE:
             raise CheckpointError(f"{path.name}: {name} has dtype {tensor.dtype}, which safetensors cannot store")
@@ -115,6 +118,27 @@ def _encode(path: Path, content: Any) -> list:
     return [struct.pack("<Q", len(head)) + head] + [t.reshape(-1).view(torch.uint8).numpy() for t in tensors if t.numel()]
 
 
+class _Task(threading.Thread):
+    """`fn(*args)` in a thread, started at once; `result()` joins it and returns its value or raises its error."""
+
+    def __init__(self, fn, *args):
+        super().__init__(name="acctrain-write")
+        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as err:  # re-raised by result(), in the calling thread
+            self.error = err
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def _sha256(chunks: list) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
@@ -123,7 +147,7 @@ def _sha256(chunks: list) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True))
+    path.write_bytes(encode_json(obj))
     _slow_save_hook()
 
 

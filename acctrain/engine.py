@@ -145,6 +145,9 @@ class Engine:
         try:
             with self._stop_on_signals():
                 return self._fit()
+        except BaseException:  # an error, Ctrl-C: a checkpoint being written in the background still completes
+            persist.wait_for_save(self, raise_error=False)
+            raise
         finally:
             self._fitting = False
             self.metrics.close()

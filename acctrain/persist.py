@@ -31,8 +31,8 @@ def save(engine) -> None:
     """Write checkpoint `step-{step}`: every rank writes its part, the main process commits it.
 
     With `async_save`, the tensors are copied to CPU buffers here (the only pause of training; the buffers
-    are kept for the next save) and a background thread writes and commits them; each rank marks its part done with a file, so the commit
-    needs no collective. Crash safety is the same: nothing is named `step-N` before it is complete.
+    are kept for the next save) and a background thread writes and commits them; each rank marks its part
+    done with a file, so the commit needs no collective. Crash safety is the same: nothing is named `step-N` before it is complete.
     """
     acc, cfg, step = engine.accelerator, engine.config, engine.state.step
     wait_for_save(engine)  # one save at a time, in order
@@ -51,8 +51,8 @@ def save(engine) -> None:
             engine._reservation.join()
             engine._staging_buffers.update(engine._reservation.buffers)
             engine._reservation = None
-        files, copied = _snapshot(files, engine._staging_buffers)
-        engine._save_thread = _Writer(files, copied, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
+        files = _snapshot(files, engine._staging_buffers)
+        engine._save_thread = _Writer(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, cfg)
         engine._save_thread.start()
         return
     digests = checkpoint.write_files(files)
@@ -62,14 +62,16 @@ def save(engine) -> None:
     acc.wait_for_everyone()
 
 
-def wait_for_save(engine) -> None:
-    """Block until a background save has committed; re-raise its error if it failed."""
+def wait_for_save(engine, raise_error: bool = True) -> None:
+    """Block until a background save has committed; re-raise its error if it failed (else print it)."""
     thread = getattr(engine, "_save_thread", None)
     if thread is not None:
         thread.join()
         engine._save_thread = None
-        if thread.error is not None:
+        if thread.error is not None and raise_error:
             raise thread.error
+        if thread.error is not None:
+            engine.print(f"warning: the background save to {thread.stage} failed: {thread.error!r}")
 
 
 def _files(engine) -> dict[Path, Any]:
@@ -88,44 +90,43 @@ def _files(engine) -> dict[Path, Any]:
     return files
 
 
-def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tensor]):
-    """Copy the tensors of `files` to CPU buffers, so that training can go on changing the originals.
+def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tensor]) -> dict[Path, Any]:
+    """This moment's content of `files`, for a background writer: tensors copied to CPU buffers, JSON as bytes.
 
     The buffers are kept for the next save (`buffers` is updated in place): copying into memory that is
     already mapped is 3x faster than into fresh memory, which takes a page fault per 4 KiB. CUDA tensors
-    go to pinned buffers without blocking; the returned event (None on CPU) marks the copies as done.
+    are copied to pageable memory, blocking: torch's pinned allocator would round each buffer up to a
+    power of two and keep it pinned for the run.
     """
     used: dict[tuple[str, str], torch.Tensor] = {}
-    snapshot, copied = {}, None
+    snapshot = {}
     for path, content in files.items():
-        if path.suffix != ".safetensors":
-            snapshot[path] = content
+        if path.suffix != ".safetensors":  # callbacks' and the loop's state may change after this returns
+            snapshot[path] = checkpoint.encode_json(content)
             continue
         snapshot[path] = {}
         for name, tensor in content.items():
             buffer = buffers.get((path.name, name))
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-            snapshot[path][name] = used[(path.name, name)] = buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
-            if tensor.is_cuda and copied is None:
-                copied = torch.cuda.Event()
-    if copied is not None:
-        copied.record()  # after every copy on this stream; the optimizer's next writes queue behind them
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+            snapshot[path][name] = used[(path.name, name)] = buffer.copy_(tensor.detach())
     buffers.clear()
     buffers.update(used)
-    return snapshot, copied
+    return snapshot
 
 
 def reserve_snapshot_buffers(engine) -> None:
     """async_save: allocate the snapshot's CPU buffers in a background thread, ahead of the first save.
 
-    Called after every optimizer step; it acts once, when the optimizer state exists. Fresh memory costs a
-    page fault per 4 KiB when first written, which made the first save's pause as long as a synchronous
-    save; mapped here, off the training thread, the first save only copies, like every later one.
+    Called after every optimizer step; it acts once, after the first applied step (the optimizer's state
+    exists then). Fresh memory costs a page fault per 4 KiB when first written, which made the first save's
+    pause as long as a synchronous save; mapped here, off the training thread, the first save only copies.
     """
     if not engine.config.async_save or engine._staging_buffers or engine._reservation is not None:
         return
-    layout = {(path.name, name): (tuple(t.shape), t.dtype, t.is_cuda)
+    if engine.state.schedule_step == 0:  # no step applied yet (e.g. fp16 overflows): no optimizer state
+        return
+    layout = {(path.name, name): (tuple(t.shape), t.dtype)
               for path, content in _files(engine).items() if path.suffix == ".safetensors"
               for name, t in content.items()}
     engine._reservation = _Reservation(layout)
@@ -138,17 +139,22 @@ class _Reservation(threading.Thread):
         self.layout, self.buffers = layout, {}
 
     def run(self) -> None:
-        for key, (shape, dtype, pinned) in self.layout.items():
-            self.buffers[key] = _mapped(shape, dtype, pinned)
+        try:
+            for key, (shape, dtype) in self.layout.items():
+                self.buffers[key] = _mapped(shape, dtype)
+        except (OSError, ValueError):  # e.g. out of memory: the save allocates what is missing, as without
+            pass
 
 
-def _mapped(shape: tuple, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """An empty CPU tensor whose pages are already mapped (pinned for CUDA copies)."""
+def _mapped(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor whose pages are already mapped."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if pinned or nbytes < 1 << 20:  # cudaHostAlloc maps its pages itself; small ones fault in quickly
-        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+    if nbytes < 1 << 20 or not hasattr(mmap, "MAP_POPULATE"):  # Linux only; small ones fault in quickly
+        return torch.empty(shape, dtype=dtype)
     # MAP_POPULATE: the kernel maps every page in the call, which releases the GIL
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    if hasattr(mmap, "MADV_DONTFORK"):  # forked DataLoader workers would share it copy-on-write
+        memory.madvise(mmap.MADV_DONTFORK)
     return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -160,16 +166,14 @@ def _commit(stage: Path, digests: dict[Path, str], cfg) -> None:
 class _Writer(threading.Thread):
     """Writes one rank's part of a checkpoint in the background; the main rank's also commits it."""
 
-    def __init__(self, files, copied, stage: Path, rank: int, world: int, is_main: bool, cfg):
+    def __init__(self, files, stage: Path, rank: int, world: int, is_main: bool, cfg):
         super().__init__(name="acctrain-save", daemon=False)
-        self.files, self.copied, self.stage, self.cfg = files, copied, stage, cfg
+        self.files, self.stage, self.cfg = files, stage, cfg
         self.rank, self.world, self.is_main = rank, world, is_main
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            if self.copied is not None:
-                self.copied.synchronize()  # the device-to-host copies of the snapshot have landed
             digests = checkpoint.write_files(self.files)
             (self.stage / f".done-rank{self.rank}").touch()
             if self.is_main:

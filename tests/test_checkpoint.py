@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,7 +102,10 @@ def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
         "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(), "i64": torch.arange(5),
         "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3), "transposed": base.t(),  # not contiguous
-        "tied": base, "slice": base[1:3],
+        "tied": base, "slice": base[1:3], "c64": torch.randn(2, 2, dtype=torch.complex64),
+        "u16": torch.arange(3).to(torch.uint16), "u32": torch.arange(3).to(torch.uint32),
+        "u64": torch.arange(3).to(torch.uint64), "f8": base.to(torch.float8_e4m3fn),
+        "f8e5": base.to(torch.float8_e5m2),
     }
     files = {tmp_path / "t.safetensors": tensors, tmp_path / "meta.json": {"a": [1, 2.5, None], "b": "x"},
              tmp_path / "none.safetensors": {}}
@@ -111,7 +116,9 @@ def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
     loaded = load_file(tmp_path / "t.safetensors")
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
-        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+        bits = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731 (torch.equal lacks float8)
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(bits(loaded[name]), bits(tensor)), name
     with safe_open(tmp_path / "t.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
     header = json.loads(safetensors_header(tmp_path / "t.safetensors"))
@@ -126,16 +133,30 @@ def safetensors_header(path: Path) -> bytes:
         return f.read(int.from_bytes(f.read(8), "little"))
 
 
+def test_commit_puts_the_writers_digests_in_the_manifest_without_reading_the_files(tmp_path):
+    from acctrain.checkpoint import commit, staging_dir
+
+    stage = staging_dir(tmp_path, 1)
+    stage.mkdir(parents=True)
+    digests = write_files({stage / "a.safetensors": {"x": torch.ones(3)}, stage / "b.json": {"k": 1}})
+    (stage / "rng-rank1.json").write_text("{}")  # another rank's file: read back
+    claimed = {stage / "a.safetensors": "f" * 64, stage / "b.json": digests[stage / "b.json"]}
+    manifest = json.loads((commit(stage, claimed) / "manifest.json").read_text())["files"]
+    assert manifest["a.safetensors"]["sha256"] == "f" * 64  # taken as given: the file was not read again
+    assert manifest["b.json"]["sha256"] == digests[stage / "b.json"]
+    assert manifest["rng-rank1.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
+
+
 def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
     from acctrain.persist import _snapshot
 
     weight, buffers = torch.ones(3, 4), {}
     files = {tmp_path / "model.safetensors": {"w": weight}, tmp_path / "state.json": {"step": 1}}
-    first, copied = _snapshot(files, buffers)
-    assert copied is None and first[tmp_path / "state.json"] == {"step": 1}
+    first = _snapshot(files, buffers)
+    assert json.loads(first[tmp_path / "state.json"]) == {"step": 1}  # encoded now: later changes don't leak
     weight.add_(1)  # training goes on: the snapshot keeps the values at the save
     assert torch.equal(first[tmp_path / "model.safetensors"]["w"], torch.ones(3, 4))
-    second, _ = _snapshot(files, buffers)
+    second = _snapshot(files, buffers)
     assert second[tmp_path / "model.safetensors"]["w"].data_ptr() == first[tmp_path / "model.safetensors"]["w"].data_ptr()
     assert torch.equal(second[tmp_path / "model.safetensors"]["w"], weight)
     _snapshot({tmp_path / "model.safetensors": {"v": torch.zeros(2)}}, buffers)
@@ -146,14 +167,17 @@ def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses
     from acctrain.persist import _Reservation, _snapshot
 
     big, small = torch.randn(512, 1024), torch.arange(6, dtype=torch.int64)  # 2 MiB: mapped with MAP_POPULATE
-    reservation = _Reservation({("model.safetensors", "big"): ((512, 1024), torch.float32, False),
-                                ("model.safetensors", "small"): ((6,), torch.int64, False)})
+    reservation = _Reservation({("model.safetensors", "big"): ((512, 1024), torch.float32),
+                                ("model.safetensors", "small"): ((6,), torch.int64)})
     reservation.start()
     reservation.join()
     reserved = dict(reservation.buffers)
+    del reservation
+    gc.collect()  # the mapped memory lives as long as its tensors
     assert {k: (tuple(v.shape), v.dtype) for k, v in reserved.items()} == {
         ("model.safetensors", "big"): ((512, 1024), torch.float32), ("model.safetensors", "small"): ((6,), torch.int64)}
-    snapshot, _ = _snapshot({tmp_path / "model.safetensors": {"big": big, "small": small}}, reservation.buffers)
+    buffers = dict(reserved)
+    snapshot = _snapshot({tmp_path / "model.safetensors": {"big": big, "small": small}}, buffers)
     for name, tensor in snapshot[tmp_path / "model.safetensors"].items():
         assert tensor.data_ptr() == reserved[("model.safetensors", name)].data_ptr(), name
     assert torch.equal(snapshot[tmp_path / "model.safetensors"]["big"], big)
@@ -391,6 +415,43 @@ def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
     assert engine_box == {"committed_at_return": False, "committed_after_wait": True}
     assert engine._reservation is None and len(engine._staging_buffers) > 0  # reserved after step 1, used at 2
     verify(tmp_path / "checkpoints" / "step-00000002")
+
+
+def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, monkeypatch):
+    from acctrain import Engine, TrainConfig
+    from tiny import VarLenTokens, collate, make_model, token_loss
+
+    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the save of step 2 is still being written at step 3
+
+    class FailAt3(resume_run.Callback):
+        def after_step(self, engine):
+            if engine.state.step == 3:
+                raise RuntimeError("a bug in user code")
+
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=8, max_steps=6,
+                      save_every=2, async_save=True)
+    engine = Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate, callbacks=[FailAt3()])
+    with pytest.raises(RuntimeError, match="a bug in user code"):
+        engine.fit()
+    assert ckpts(tmp_path) == ["step-00000002"]
+    verify(tmp_path / "checkpoints" / "step-00000002")
+
+
+def test_an_async_save_in_flight_at_interpreter_exit_completes(tmp_path):
+    script = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+from acctrain import Engine, TrainConfig
+from tiny import VarLenTokens, collate, make_model, token_loss
+cfg = TrainConfig(output_dir={str(tmp_path)!r}, global_batch_size=8, micro_batch_size=8, max_steps=2, async_save=True)
+Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate).save()
+print("main thread done", flush=True)
+"""
+    env = {**os.environ, "ACCTRAIN_TEST_SLOW_SAVE": "0.2"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "main thread done" in done.stdout, done.stderr
+    assert ckpts(tmp_path) == ["step-00000000"], done.stderr
+    verify(tmp_path / "checkpoints" / "step-00000000")
 
 
 def test_async_save_with_two_processes_resumes_exactly(tmp_path, reference):
