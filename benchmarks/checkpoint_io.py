@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=0, help=WAIT_HELP)
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to wait (untimed) after deleting the previous files and os.sync(), before a save")
+    parser.add_argument("--parts", nargs="+", default=["save", "load", "async"], choices=["save", "load", "async"])
     parser.add_argument("--json", help="write all results to this JSON file")
     args = parser.parse_args()
 
@@ -226,27 +227,12 @@ def main() -> None:
         print(f"model: {params / 1e6:.1f}M fp32 parameters; tensors saved: {bench.bytes / 1e9:.2f} GB "
               f"(weights + AdamW state); {args.rounds} rounds")
 
-        print("\nsave (durable: fsync)")
-        variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
-        saves = alternate(variants, args.rounds)
-        rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]
-                               + [(name, "raw save_file+fsync") for name in variants if name.startswith("acctrain")])
-        print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
-        out["save_seconds"] = saves
-
-        print("\nload (cold: evicted from the page cache first; hot: cached)")
-        loads = alternate({
-            "acctrain load, cold": lambda: bench.load_acctrain(cold=True),
-            "raw load_file, cold": lambda: bench.load_raw(cold=True),
-            "acctrain load, hot": lambda: bench.load_acctrain(cold=False),
-            "raw load_file, hot": lambda: bench.load_raw(cold=False),
-        }, args.rounds)
-        rows = throughput_rows(loads, bench.bytes, [
-            ("raw load_file, cold", "raw load_file, cold"), ("acctrain load, cold", "raw load_file, cold"),
-            ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot")])
-        print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
-        out["load_seconds"] = loads
-        out["async"] = async_save(bench, model, root, args.rounds)
+        if "save" in args.parts:
+            save_part(bench, args, out)
+        if "load" in args.parts:
+            load_part(bench, args, out)
+        if "async" in args.parts:
+            out["async"] = async_save(bench, model, root, args.rounds)
         out["hash_mb_s"] = hash_speeds()
         out["bytes"], out["params"] = bench.bytes, params
     finally:
@@ -254,6 +240,34 @@ def main() -> None:
     info["loadavg_after"] = loadavg()
     print(f"\ndone in {time.perf_counter() - started:.0f} s; load average after: {info['loadavg_after']}")
     write_json(args.json, out)
+
+
+def save_part(bench: Bench, args, out: dict) -> None:
+    print("\nsave (durable: fsync)")
+    variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
+    saves = alternate(variants, args.rounds)
+    rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]
+                           + [(name, "raw save_file+fsync") for name in variants if name.startswith("acctrain")])
+    print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
+    out["save_seconds"] = saves
+
+
+def load_part(bench: Bench, args, out: dict) -> None:
+    if not bench.last_acctrain:  # something to load: one checkpoint of each kind (untimed)
+        bench.save_acctrain()
+        bench.save_raw()
+    print("\nload (cold: evicted from the page cache first; hot: cached)")
+    loads = alternate({
+        "acctrain load, cold": lambda: bench.load_acctrain(cold=True),
+        "raw load_file, cold": lambda: bench.load_raw(cold=True),
+        "acctrain load, hot": lambda: bench.load_acctrain(cold=False),
+        "raw load_file, hot": lambda: bench.load_raw(cold=False),
+    }, args.rounds)
+    rows = throughput_rows(loads, bench.bytes, [
+        ("raw load_file, cold", "raw load_file, cold"), ("acctrain load, cold", "raw load_file, cold"),
+        ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot")])
+    print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
+    out["load_seconds"] = loads
 
 
 def hash_speeds(mb: int = 256) -> dict[str, float]:
@@ -314,6 +328,7 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     completion.pop()
     engine.close()
     engine = make_engine(model, root / "run-async2", optimizer=bench.engine._torch_optimizer, async_save=True)
+    engine.state.schedule_step = 1  # as after the first applied optimizer step (adam_state made the state)
     start = time.perf_counter()
     persist.reserve_snapshot_buffers(engine)  # what fit() calls after each step; the training thread goes on
     engine._reservation.join()
