@@ -142,8 +142,8 @@ class _Reservation(threading.Thread):
         try:
             for key, (shape, dtype) in self.layout.items():
                 self.buffers[key] = _mapped(shape, dtype)
-        except (OSError, ValueError):  # e.g. out of memory: the save allocates what is missing, as without
-            pass
+        except (OSError, ValueError, RuntimeError, MemoryError):  # out of memory, say: the save allocates
+            pass  # what is missing itself, as without a reservation
 
 
 def _mapped(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
