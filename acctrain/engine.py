@@ -199,7 +199,8 @@ class Engine:
             self.metrics.flush(state.samples_seen)
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             self.evaluate()
-        persist.reserve_snapshot_buffers(self)  # async_save: once, in the background, now that the state exists
+        if cfg.async_save:  # once, in the background, now that the optimizer state exists
+            persist.reserve_snapshot_buffers(self)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.plan.total_steps:
             self.save()
 

@@ -32,7 +32,8 @@ def save(engine) -> None:
 
     With `async_save`, the tensors are copied to CPU buffers here (the only pause of training; the buffers
     are kept for the next save) and a background thread writes and commits them; each rank marks its part
-    done with a file, so the commit needs no collective. Crash safety is the same: nothing is named `step-N` before it is complete.
+    done with a file, so the commit needs no collective. Crash safety is the same: nothing is named
+    `step-N` before it is complete.
     """
     acc, cfg, step = engine.accelerator, engine.config, engine.state.step
     wait_for_save(engine)  # one save at a time, in order
@@ -118,11 +119,11 @@ def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tenso
 def reserve_snapshot_buffers(engine) -> None:
     """async_save: allocate the snapshot's CPU buffers in a background thread, ahead of the first save.
 
-    Called after every optimizer step; it acts once, after the first applied step (the optimizer's state
-    exists then). Fresh memory costs a page fault per 4 KiB when first written, which made the first save's
+    The Engine calls it after every optimizer step when `async_save` is on; it acts once, after the first
+    applied step (the optimizer's state exists then). Fresh memory costs a page fault per 4 KiB when first written, which made the first save's
     pause as long as a synchronous save; mapped here, off the training thread, the first save only copies.
     """
-    if not engine.config.async_save or engine._staging_buffers or engine._reservation is not None:
+    if engine._staging_buffers or engine._reservation is not None:
         return
     if engine.state.schedule_step == 0:  # no step applied yet (e.g. fp16 overflows): no optimizer state
         return
