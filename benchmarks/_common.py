@@ -176,6 +176,15 @@ def machine() -> dict:
     }
 
 
+def begin(wait_quiet_s: float) -> dict:
+    """A benchmark's start: wait for a quiet machine if asked (--wait-quiet), then print and return what it is."""
+    if wait_quiet_s:
+        wait_for_quiet(wait_quiet_s)
+    info = machine()
+    print(describe(info))
+    return info
+
+
 def describe(info: dict) -> str:
     return (f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; python {info['python']}, "
             f"torch {info['torch']}, accelerate {info['accelerate']}, safetensors {info['safetensors']}, "

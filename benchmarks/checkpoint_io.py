@@ -49,8 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from _common import (WAIT_HELP, alternate, cpu_busy, describe, loadavg, machine, median, paired_ratios, spread, table,
-                     wait_for_quiet, write_json)
+from _common import WAIT_HELP, alternate, begin, cpu_busy, loadavg, median, paired_ratios, spread, table, write_json
 
 WIDTH = 4096
 
@@ -209,10 +208,7 @@ def main() -> None:
     parser.add_argument("--json", help="write all results to this JSON file")
     args = parser.parse_args()
 
-    if args.wait_quiet:
-        wait_for_quiet(args.wait_quiet)
-    info = machine()
-    print(describe(info))
+    info = begin(args.wait_quiet)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     root = Path(tempfile.mkdtemp(prefix="acctrain-ckpt-bench-", dir=args.dir))
     print(f"directory: {root}; CPU busy before: {cpu_busy():.0%}")

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (ROOT, WAIT_HELP, alternate, cpu_busy, describe, loadavg, machine, median, paired_ratios, spread,
-                     table, wait_for_quiet, write_json)
+from _common import (ROOT, WAIT_HELP, alternate, begin, cpu_busy, loadavg, median, paired_ratios, spread, table,
+                     write_json)
 
 GLOBAL_BATCH, MICRO_BATCH = 32, 8
 
@@ -105,10 +105,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.warmup, args.steps)
 
-    if args.wait_quiet:
-        wait_for_quiet(args.wait_quiet)
-    info = machine()
-    print(describe(info))
+    info = begin(args.wait_quiet)
     print(f"CPU busy before: {cpu_busy():.0%}; {args.rounds} rounds, {args.warmup} warm-up + {args.steps} timed steps")
     started = time.perf_counter()
     details: dict[int, list[dict]] = {1: [], 2: []}

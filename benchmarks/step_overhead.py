@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import (WAIT_HELP, alternate, cpu_busy, describe, loadavg, machine, median, median_ci, paired_ratios,
-                     table, wait_for_quiet, write_json)
+from _common import (WAIT_HELP, alternate, begin, cpu_busy, describe, loadavg, median, median_ci, paired_ratios,
+                     table, write_json)
 
 MAX_GRAD_NORM, LR, BETAS, WEIGHT_DECAY = 1.0, 1e-3, (0.9, 0.999), 0.01  # the Engine's defaults
 
@@ -522,10 +522,7 @@ def main() -> None:
             print(f"\n{COMPONENTS_TITLE}")
             print(table(["call", "µs", "plain torch µs", "Δ µs"], saved["components"]))
         return
-    if args.wait_quiet:
-        wait_for_quiet(args.wait_quiet)
-    info = machine()
-    print(describe(info))
+    info = begin(args.wait_quiet)
     print(f"CPU busy before: {cpu_busy():.0%}")
     started = time.perf_counter()
     cases = [run_case(m, a, args) for m in args.models for a in args.accumulation or MODELS[m][-1]]
