@@ -88,6 +88,8 @@ class TrainConfig:
     """On a non-finite loss or gradient norm: 'skip' the update (counted, logged) or 'halt' with an error."""
     max_skipped_steps: int = 10
     """With nan_policy='skip', halt after this many skipped steps in a row."""
+    compile: bool = False
+    """Compile the model with torch.compile before training (the first steps compile); checkpoints keep plain parameter names."""
     num_workers: int = 0
     """DataLoader worker processes per rank for loading training batches."""
     cpu: bool = False

@@ -35,19 +35,22 @@ from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
     ProjectConfiguration,
+    parse_flag_from_env,
     send_to_device,
 )
 from torch.utils.data import DataLoader
 
-from acctrain.callbacks import CANCELS, Callbacks, CancelEpoch, CancelFit
+from acctrain.callbacks import CANCELS, IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain import checkpoint, persist, sharded
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Window, micro_batch_loader
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import build_optimizer, get_momentum, matches, set_momentum
+from acctrain.readback import Readback
 from acctrain.schedules import build_schedule
 from acctrain.summary import model_summary
 from acctrain.state import rng_from_files
+from acctrain.step_ops import MIN_LOSS_SCALE, step_ops_for
 from acctrain.tracking import MetricLog
 
 CANCEL_STEP = 1  # cancel levels: 0 none, 1 + index in CANCELS (CancelStep, CancelEpoch, CancelFit)
@@ -112,20 +115,21 @@ class Engine:
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(callbacks)
         self.state = TrainState()
+        if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
+            model.compile()
+        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel per step
         optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
-                                    config.param_groups)
+                                    config.param_groups, fused=fused)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # The raw torch optimizer: zero_grad on it skips Accelerate's per-call signature inspection.
         self._torch_optimizer = optimizer
+        self.step_ops = self._step_ops()
         self.metrics = self._metric_log()
         self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
-        self._on_cpu = self.accelerator.device.type == "cpu"  # batches are already where they must be
-        self._single = self.accelerator.num_processes == 1  # no gradient all-reduce to hold back
-        # Plain DDP or one process without a GradScaler: Accelerate's backward, clip and step wrappers add
-        # nothing there, and the Engine calls torch directly (fp16, FSDP, DeepSpeed and XLA go through them).
-        self._plain = self.accelerator.scaler is None and self.accelerator.distributed_type in (
-            DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        self._params = [p for p in self.model.parameters()]
+        device = self.accelerator.device
+        # CPU batches are already where they must be; pinned host batches go to the GPU without blocking
+        self._to_device = (lambda batch: batch) if device.type == "cpu" else (
+            lambda batch: send_to_device(batch, device, non_blocking=True))
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._stop_signal: str | None = None
@@ -133,6 +137,7 @@ class Engine:
         self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
         self._lr_tags: list[tuple[str | None, str]] = []
+        self._verdict_on_device, self._pending, self._readback = False, None, Readback()
         self._staging_buffers: dict = {}  # async_save: the CPU snapshot's memory, reused from save to save
         self._reservation = None  # async_save: the thread allocating those buffers ahead of the first save
         self.resumed_from = persist.resume(self)
@@ -142,6 +147,10 @@ class Engine:
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
         self._fitting = True
+        # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
+        # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
+        self._verdict_on_device = self.step_ops.skips_on_device and not any(
+            self.callbacks.has(event) for event in (*IN_STEP_EVENTS, "before_optimizer_step", "after_step"))
         try:
             with self._stop_on_signals():
                 return self._fit()
@@ -149,7 +158,7 @@ class Engine:
             persist.wait_for_save(self, raise_error=False)
             raise
         finally:
-            self._fitting = False
+            self._fitting, self._verdict_on_device, self._pending = False, False, None
             self.metrics.close()
 
     def _fit(self) -> dict[str, float]:
@@ -172,13 +181,13 @@ class Engine:
                         self._after_step()
                 except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
                     state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
-                self.metrics.flush(state.samples_seen)
+                self._flush()
                 # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
                 if (not cfg.eval_every or state.step == plan.total_steps) and self._eval_step != state.step:
                     self.evaluate()
                 self._event("after_epoch")
         except CancelFit:  # agreed by all ranks; the last applied step is saved below
-            self.metrics.flush(state.samples_seen)
+            self._flush()
         self.save()
         persist.wait_for_save(self)  # fit returns with its last checkpoint committed
         self._event("after_fit")
@@ -188,7 +197,7 @@ class Engine:
         """Between optimizer steps: stop on a signal, log, evaluate and save as configured."""
         cfg, state = self.config, self.state
         if self._stop_agreed:
-            self.metrics.flush(state.samples_seen)
+            self._flush()
             self.save()
             persist.wait_for_save(self)
             stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
@@ -196,7 +205,7 @@ class Engine:
             self.print(stop.message)
             raise stop
         if state.step % cfg.log_every == 0:
-            self.metrics.flush(state.samples_seen)
+            self._flush()
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             self.evaluate()
         if cfg.async_save:  # once, in the background, now that the optimizer state exists
@@ -206,8 +215,9 @@ class Engine:
 
     def _train_step(self, window: Window, batches) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
-        acc, state = self.accelerator, self.state
-        self._set_lr_and_momentum(state.schedule_step)
+        acc, state, ops = self.accelerator, self.state, self.step_ops
+        if not self._verdict_on_device:  # there, set once the previous step is counted
+            self._set_lr_and_momentum(state.schedule_step)
         self.callbacks("before_step", self)  # its cancel requests travel with this step's all-reduce
         # Each micro-batch backpropagates loss_sum * world / window_samples. DDP averages over ranks, so the
         # synced gradient is sum(grad loss_sum) / window_samples: exact for per-sample means, and rescaled
@@ -217,13 +227,12 @@ class Engine:
         last = len(window.micro_batches) - 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
-            batch = next(batches) if self._on_cpu else send_to_device(next(batches), acc.device, non_blocking=True)
+            batch = self._to_device(next(batches))
             # All-reduce gradients on the window's last micro-batch only; the Engine drives this, not accumulate().
-            with contextlib.nullcontext() if self.is_last_micro or self._single else acc.no_sync(self.model):
+            with ops.no_sync(self.is_last_micro):
                 self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self.callbacks("after_loss", self)
-                # Without a GradScaler (or DeepSpeed, XLA) Accelerate's backward only divides by its own accumulation (1).
-                (self.micro_loss * scale).backward() if self._plain else acc.backward(self.micro_loss * scale)
+                ops.backward(self.micro_loss * scale)
             self.callbacks("after_backward", self)
             loss_sum = loss_sum + self.micro_loss.detach()
             num_items = num_items + items
@@ -236,53 +245,94 @@ class Engine:
             self._scale_gradients(window.global_samples / num_items)
         for param in self._frozen:
             param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        max_norm = self.config.max_grad_norm or float("inf")
-        if self._plain:  # DDP's gradients are identical on all ranks: the local norm is the global one
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
-        else:  # unscales fp16 gradients first; FSDP's norm spans the shards
-            self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(self.grad_norm, "full_tensor"):  # FSDP: the global norm, as a replicated DTensor
-            self.grad_norm = self.grad_norm.full_tensor()
+        self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
+        if self._verdict_on_device:
+            return self._step_on_device(window, requests, num_items if token_weighted else None)
         # note: host-device sync, once per step: a non-finite update is never applied, and requests are agreed.
         values = [self.step_loss, self.grad_norm, *(requests if torch.is_tensor(requests) else ())]
         loss_value, norm_value, *agreed = torch.stack([v.to(self.grad_norm.dtype) for v in values]).tolist()
         stop, *cancels = agreed or requests
         self._stop_agreed = stop > 0
         cancel = max((level for level, n in enumerate(cancels, 1) if n > 0), default=0)
-        finite = self._check_finite(loss_value, norm_value)
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        # fp16: an overflow is the GradScaler's business (skip, lower the scale); the NaN policy takes the rest
+        overflow = not finite and self._scaler_overflow(norm_value)
+        refused = not finite and not overflow and self._refuse_non_finite(loss_value, norm_value)
         cancel = max(cancel, self._event("before_optimizer_step", defer=True))
-        overflow = False
-        if finite and not cancel:
-            if self._plain:  # the raw step: here Accelerate's wrapper would only re-check optional packages
-                self._torch_optimizer.step()
-            else:  # fp16: the GradScaler skips a step whose gradients overflowed (its own sync decided that)
-                self.optimizer.step()
-                overflow = self.optimizer.step_was_skipped
-        skipped = not finite or bool(cancel) or overflow
-        self._torch_optimizer.zero_grad(set_to_none=True)
+        applied = finite and not cancel
+        ops.step(applied)
+        ops.zero_grad()
         if cancel > CANCEL_STEP:  # the step is not consumed: a resume would run it again
             raise CANCELS[cancel - 1]()
         state.step += 1
         state.samples_seen += window.global_samples
-        state.skipped_steps += skipped
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if not finite else 0
-        state.schedule_step += not skipped
-        if self.lr_scheduler is not None and not skipped:
+        state.skipped_steps += not applied
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if refused else 0
+        state.schedule_step += applied
+        if self.lr_scheduler is not None and applied:
             self.lr_scheduler.step()
-        self.metrics.add(
-            state.step,
-            {
-                "train/loss": self.step_loss,
-                "train/grad_norm": self.grad_norm,
-                "train/skipped_steps": state.skipped_steps,
-                "train/epoch": state.samples_seen / self.plan.dataset_len,
-                **self._lr_metrics,
-            },
-            items=num_items if token_weighted else None,
-        )
+        self._log_step(state.step, self.step_loss, self.grad_norm, self._lr_metrics,
+                       num_items if token_weighted else None)
         self._event("after_step")
 
+    def _step_on_device(self, window: Window, requests, items) -> None:
+        """The end of a step that does not wait for the GPU (see `fit`: a fused optimizer, no callback in the step).
+
+        The update is skipped on the device when the loss or the gradient norm is not finite. The host reads
+        this step's loss, norm and stop flag a step later, when the GPU is long past them (acctrain.readback),
+        and only then counts the step, applies the NaN policy and logs it (`_settle`). The previous step is
+        counted before this one's lr is set, so the schedule sees every applied step, as when it is read at once.
+        """
+        state = self.state
+        self._settle()  # the previous step; nan_policy=halt raises here, before this step's update
+        self._set_lr_and_momentum(state.schedule_step)
+        self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
+        self.step_ops.zero_grad()
+        state.step += 1
+        state.samples_seen += window.global_samples
+        values = [self.step_loss, self.grad_norm]
+        if torch.is_tensor(requests):  # several processes: the stop flag was all-reduced with the loss
+            values.append(requests[0])
+        else:
+            self._stop_agreed = requests[0] > 0
+        ticket = self._readback.start(torch.stack([v.to(torch.float64) for v in values]))
+        self._pending = (state.step, state.samples_seen, ticket, self.step_loss, self.grad_norm, self._lr_metrics,
+                         items)
+        self._event("after_step")
+
+    def _settle(self) -> None:
+        """Count the step left pending by `_step_on_device`: skipped or applied, the NaN policy, its log row."""
+        if self._pending is None:
+            return
+        (step, samples_seen, ticket, loss, grad_norm, lr_metrics, items), self._pending = self._pending, None
+        loss_value, norm_value, *stop = ticket.read()  # note: host-device sync on numbers the GPU computed a step ago
+        state = self.state
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        refused = not finite and self._refuse_non_finite(loss_value, norm_value, step)
+        state.skipped_steps += not finite
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if refused else 0
+        state.schedule_step += finite
+        if self.lr_scheduler is not None and finite:
+            self.lr_scheduler.step()
+        self._stop_agreed = self._stop_agreed or bool(stop and stop[0] > 0)
+        self._log_step(step, loss, grad_norm, lr_metrics, items, samples_seen)
+
+    def _log_step(self, step: int, loss, grad_norm, lr_metrics: dict, items, samples_seen: int | None = None) -> None:
+        samples_seen = self.state.samples_seen if samples_seen is None else samples_seen
+        self.metrics.add(step, {"train/loss": loss, "train/grad_norm": grad_norm,
+                                "train/skipped_steps": self.state.skipped_steps,
+                                "train/epoch": samples_seen / self.plan.dataset_len, **lr_metrics}, items=items)
+
+    def _flush(self) -> None:
+        """Write the logged steps (counting a pending one first)."""
+        self._settle()
+        self.metrics.flush(self.state.samples_seen)
+
     # ------------------------------------------------------------------------------------ helpers
+
+    def _step_ops(self):
+        """The step's gradient operations for this setup (acctrain.step_ops), chosen once."""
+        return step_ops_for(self.accelerator, self.model, self._torch_optimizer, self.optimizer)
 
     def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | int, bool]:
         """(summed loss, item count, token-weighted?) of one micro-batch; padding counts as zero."""
@@ -333,15 +383,31 @@ class Engine:
             raise CANCELS[level - 1]()
         return level
 
-    def _check_finite(self, loss: float, grad_norm: float) -> bool:
-        """Whether to apply this step; with nan_policy='halt' (or too many skips) a non-finite one raises."""
-        # With fp16 an infinite norm is an overflow, which the GradScaler skips and recovers from itself.
-        overflow_handled = self.accelerator.scaler is not None and not math.isnan(grad_norm)
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_handled):
-            return True
-        cfg, step = self.config, self.state.step + 1
+    def _scaler_overflow(self, grad_norm: float) -> bool:
+        """Whether a non-finite gradient norm is an fp16 overflow that the GradScaler handles.
+
+        It is while the loss scale is above MIN_LOSS_SCALE: the step is skipped, `update()` lowers the scale,
+        and the schedule does not advance. At the floor the gradients are inf/NaN unscaled too: the NaN policy.
+        """
+        scaler = self.step_ops.scaler
+        if scaler is None:
+            return False
+        scale = scaler.get_scale()  # note: host-device sync, only on a step whose gradients overflowed
+        if scale <= MIN_LOSS_SCALE:
+            return False
+        self.print(f"fp16 overflow at optimizer step {self.state.step + 1} (gradient norm {grad_norm}): update "
+                   f"skipped, loss scale {scale:g} -> {scale * scaler.get_backoff_factor():g}")
+        return True
+
+    def _refuse_non_finite(self, loss: float, grad_norm: float, step: int | None = None) -> bool:
+        """A non-finite loss or gradient norm that no GradScaler handles: raise (nan_policy='halt', or too many
+        skips in a row) or print that the update is skipped and return True (nan_policy='skip')."""
+        cfg, step = self.config, step or self.state.step + 1
         what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer step {step} " \
                f"(loss {loss}, grad norm {grad_norm})"
+        if self.step_ops.scaler is not None:
+            what += f" with the fp16 loss scale at its floor ({MIN_LOSS_SCALE:g})" if not math.isfinite(grad_norm) \
+                else " (finite gradients: not an fp16 overflow)"
         latest = checkpoint.latest_checkpoint(cfg.output_dir)
         kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
         if cfg.nan_policy == "halt":
@@ -349,7 +415,7 @@ class Engine:
         if self.state.skipped_in_a_row + 1 >= cfg.max_skipped_steps:
             raise NonFiniteError(f"{what}: {cfg.max_skipped_steps} skipped steps in a row (max_skipped_steps){kept}")
         self.print(f"skipping the update of step {step}: {what} (nan_policy=skip)")
-        return False
+        return True
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -434,6 +500,7 @@ class Engine:
 
     def save(self) -> None:
         """Write checkpoint `step-{step}` (all ranks call this); see acctrain.persist."""
+        self._settle()  # the counters and the schedule of every step taken
         persist.save(self)
 
     def _start_run(self) -> None:
@@ -466,7 +533,7 @@ class Engine:
             "run plan: "
             + ", ".join(f"{k}={v}" for k, v in plan.items())
             + f", precision={self.config.mixed_precision}, schedule={self._schedule_name()}"
-            + f", device={acc.device.type}, output_dir={self.config.output_dir}",
+            + f", backend={_backend()}, devices={_local_devices(acc)}, output_dir={self.config.output_dir}",
         )
 
     # ------------------------------------------------------------------------------------ the toolkit
@@ -586,12 +653,15 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator whose process group really spans every launched process (pitfalls #1)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    # Without CUDA, Accelerate runs N independent single-process jobs unless told cpu=True (FSDP needs the
-    # process group even for one launched process).
-    cpu = config.cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
+    # `accelerate launch --cpu` sets ACCELERATE_USE_CPU (Accelerate honours it too). Without CUDA, Accelerate
+    # runs N independent single-process jobs unless told cpu=True (FSDP needs the group even for one process).
+    cpu = config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    cpu = cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
     if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler; pitfalls #2).
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
+    if not cpu and torch.cuda.is_available():
+        check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     state = AcceleratorState._shared_state
     if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
         # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
@@ -622,6 +692,32 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def check_gpus_per_node(local_processes: int, gpus: int) -> None:
+    """Refuse a launch with more processes on this node than visible GPUs (NCCL would put two ranks on one
+    GPU and abort with "Duplicate GPU detected", or Accelerate would pick a device that does not exist)."""
+    if local_processes > gpus:
+        raise ConfigError("cpu", f"{local_processes} processes on this node but {gpus} visible GPU(s): each process "
+                          f"needs a GPU of its own. Launch at most {gpus} process(es) per node (--nproc_per_node / "
+                          "--num_processes), make more GPUs visible (CUDA_VISIBLE_DEVICES), or set cpu=true to "
+                          "train on the CPU (gloo).")
+
+
 def _flat_config(values: dict[str, Any]) -> dict[str, Any]:
     """Config values as TensorBoard hparams accept them (scalars and strings)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+def _backend() -> str:
+    """The process group's backend (nccl, gloo), or 'none' for one process without a group."""
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+
+
+def _local_devices(accelerator: Accelerator) -> str:
+    """The device of each local rank on this node: cuda:{local rank}, as Accelerate assigns GPUs, or cpu."""
+    device = accelerator.device
+    if device.type != "cuda":
+        return device.type
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local == 1:
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return ",".join(f"cuda:{rank}" for rank in range(local))

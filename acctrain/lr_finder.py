@@ -152,11 +152,11 @@ def _windows(engine, num_it: int):
 
 
 def _snapshot(engine) -> dict:
-    acc = engine.accelerator
+    scaler = engine.step_ops.scaler
     return {
         "model": {k: v.detach().clone() for k, v in engine.unwrapped_model.state_dict().items()},
         "optimizer": copy.deepcopy(engine._torch_optimizer.state_dict()),
-        "scaler": copy.deepcopy(acc.scaler.state_dict()) if acc.scaler is not None else None,
+        "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         "rng": rng_to_files(),
         "attrs": {k: getattr(engine, k) for k in ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler")},
     }
@@ -168,7 +168,7 @@ def _restore(engine, saved: dict) -> None:
     engine._torch_optimizer.load_state_dict(saved["optimizer"])
     engine._torch_optimizer.zero_grad(set_to_none=True)
     if saved["scaler"] is not None:
-        engine.accelerator.scaler.load_state_dict(saved["scaler"])
+        engine.step_ops.scaler.load_state_dict(saved["scaler"])
     rng_from_files(*saved["rng"])
     for key, value in saved["attrs"].items():
         setattr(engine, key, value)

@@ -47,8 +47,13 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     lr_mults: dict[str, float] = {},
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """The user's optimizer as given, a factory called with the default param groups, or AdamW."""
+    """The user's optimizer as given, a factory called with the default param groups, or AdamW.
+
+    The default AdamW is `fused` (one kernel for the whole update; the Engine asks for it on CUDA) or else
+    `foreach` (torch's multi-tensor path, the fast one on CPU).
+    """
     if isinstance(optimizer, torch.optim.Optimizer):
         opt = optimizer
     elif optimizer is not None:
@@ -56,8 +61,8 @@ def build_optimizer(
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer.")
     else:
-        # foreach is torch's fast multi-tensor path on CPU and GPU alike
-        opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, lr_mults), lr=lr, betas=betas, foreach=True)
+        groups = param_groups(model, lr, weight_decay, lr_mults)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {"foreach": True}))
     for group in opt.param_groups:
         group.setdefault("base_lr", group["lr"])
     return opt

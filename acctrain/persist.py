@@ -206,7 +206,7 @@ def trainer_state(engine) -> dict[str, Any]:
         "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
         "schedule": engine.schedule.state_dict(),
         "lr_scheduler": jsonable(engine.lr_scheduler.state_dict()) if engine.lr_scheduler is not None else None,
-        "scaler": jsonable(engine.accelerator.scaler.state_dict()) if engine.accelerator.scaler is not None else None,
+        "scaler": jsonable(engine.step_ops.scaler.state_dict()) if engine.step_ops.scaler is not None else None,
         "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in engine.callbacks.items],
         "metrics": dict(engine.last_eval) if engine._eval_step == engine.state.step else {},
     }
@@ -268,8 +268,8 @@ def _load(engine, path: Path) -> None:
         engine.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
     if engine.lr_scheduler is not None and meta["lr_scheduler"]:
         engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
-    if engine.accelerator.scaler is not None and meta["scaler"]:
-        engine.accelerator.scaler.load_state_dict(meta["scaler"])
+    if engine.step_ops.scaler is not None and meta["scaler"]:
+        engine.step_ops.scaler.load_state_dict(meta["scaler"])
     for cb, saved_cb in zip(engine.callbacks.items, meta["callbacks"]):
         if type(cb).__name__ == saved_cb["class"]:
             cb.load_state_dict(saved_cb["state"])

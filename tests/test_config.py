@@ -141,3 +141,19 @@ def test_help_lists_every_field():
     for name, doc in field_docs(TrainConfig).items():
         assert f"  {name} = " in out and doc.split()[0] in out
     assert "model.d_model" in out and "export" in out
+
+
+def test_more_processes_per_node_than_gpus_is_refused_naming_counts_and_fixes():
+    """The check behind a launch of N processes on a node with fewer visible GPUs (run before anything is
+    created or written; on a GPU machine test_gpu launches it for real)."""
+    from acctrain.engine import check_gpus_per_node
+
+    with pytest.raises(ConfigError) as err:
+        check_gpus_per_node(local_processes=2, gpus=1)
+    message = str(err.value)
+    assert err.value.field == "cpu"
+    for fix in ("2 processes on this node but 1 visible GPU(s)", "at most 1 process(es) per node", "--nproc_per_node",
+                "CUDA_VISIBLE_DEVICES", "cpu=true"):
+        assert fix in message, message
+    check_gpus_per_node(local_processes=2, gpus=2)
+    check_gpus_per_node(local_processes=1, gpus=8)

@@ -1,0 +1,39 @@
+"""What users set for speed, on the CPU: `compile` (torch.compile with plain checkpoint names) and the default
+AdamW's kernel choice. Their CUDA side (fused AdamW, pinned batches, compiled bf16) is in test_gpu."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from acctrain import Engine, TrainConfig
+from tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
+
+
+def run(out, **config):
+    cfg = TrainConfig(**{**dict(output_dir=str(out), global_batch_size=8, micro_batch_size=4, max_steps=4, lr=1e-2,
+                                scheduler="constant", cpu=True), **config})
+    engine = Engine(make_model(0), cfg, VarLenTokens(64), loss_fn=token_loss, collate_fn=collate)
+    engine.fit()
+    return engine
+
+
+def test_compile_trains_like_eager_and_checkpoints_keep_plain_names(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(tmp_path / "compiled", compile=True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # the forward really went through torch.compile
+    eager = run(tmp_path / "eager")
+    saved = load_file(tmp_path / "compiled" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert set(saved) == set(make_model(0).state_dict())  # no `_orig_mod.` prefixes
+    assert rel_diff(saved, eager.unwrapped_model.state_dict()) < 1e-5  # inductor's fused kernels round differently
+    torch._dynamo.reset()
+
+
+def test_default_adamw_is_foreach_on_cpu():
+    engine_cfg = TrainConfig(output_dir="unused", cpu=True, global_batch_size=8, micro_batch_size=4)
+    engine = Engine(make_model(0), engine_cfg, VarLenTokens(16), loss_fn=token_loss, collate_fn=collate)
+    defaults = engine.step_ops.optimizer.defaults
+    assert defaults["foreach"] is True and not defaults["fused"]
