@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acctrain.bytelm import ByteLM, ModelConfig
-from conftest import ROOT, launch
+from conftest import CPU_ARGS, ROOT, launch
 from tiny import rel_diff
 
 STEPS = 6
 TINY = [
     f"max_steps={STEPS}", "log_every=2", "eval_every=3", "global_batch_size=8", "micro_batch_size=4",
     "data.max_bytes=20000", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
+    *CPU_ARGS,  # one device for the 1- and 2-process runs they compare: CPU/gloo unless there are 2 GPUs
 ]
 TINY_MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, context_len=32)
 
@@ -58,6 +59,10 @@ def test_prints_plan_progress_once_and_result(runs, name, world):
     assert text.count("run plan: ") == 1
     assert f"world_size={world}," in text
     assert f"accumulation={2 // world}," in text
+    # the backend and each local rank's device: gloo or nccl with more than one process
+    device = "cpu" if CPU_ARGS or not torch.cuda.is_available() else ",".join(f"cuda:{r}" for r in range(world))
+    backend = "none" if world == 1 else ("gloo" if device == "cpu" else "nccl")
+    assert f", backend={backend}, devices={device}," in text, text
     for step in range(2, STEPS + 1, 2):
         assert text.count(f"step {step}/{STEPS} |") == 1  # main process only, no duplicated lines
     assert text.count("eval at step 3 |") == 1 and text.count("eval at step 6 |") == 1

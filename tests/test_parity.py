@@ -2,7 +2,8 @@
 
 The same model, data order (the Engine's DataPlan windows), AdamW with the same parameter groups, mean
 loss over each optimizer step's window, and clipping once at the end of the window. The comparison is
-torch.equal, not a tolerance: with power-of-two micro and global batches every loss scaling is exact
+torch.equal, not a tolerance, on the CPU (`cpu=True` even where a GPU is visible): with power-of-two
+micro and global batches every loss scaling is exact
 (the Engine backpropagates `mean x micro x (world / global)`, Accelerate and the raw loop
 `mean / accumulation`, and both factors are the same power of two), the gradients accumulate in the
 same order, and clipping and AdamW are the same torch functions. This is the correctness side of
@@ -90,7 +91,7 @@ def accelerate_loop(micro: int) -> dict[str, torch.Tensor]:
     """The loop of Accelerate's documentation: accumulate, backward, clip on sync, step, zero_grad."""
     accumulation, windows = plan_batches(micro)
     _fresh_accelerate()
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
     model = make_model()
     model, optimizer = accelerator.prepare(model, adamw(model))
     for batch in (b for window in windows for b in window):
@@ -115,7 +116,7 @@ def engine_run(micro: int, output_dir) -> tuple[dict[str, torch.Tensor], list[fl
     _fresh_accelerate()
     config = TrainConfig(output_dir=str(output_dir), global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,
                          max_steps=STEPS, lr=LR, adam_betas=BETAS, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP,
-                         scheduler="constant", resume="none", cpu_threads=1)
+                         scheduler="constant", resume="none", cpu_threads=1, cpu=True)
     norms = GradNorms()
     engine = Engine(make_model(), config, make_data(), loss_fn=loss_fn, callbacks=[norms])
     engine.fit()

@@ -9,6 +9,12 @@ from torch import nn
 VOCAB = 32
 IGNORE = -100
 
+RUN_ON_CPU = 0 < torch.cuda.device_count() < 2
+"""A GPU is visible, but not one per process of a 2-process run: runs that a test compares across 1 and 2
+processes all use CPU/gloo (`cpu=True`, ACCELERATE_USE_CPU for launched ones), so they differ only in what
+the test is about. Without CUDA nothing is asked (the Engine must form the gloo group by itself); with 2 or
+more GPUs they all run on CUDA/NCCL."""
+
 
 class TinyTokenModel(nn.Module):
     """Embedding -> tanh MLP -> logits, per token: small, deterministic, and enough for gradient checks."""

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
+from tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss  # noqa: E402
 
 from acctrain import Callback, Engine, TrainConfig  # noqa: E402
 from acctrain.state import optimizer_to_files  # noqa: E402
@@ -58,7 +58,7 @@ def run(out_dir: str, steps: int = 10, stop_at=None, signal_name="SIGTERM", sign
 
     cfg = TrainConfig(output_dir=out_dir, global_batch_size=GLOBAL_BATCH, micro_batch_size=config.pop("micro", 2),
                       max_steps=steps, save_every=save_every, log_every=1, lr=config.pop("lr", 1e-2),
-                      warmup_steps=2, **config)
+                      warmup_steps=2, **{"cpu": RUN_ON_CPU, **config})
     record = Record(stop_at, signal_name, signal_rank, kill_at)
     engine = Engine(make_model(0, width=width, dropout=dropout), cfg, VarLenTokens(DATASET_LEN), VarLenTokens(6),
                     loss_fn=loss_fn, callbacks=[record], collate_fn=collate)
