@@ -1,0 +1,184 @@
+"""On a CUDA GPU (skipped without one): fp16 and bf16 for real, bit-identical resume with the CUDA RNG, async
+saves from CUDA tensors, throughput metrics, NCCL with one process, the launch checks, compile and fused AdamW.
+
+`benchmarks/gpu_check.sh` runs this file first. The same step logic is tested without a GPU in
+test_precision (a CPU GradScaler) and test_speed_options; this file is what only a GPU can show.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from acctrain import Engine, TrainConfig
+from acctrain.errors import Preempted
+from acctrain.tracking import peak_flops
+from conftest import ROOT, free_port
+from test_checkpoint import assert_same_run, ckpts
+from test_main_job import TINY, scalars
+from test_precision import Recorder, overflow_at
+from tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
+from workers import resume_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_TINY = [a for a in TINY if a != "cpu=true"]  # the main job, on the GPU whatever conftest chose for launches
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    """Bit-identical comparisons: deterministic kernels where torch has them (warn elsewhere, don't fail)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def train(out, precision: str, steps: int = 6, loss_fn=token_loss, recorder=None, model=None, **config):
+    """The tiny token model on cuda:0; returns the engine and its Recorder (scales, skipped counts)."""
+    cfg = TrainConfig(**{**dict(output_dir=str(out), global_batch_size=8, micro_batch_size=4, max_steps=steps, lr=1e-2,
+                                mixed_precision=precision, scheduler="warmup_linear", warmup_steps=2, log_every=1),
+                         **config})
+    recorder = recorder or Recorder()
+    engine = Engine(model or make_model(0), cfg, VarLenTokens(64), loss_fn=loss_fn, collate_fn=collate,
+                    callbacks=[recorder])
+    engine.fit()
+    return engine, recorder
+
+
+def test_fp16_overflow_is_skipped_the_scale_lowered_and_training_goes_on(tmp_path, capsys):
+    model = make_model(0)
+    dtypes = []
+    model.hidden.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    engine, rec = train(tmp_path, "fp16", loss_fn=overflow_at(3), model=model)
+    assert set(dtypes) == {torch.float16}  # autocast ran the matmuls in fp16
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in engine.unwrapped_model.parameters())
+    assert engine.state.step == 6 and engine.state.skipped_steps == 1 and engine.state.schedule_step == 5
+    assert rec.scales == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0, 32768.0]
+    assert rec.skipped == [0, 0, 1, 1, 1, 1]
+    assert "fp16 overflow at optimizer step 3" in capsys.readouterr().out
+    assert all(torch.isfinite(p).all() for p in engine.unwrapped_model.parameters())
+    assert [v for _, v in scalars(tmp_path, "train/skipped_steps")] == [0, 0, 1, 1, 1, 1]
+
+
+def test_fp16_resume_is_bit_identical(tmp_path):
+    full, full_rec = train(tmp_path / "full", "fp16", steps=8, loss_fn=overflow_at(2))
+    with pytest.raises(Preempted):
+        train(tmp_path / "split", "fp16", steps=8, loss_fn=overflow_at(2), recorder=Recorder(stop_at=4))
+    resumed, rec = train(tmp_path / "split", "fp16", steps=8, loss_fn=overflow_at(99))
+    assert str(resumed.resumed_from).endswith("step-00000004")
+    assert full_rec.scales[3] == 32768.0 and rec.scales == full_rec.scales[4:]  # the scale came from the checkpoint
+    assert resumed.step_ops.scaler.state_dict() == full.step_ops.scaler.state_dict()
+    a, b = resumed.unwrapped_model.state_dict(), full.unwrapped_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_bf16_on_cuda_with_fp32_master_weights(tmp_path):
+    model = make_model(0)
+    dtypes = []
+    model.hidden.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    engine, _ = train(tmp_path / "bf16", "bf16", steps=12, model=model, scheduler="constant", warmup_steps=0)
+    losses = [v for _, v in scalars(tmp_path / "bf16", "train/loss")]
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in engine.unwrapped_model.parameters())
+    assert engine.step_ops.scaler is None  # bf16 needs no loss scaling
+    train(tmp_path / "fp32", "no", steps=12, scheduler="constant", warmup_steps=0)
+    fp32 = [v for _, v in scalars(tmp_path / "fp32", "train/loss")]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert losses == pytest.approx(fp32, rel=2e-2)  # the same run but for bf16 rounding
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_on_cuda_is_bit_identical_with_the_cuda_rng(tmp_path, dropout):
+    reference = resume_run.run(str(tmp_path / "ref"), dropout=dropout, cpu=False)
+    with pytest.raises(Preempted):
+        resume_run.run(str(tmp_path / "run"), dropout=dropout, stop_at=6, cpu=False)
+    rng = load_file(tmp_path / "run" / "checkpoints" / "step-00000006" / "rng-rank0.safetensors")
+    assert "torch_cuda.0" in rng  # dropout on the GPU draws from the CUDA generator: saved and restored
+    resumed = resume_run.run(str(tmp_path / "run"), dropout=dropout, cpu=False)
+    assert resumed["steps"] == list(range(7, 11))
+    assert_same_run(resumed, reference)
+
+
+def test_async_save_from_cuda_tensors_writes_the_same_checkpoints(tmp_path):
+    sync = resume_run.run(str(tmp_path / "sync"), save_every=3, cpu=False)
+    asynchronous = resume_run.run(str(tmp_path / "async"), save_every=3, async_save=True, cpu=False)
+    assert_same_run(sync, asynchronous)
+    assert ckpts(tmp_path / "async") == ckpts(tmp_path / "sync") == ["step-00000009", "step-00000010"]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "async" / "checkpoints" / "step-00000009" / name).read_bytes() == \
+            (tmp_path / "sync" / "checkpoints" / "step-00000009" / name).read_bytes()
+
+
+def test_peak_memory_and_mfu_are_logged(tmp_path):
+    model = make_model(0)
+    model.flops_per_token = 6 * sum(p.numel() for p in model.parameters())  # what MFU is computed from
+    train(tmp_path, "bf16", model=model)
+    memory = [v for _, v in scalars(tmp_path, "train/peak_memory_gb")]
+    assert memory and all(v > 0 for v in memory)
+    if peak_flops(torch.device("cuda")) is None:
+        pytest.skip(f"{torch.cuda.get_device_name()} is not in acctrain.tracking.PEAK_FLOPS: no MFU to log")
+    mfu = [v for _, v in scalars(tmp_path, "train/mfu")]
+    assert mfu and all(0 < v < 1 for v in mfu)
+
+
+def gpu_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def test_one_process_ddp_over_nccl_matches_the_plain_gpu_run(tmp_path):
+    """torchrun with one process: a real NCCL group of one, DDP-wrapped; the same weights as `python train.py`."""
+    plain = subprocess.run([sys.executable, "train.py", f"output_dir={tmp_path / 'plain'}", *GPU_TINY], cwd=ROOT,
+                           env=gpu_env(), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), "train.py", f"output_dir={tmp_path / 'ddp'}",
+                          *GPU_TINY], cwd=ROOT, env=gpu_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "world_size=1," in ddp.stdout and ", backend=nccl, devices=cuda:0," in ddp.stdout, ddp.stdout
+    assert ", backend=none, devices=cuda:0," in plain.stdout, plain.stdout
+    weights = {name: load_file(tmp_path / name / "checkpoints" / "step-00000006" / "model.safetensors")
+               for name in ("plain", "ddp")}
+    assert rel_diff(weights["ddp"], weights["plain"]) < 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 4, reason="launches one process more than there are GPUs")
+def test_more_processes_than_gpus_is_refused_before_anything_is_written(tmp_path):
+    n = torch.cuda.device_count() + 1
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "train.py", f"output_dir={out}", *GPU_TINY],
+                          cwd=ROOT, env=gpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"config error: cpu: {n} processes on this node but {n - 1} visible GPU(s)" in proc.stderr, proc.stderr[-3000:]
+    assert "CUDA_VISIBLE_DEVICES" in proc.stderr and "cpu=true" in proc.stderr
+    assert not out.exists()
+
+
+def test_accelerate_use_cpu_is_honoured(tmp_path, monkeypatch):
+    """`ACCELERATE_USE_CPU=1` (what `use_cpu: true` and `--cpu` ask for) keeps the Engine on the CPU."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    engine = Engine(make_model(0), TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4),
+                    VarLenTokens(16), loss_fn=token_loss, collate_fn=collate)
+    assert engine.accelerator.device.type == "cpu"
+    assert all(not p.is_cuda for p in engine.unwrapped_model.parameters())
+
+
+def test_compile_and_fused_adamw_on_cuda(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled, _ = train(tmp_path / "compiled", "bf16", compile=True)
+    assert compiled.step_ops.optimizer.defaults["fused"] is True  # the default AdamW on CUDA
+    saved = load_file(tmp_path / "compiled" / "checkpoints" / "step-00000006" / "model.safetensors")
+    assert set(saved) == set(make_model(0).state_dict())  # plain names, no `_orig_mod.`
+    eager, _ = train(tmp_path / "eager", "bf16")
+    assert rel_diff(saved, {k: v.cpu() for k, v in eager.unwrapped_model.state_dict().items()}) < 1e-2
+    torch._dynamo.reset()
