@@ -1,27 +1,45 @@
-"""GPU throughput and MFU: a GPT-2-124M-shaped model in bf16, the Engine against a hand-written Accelerate loop.
+"""GPU throughput and MFU: a GPT-2-124M-shaped model in bf16; the Engine against a hand-written Accelerate loop
+and a plain PyTorch loop.
 
     python benchmarks/gpu_throughput.py                      # one CUDA GPU; exits with a message without one
-    python benchmarks/gpu_throughput.py --micro-batch 32 --accumulation 1 4 --rounds 3 --json gpu.json
+    python benchmarks/gpu_throughput.py --micro-batch 32 --accumulation 1 4 --rounds 3 --json out/gpu.json
+    python benchmarks/gpu_throughput.py --time-budget 300    # cuts rounds that would not fit in 300 s
     python benchmarks/gpu_throughput.py --smoke              # a tiny model on the CPU: checks the code paths only
 
 The model is nanoGPT's GPT-2 small: 12 layers, 12 heads, width 768, context 1024, vocabulary 50304
 (50257 padded to a multiple of 64), tied input/output embedding, biases, GELU MLP (124.4M parameters).
-Both variants use: `model.compile()` (torch.compile in place, state-dict keys unchanged), bf16 autocast
-through Accelerate (fp32 master weights), fused AdamW (lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on
-matrices only), clipping at 1.0, and flash attention only (torch.backends.cuda: flash SDPA on, the math,
+All variants use: torch.compile of the model in place (state-dict keys unchanged), bf16 autocast with fp32
+master weights, fused AdamW (lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on matrices only), clipping at
+1.0 once per optimizer step, and flash attention only (torch.backends.cuda: flash SDPA on, the math,
 memory-efficient and cuDNN kernels off, so a fallback is an error, not a silent slowdown). Data: random
-tokens in host memory, one indexing op per micro-batch, copied with non_blocking=True.
+tokens in host memory, one indexing op per micro-batch, loaded by a DataLoader with pin_memory=True
+(page-locked batches) and copied with non_blocking=True.
 
-- accelerate: prepare(model, optimizer); per micro-batch `with accumulate(model)`: backward, clip when
-  sync_gradients, step, zero_grad. No per-step host sync.
-- engine: Engine.fit() (scheduler constant, log_every longer than the run); it syncs with the host once
-  per optimizer step (the non-finite check) and all-reduces the step's loss.
+- raw: nanoGPT's loop in plain PyTorch: `model.compile()`, `torch.autocast("cuda", bfloat16)` around
+  forward and loss, loss / accumulation, backward; on the last micro-batch clip_grad_norm_, step,
+  zero_grad(set_to_none=True). No host sync outside the timing stamps.
+- accelerate: `model.compile()`, Accelerator(mixed_precision="bf16"), prepare(model, optimizer); per
+  micro-batch `with accumulate(model)`: backward, clip when sync_gradients, step, zero_grad. No per-step
+  host sync.
+- engine: the path users run: an uncompiled model, TrainConfig(compile=True, lr, adam_betas,
+  weight_decay as above) and no optimizer argument (the Engine's default AdamW: fused on CUDA, weight
+  decay on ndim >= 2 parameters), the default log_every (10: TensorBoard rows written, and the host synced,
+  every 10 steps), Engine.fit() with scheduler constant. With the fused optimizer and no callback inside
+  the step, the Engine reads each step's loss and norm a step late, without waiting for the GPU, and skips
+  a non-finite update on the device (acctrain.readback). The timing clock is not a callback (a callback in
+  the step would make the Engine read each verdict at once): it stamps from the loss function, which runs
+  once per micro-batch. The Engine saves a checkpoint after the run (untimed).
 
 Timing: after `--warmup` steps (compilation happens there), torch.cuda.synchronize(), clock; after
-`--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds. Every run builds
-and compiles a fresh model, so a run costs its compilation (tens of seconds, less once inductor's cache is
-warm); `--rounds 1 --accumulation 1` is the quick check. Not yet run on a GPU: written and checked with
---smoke on a CPU only.
+`--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds. The variants run in
+alternating order, round by round (_common.alternate); ratios are paired within a round, then their
+median (min..max beside it). Every run builds and compiles a fresh model, so a run costs its compilation
+(tens of seconds the first time per variant, less once dynamo's and inductor's caches are warm);
+`--rounds 1 --accumulation 1` is the quick check. `--time-budget S` starts a round (all variants, one
+accumulation) only if the time since the start plus the previous round's duration (adjusted for a change
+of accumulation) fits in S; rounds cut are reported and recorded in the JSON, which is rewritten after
+every accumulation so a run killed later keeps what it measured. Not yet run on a GPU: written and
+checked with --smoke on a CPU only.
 
 MFU = tokens/s x flops per token / peak, with flops per token = 6 N + 12 L H Q T (PaLM appendix B, as
 nanoGPT's estimate_mfu): N parameters without the position embedding (the tied token embedding counts:
@@ -43,6 +61,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+STARTED = time.monotonic()  # --time-budget counts from here, before torch's import
 
 import torch
 import torch.nn.functional as F
@@ -170,12 +190,17 @@ class Case:
         self.batches = [mb.indices for w in plan.rank_windows(0, 0) for mb in w.micro_batches]
         self.smoke = args.smoke
 
-    def model(self) -> GPT:
+    def model(self, compiled: bool = True) -> GPT:
         torch.manual_seed(0)
         model = GPT(self.cfg)
-        if not self.smoke:
+        if compiled and not self.smoke:
             model.compile()
         return model
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """The micro-batches in the Engine's order, page-locked on CUDA as the Engine's loader pins them."""
+        return torch.utils.data.DataLoader(self.data, batch_sampler=self.batches, collate_fn=identity,
+                                           pin_memory=not self.smoke)
 
     def sync(self) -> None:
         if torch.cuda.is_available():
@@ -193,9 +218,8 @@ class Case:
         model = self.model()
         optimizer = make_adamw(not self.smoke)(param_groups(model))
         model, optimizer = accelerator.prepare(model, optimizer)
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches, collate_fn=identity)
         stamps, steps = [], 0
-        for batch in loader:
+        for batch in self.loader():
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 accelerator.backward(loss_fn(model, batch))
@@ -210,38 +234,60 @@ class Case:
                     stamps.append(time.perf_counter())
         return self.seconds(stamps)
 
+    def raw(self) -> float:
+        """nanoGPT's loop in plain PyTorch."""
+        device = torch.device("cpu" if self.smoke else "cuda")
+        model = self.model().to(device)
+        optimizer = make_adamw(not self.smoke)(param_groups(model))
+        stamps, steps = [], 0
+        for i, batch in enumerate(self.loader(), 1):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn(model, batch) / self.accumulation
+            loss.backward()
+            if i % self.accumulation:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # no host sync: the norm stays on the device
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps in (self.args.warmup, self.args.warmup + self.args.steps):
+                self.sync()
+                stamps.append(time.perf_counter())
+        return self.seconds(stamps)
+
     def engine(self) -> float:
-        from acctrain import Callback, Engine, TrainConfig
+        from acctrain import Engine, TrainConfig
 
-        case = self
+        stamps, calls = [], {"train": 0}
+        first_micro_of = {self.args.warmup * self.accumulation + 1, (self.args.warmup + self.args.steps) * self.accumulation + 1}
 
-        class Clock(Callback):
-            """At the start of the step after the warm-up and after the last timed step: synchronise, stamp.
-            Only before_step, which the Engine dispatches without a collective or host sync of its own."""
-
-            def __init__(self):
-                self.stamps = []
-
-            def before_step(self, engine):
-                if engine.state.step in (case.args.warmup, case.args.warmup + case.args.steps):
-                    case.sync()
-                    self.stamps.append(time.perf_counter())
+        def clocked_loss(model, batch):
+            """At the first micro-batch of the step after the warm-up and of the step after the timed ones:
+            synchronise, stamp (as before_step would, but a callback would change the Engine's path)."""
+            calls["train"] += model.training
+            if model.training and calls["train"] in first_micro_of:
+                self.sync()
+                stamps.append(time.perf_counter())
+            return loss_fn(model, batch)
 
         fresh_accelerate()
         out = tempfile.mkdtemp(prefix="acctrain-gpu-bench-")
         try:
+            # The users' path: the Engine compiles the model and builds its default AdamW (fused on CUDA,
+            # weight decay on ndim >= 2 parameters: the same groups as param_groups above).
             config = TrainConfig(output_dir=out, global_batch_size=self.global_batch, micro_batch_size=self.micro,
                                  max_steps=self.total, mixed_precision="bf16", scheduler="constant",
-                                 log_every=10 * self.total, resume="none", max_grad_norm=1.0, cpu=self.smoke)
-            clock = Clock()
+                                 resume="none", max_grad_norm=1.0, cpu=self.smoke,
+                                 compile=not self.smoke, lr=6e-4, adam_betas=(0.9, 0.95), weight_decay=0.1)
             with contextlib.redirect_stdout(io.StringIO()):
-                engine = Engine(self.model(), config, self.data, loss_fn=loss_fn, collate_fn=identity,
-                                optimizer=make_adamw(not self.smoke), callbacks=[clock])
+                engine = Engine(self.model(compiled=False), config, self.data, loss_fn=clocked_loss,
+                                collate_fn=identity)
                 engine.fit()
                 engine.close()
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        return self.seconds(clock.stamps)
+        return self.seconds(stamps)
 
 
 def device_peak(name: str) -> tuple[str, float | None]:
@@ -257,6 +303,59 @@ def device_peak(name: str) -> tuple[str, float | None]:
     return name, None
 
 
+class OutOfTime(Exception):
+    """The next round would not end within --time-budget."""
+
+
+class Budget:
+    """--time-budget: a round starts only if the time since the start plus the previous round's duration fits."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last: float | None = None  # the previous round's duration
+        self.round_start: float | None = None
+
+    def start_round(self, extra: float = 0.0) -> None:
+        """Raise OutOfTime if the next round would overrun; `extra` corrects the estimate (another accumulation)."""
+        now = time.monotonic()
+        if self.round_start is not None:
+            self.last, self.round_start = now - self.round_start, None
+        estimate = max((self.last or 0.0) + extra, 0.0)  # the first round has no estimate: it always runs
+        if self.seconds and now - STARTED + estimate > self.seconds:
+            raise OutOfTime(f"{now - STARTED:.0f} s elapsed + {estimate:.0f} s estimated for the next round "
+                            f"> --time-budget {self.seconds:g} s")
+        self.round_start = now
+
+
+def run_rounds(variants: dict, rounds: int, budget: Budget, extra: float) -> dict[str, list[float]]:
+    """_common.alternate under the time budget: each variant's results, by round, of the rounds that ran."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    first = next(iter(variants))
+
+    def recorded(name: str):
+        def run() -> float:  # kept here too: alternate's own results are lost when a round is cut
+            results[name].append(variants[name]())
+            return results[name][-1]
+
+        return run
+
+    def after_round(line: str) -> None:  # alternate logs at the end of each round; the next one starts after
+        print(line, flush=True)
+        if len(results[first]) < rounds:
+            budget.start_round()
+
+    try:
+        budget.start_round(extra)
+        alternate({name: recorded(name) for name in variants}, rounds, log=after_round)
+    except OutOfTime as cut:
+        print(f"  time budget: {cut}; cut after {len(results[first])} of {rounds} rounds", flush=True)
+    return results
+
+
+def ratio_stats(ratios: list[float]) -> dict:
+    return {"median": median(ratios), "min": min(ratios), "max": max(ratios), "by_round": ratios}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch", type=int, default=16)
@@ -265,14 +364,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=0, help="override the device's peak bf16 TFLOP/s")
+    parser.add_argument("--time-budget", type=float, default=0, metavar="SECONDS",
+                        help="start a round only if it is estimated to end within this many seconds of the "
+                             "start (the previous round's duration); 0: no limit")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model on the CPU, no compile: checks the code only")
-    parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument("--json", help="write all results to this JSON file (its folder is created), "
+                                       "rewritten after every accumulation")
     args = parser.parse_args()
 
     if args.smoke:
         cfg = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32)
-        args.micro_batch, args.warmup, args.steps, args.rounds = 2, 2, 3, 1
+        args.micro_batch, args.warmup, args.steps, args.rounds = 2, 2, 3, 2  # two rounds: the rotation runs
         peak_name, peak = "CPU (smoke test: no MFU)", None
     else:
         if not torch.cuda.is_available():
@@ -305,24 +408,54 @@ def main() -> int:
     n_params, fpt = sum(p.numel() for p in model.parameters()), model.flops_per_token()
     del model
     print(f"GPT: {n_params / 1e6:.1f}M parameters, {fpt / 1e6:.1f} MFLOP per token (6N + 12LHQT)")
-    out = {"machine": info, "peak_tflops": peak, "params": n_params, "flops_per_token": fpt, "cases": []}
+    out = {"machine": info, "peak_tflops": peak, "params": n_params, "flops_per_token": fpt,
+           "warmup": args.warmup, "steps": args.steps, "rounds_requested": args.rounds,
+           "time_budget_s": args.time_budget or None, "cut_by_time_budget": False, "cases": []}
+    budget, previous = Budget(args.time_budget), None  # previous: (accumulation, seconds per step) measured last
     for accumulation in args.accumulation:
         case = Case(args, cfg, accumulation)
         tokens_per_step = case.global_batch * cfg.block_size
         print(f"\nmicro batch {args.micro_batch}, accumulation {accumulation} ({tokens_per_step} tokens per step): "
-              f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps")
-        results = alternate({"accelerate": case.accelerate, "engine": case.engine}, args.rounds)
-        rows = []
-        for variant in results:
-            tps = tokens_per_step / median(results[variant])
-            mfu = f"{tps * fpt / (peak * 1e12):.1%}" if peak else "n/a"
-            ratio = paired_ratios({k: [1 / s for s in v] for k, v in results.items()}, variant, "accelerate")
-            rows.append([variant, f"{median(results[variant]) * 1e3:.1f}", f"{tps:,.0f}", mfu,
-                         "1 (reference)" if variant == "accelerate" else f"{median(ratio):.3f} ({spread(ratio)})"])
-        print(table(["variant", "ms/step (median)", "tokens/s", "MFU", "throughput vs accelerate"], rows))
-        out["cases"].append({"accumulation": accumulation, "micro_batch": args.micro_batch,
-                             "seconds_per_step": results})
-    write_json(args.json, out)
+              f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+        variants = {"raw": case.raw, "accelerate": case.accelerate, "engine": case.engine}
+        extra = 0.0
+        if previous:  # the last round ran another accumulation: a step's time scales with its micro-batches
+            extra = len(variants) * case.total * previous[1] * (accumulation / previous[0] - 1)
+        results = run_rounds(variants, args.rounds, budget, extra)
+        ran = len(results["raw"])
+        entry = {"accumulation": accumulation, "micro_batch": args.micro_batch, "rounds_run": ran,
+                 "seconds_per_step": results}
+        out["cases"].append(entry)
+        out["cut_by_time_budget"] |= ran < args.rounds
+        if ran:
+            previous = (accumulation, median([s for v in results.values() for s in v]))
+            throughput = {k: [1 / s for s in v] for k, v in results.items()}
+            tps = {k: tokens_per_step / median(v) for k, v in results.items()}
+            entry["tokens_per_s"] = tps
+            entry["mfu"] = {k: v * fpt / (peak * 1e12) for k, v in tps.items()} if peak else None
+            entry["throughput_ratios"] = {f"{a}_vs_{b}": ratio_stats(paired_ratios(throughput, a, b))
+                                          for a, b in (("engine", "accelerate"), ("engine", "raw"),
+                                                       ("accelerate", "raw"))}
+
+            def versus(variant: str, reference: str) -> str:
+                if variant == reference:
+                    return "1 (reference)"
+                ratios = paired_ratios(throughput, variant, reference)
+                return f"{median(ratios):.3f} ({spread(ratios)})"
+
+            rows = [[variant, f"{median(results[variant]) * 1e3:.1f}", f"{tps[variant]:,.0f}",
+                     f"{entry['mfu'][variant]:.1%}" if peak else "n/a",
+                     versus(variant, "accelerate"), versus(variant, "raw")] for variant in results]
+            print(f"rounds run: {ran} of {args.rounds}" + (" (cut by --time-budget)" if ran < args.rounds else ""))
+            print(table(["variant", "ms/step (median)", "tokens/s", "MFU", "throughput vs accelerate",
+                         "throughput vs raw"], rows), flush=True)
+        else:
+            print("not run: --time-budget left no room for a round")
+        out["elapsed_s"] = round(time.monotonic() - STARTED, 1)
+        write_json(args.json, out)  # after every accumulation: a run stopped later keeps what it measured
+    print(f"\nelapsed {time.monotonic() - STARTED:.0f} s" + (
+        f" of a {args.time_budget:g} s budget" if args.time_budget else "")
+        + ("; rounds were cut by the time budget" if out["cut_by_time_budget"] else ""))
     return 0
 
 
