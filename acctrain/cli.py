@@ -69,7 +69,22 @@ def train_main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as stop:  # the main process already printed the message
         return stop.code
+    finally:
+        free_before_exit()
     return 0
+
+
+def free_before_exit() -> None:
+    """Free the finished run's objects now, not while the interpreter shuts down.
+
+    FSDP2's device mesh is held by the model through reference cycles; freed during interpreter
+    finalization, its gloo group aborts the process after a successful run ("terminate called without an
+    active exception", exit -6). Measured with tests/workers/grad_run.py on FSDP2, 2 processes on a loaded
+    2-core machine: 4 aborts in 16 runs without this collection, 0 in 20 with it.
+    """
+    import gc
+
+    gc.collect()
 
 
 def _job_plan(args: list[str]) -> tuple[TrainConfig, DataPlan, dict[str, str]]:

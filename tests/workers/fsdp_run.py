@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from acctrain.cli import free_before_exit  # noqa: E402
 from acctrain.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu  # noqa: E402
 
 VOCAB, STEPS, CONTINUE, GLOBAL_ROWS = 32, 3, 2, 8
@@ -143,3 +144,4 @@ def main(mode: str, ckpt: str, ref_dir: str):
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    free_before_exit()  # FSDP2's device mesh, freed at interpreter exit, can abort the process

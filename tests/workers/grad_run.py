@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
 
+from acctrain.cli import free_before_exit  # noqa: E402
 from acctrain import Callback, Engine, TrainConfig  # noqa: E402
 
 DATASET_LEN, GLOBAL_BATCH, EPOCHS, LR = 17, 8, 2, 0.5
@@ -100,6 +101,7 @@ if __name__ == "__main__":
     fsdp = os.environ.get("GRAD_RUN_FSDP") == "1"
     for clip in clips:
         run(out, int(micro), float(clip), fsdp=fsdp)
+    free_before_exit()  # FSDP2's device mesh, freed at interpreter exit, can abort the process
     import torch.distributed as dist
 
     if dist.is_initialized():

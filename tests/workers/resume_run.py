@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss  # noqa: E402
 
+from acctrain.cli import free_before_exit  # noqa: E402
 from acctrain import Callback, Engine, TrainConfig  # noqa: E402
 from acctrain.state import optimizer_to_files  # noqa: E402
 
@@ -89,3 +90,4 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 if __name__ == "__main__":
     options = json.loads(sys.argv[1])
     run(**options)
+    free_before_exit()  # FSDP2's device mesh, freed at interpreter exit, can abort the process

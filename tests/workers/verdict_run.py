@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss  # noqa: E402
 
+from acctrain.cli import free_before_exit  # noqa: E402
 from acctrain import Callback, Engine, TrainConfig  # noqa: E402
 
 
@@ -59,3 +60,4 @@ def run(out_dir: str, on_device: bool = True, nan_at: int | None = None, steps: 
 
 if __name__ == "__main__":
     run(**json.loads(sys.argv[1]))
+    free_before_exit()
