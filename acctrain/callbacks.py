@@ -54,19 +54,23 @@ EVENTS = (
 IN_STEP_EVENTS = ("before_step", "after_loss", "after_backward")
 
 
-class CancelStep(Exception):
+class Cancel(Exception):
+    """What a callback raises to cancel: one of the three kinds below."""
+
+
+class CancelStep(Cancel):
     """Do not apply this optimizer step (its data is still consumed)."""
 
 
-class CancelEpoch(Exception):
+class CancelEpoch(Cancel):
     """Do not apply this step, and go on with the next epoch."""
 
 
-class CancelFit(Exception):
+class CancelFit(Cancel):
     """Do not apply this step, and end training (fit() saves and returns)."""
 
 
-CANCELS = (CancelStep, CancelEpoch, CancelFit)  # index + 1 is the level sent in all-reduces
+CANCELS = (CancelStep, CancelEpoch, CancelFit)  # weakest to strongest
 
 
 class Callback:
@@ -82,7 +86,7 @@ class Callback:
 
 
 class Callbacks:
-    """Calls one event on every callback that defines it, and remembers the highest cancel requested."""
+    """Calls one event on every callback that defines it, and remembers the strongest cancel requested."""
 
     def __init__(self, callbacks=()):
         self.items = sorted(callbacks, key=lambda cb: cb.order)
@@ -91,7 +95,7 @@ class Callbacks:
             if unknown:
                 raise ValueError(f"{type(cb).__name__} defines {unknown}, which are not events; events are {EVENTS}.")
         self._handlers = {e: [getattr(cb, e) for cb in self.items if hasattr(cb, e)] for e in EVENTS}
-        self.requested = 0  # 0: none, else 1 + index in CANCELS, on this rank
+        self.requested: type[Cancel] | None = None  # on this rank, until the Engine takes it
 
     def has(self, event: str) -> bool:
         return bool(self._handlers[event])
@@ -101,8 +105,18 @@ class Callbacks:
             try:
                 handler(engine)
             except CANCELS as cancel:
-                self.requested = max(self.requested, CANCELS.index(type(cancel)) + 1)
+                self.requested = strongest(self.requested, type(cancel))
                 return
+
+    def take(self) -> type[Cancel] | None:
+        """The cancel requested since the last take, and forget it."""
+        requested, self.requested = self.requested, None
+        return requested
+
+
+def strongest(*cancels: type[Cancel] | None) -> type[Cancel] | None:
+    """The strongest of some cancels (CancelFit > CancelEpoch > CancelStep), or None."""
+    return max((c for c in cancels if c is not None), key=CANCELS.index, default=None)
 
 
 # ------------------------------------------------------------------------------------------ built-ins

@@ -18,12 +18,11 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from acctrain.errors import ConfigError
 from acctrain.schedules import check_schedule_config
 
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -52,7 +51,7 @@ class TrainConfig:
     """Learning-rate multipliers by parameter-name pattern (module prefix or glob), e.g. {'backbone': 0.1}; first match wins."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this once per optimizer step; 0 disables clipping (the norm is still logged)."""
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision: 'no' (fp32), 'bf16', or 'fp16' (CUDA only, with dynamic loss scaling)."""
     scheduler: str = "warmup_linear"
     """Learning-rate schedule by name, counted in optimizer steps (see acctrain.schedules.SCHEDULES)."""
@@ -76,7 +75,7 @@ class TrainConfig:
     """Keep the newest this many checkpoints (older ones are deleted after a new one is complete); 0 keeps all."""
     keep_best: str = ""
     """Also keep the checkpoint with the best value of this eval metric (e.g. 'eval/loss'); empty: off."""
-    keep_best_mode: str = "min"
+    keep_best_mode: Literal["min", "max"] = "min"
     """Whether the best `keep_best` value is the 'min' or the 'max'."""
     resume: str = "auto"
     """'auto': continue from the newest verified checkpoint in output_dir if any; 'none': start fresh; or a checkpoint path."""
@@ -84,7 +83,7 @@ class TrainConfig:
     """With resume='none', delete the checkpoints already in output_dir instead of refusing to start."""
     allow_plan_change: bool = False
     """Let a resume change the global batch, dataset length or seed (the run continues at the same optimizer step)."""
-    nan_policy: str = "skip"
+    nan_policy: Literal["skip", "halt"] = "skip"
     """On a non-finite loss or gradient norm: 'skip' the update (counted, logged) or 'halt' with an error."""
     max_skipped_steps: int = 10
     """With nan_policy='skip', halt after this many skipped steps in a row."""
@@ -125,14 +124,6 @@ class TrainConfig:
                 raise ConfigError(f"param_groups.{pattern}", f"the lr multiplier must be a number > 0, got {mult!r}.")
         if not self.max_grad_norm >= 0:
             raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ConfigError(
-                "mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}."
-            )
-        if self.keep_best_mode not in ("min", "max"):
-            raise ConfigError("keep_best_mode", f"must be 'min' or 'max', got {self.keep_best_mode!r}.")
-        if self.nan_policy not in ("skip", "halt"):
-            raise ConfigError("nan_policy", f"must be 'skip' or 'halt', got {self.nan_policy!r}.")
         if self.max_skipped_steps < 1:
             raise ConfigError("max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}.")
         if not self.resume:
@@ -191,6 +182,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(name, f"expected {hint}, got {value!r}.")
+    if origin is typing.Literal:  # a choice field: its values are its type
+        if value in typing.get_args(hint):
+            return value
+        raise ConfigError(name, f"must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}.")
     if hint is type(None):
         if value is None:
             return None

@@ -152,7 +152,7 @@ def micro_batch_loader(
     """Batches for these windows' micro-batches, in order, loaded by a plain DataLoader.
 
     The loader gets its own generator, so creating its iterator does not draw from the global torch
-    RNG (pitfalls #15): dropout draws stay the same whether or not a loader was created.
+    RNG (creating a loader iterator would draw from it): dropout draws stay the same whether or not a loader was created.
     """
     batches = [mb.indices for w in windows for mb in w.micro_batches]
     loader = DataLoader(
@@ -165,3 +165,15 @@ def micro_batch_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
+
+
+def eval_loader(dataset: Dataset, rank: int, world_size: int, micro_batch: int, collate_fn: Callable | None) -> DataLoader:
+    """This rank's contiguous shard of `dataset` in micro-batches: every sample once over all ranks, none padded."""
+    n = len(dataset)
+    shard = list(range(n * rank // world_size, n * (rank + 1) // world_size))
+    return DataLoader(
+        dataset,
+        batch_sampler=[shard[i : i + micro_batch] for i in range(0, len(shard), micro_batch)],
+        collate_fn=collate_fn or torch.utils.data.default_collate,
+        generator=torch.Generator(),  # creating the iterator must not draw from the global RNG
+    )

@@ -8,52 +8,43 @@
 (e.g. summed token losses and the count of non-ignored tokens). Without `loss_fn`, the model is called
 as `model(**batch)` (or `model(batch)`) and its own `outputs.loss` is used as a per-sample mean.
 
-One optimizer step (`_train_step`) reads top to bottom: set lr, forward/backward over this rank's
-micro-batches with gradient all-reduce on the last one only, normalise by the step's global item
-count, clip once on the global norm, step. The data plan (acctrain.data) decides which samples each
-step sees, the schedule (acctrain.schedules) the lr; neither goes through `accelerator.prepare`.
+One optimizer step (`_train_step`) reads top to bottom: lr, micro-batches with the gradient all-reduce on
+the last one only, one reduction, normalise, clip, decide, step, count. The parts it calls own their
+concerns: the data plan (acctrain.data) which samples each step sees, the schedule (acctrain.schedules)
+the lr, acctrain.loss_scaling the exact scaling, acctrain.step_ops the gradient operations of this setup,
+acctrain.agreement what all ranks decide, acctrain.checkpointer the checkpoints (given `state_dict()`),
+acctrain.runtime the start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import json
 import math
-import os
-import signal
-import threading
-from collections.abc import Mapping
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import (
-    DistributedType,
-    FullyShardedDataParallelPlugin,
-    ProjectConfiguration,
-    parse_flag_from_env,
-    send_to_device,
-)
-from torch.utils.data import DataLoader
+from accelerate.utils import send_to_device
 
-from acctrain.callbacks import CANCELS, IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
-from acctrain import checkpoint, persist, sharded
+from acctrain import agreement, checkpoint, loss_scaling, runtime, sharded
+from acctrain.agreement import Policy, Requests, Verdict
+from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
+from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Window, micro_batch_loader
+from acctrain.data import DataPlan, Window, eval_loader, micro_batch_loader
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import build_optimizer, get_momentum, matches, set_momentum
 from acctrain.readback import Readback
 from acctrain.schedules import build_schedule
+from acctrain.state import jsonable, rng_from_files, rng_to_files
+from acctrain.step_ops import step_ops_for
 from acctrain.summary import model_summary
-from acctrain.state import rng_from_files
-from acctrain.step_ops import MIN_LOSS_SCALE, step_ops_for
 from acctrain.tracking import MetricLog
-
-CANCEL_STEP = 1  # cancel levels: 0 none, 1 + index in CANCELS (CancelStep, CancelEpoch, CancelFit)
 
 
 @dataclass
@@ -69,7 +60,18 @@ class TrainState:
     skipped_steps: int = 0
     """Steps not applied: fp16 overflow, or a non-finite loss or gradient norm with nan_policy='skip'."""
     skipped_in_a_row: int = 0
-    """Consecutive skipped steps up to now (nan_policy='skip' halts at max_skipped_steps)."""
+    """Consecutive steps skipped by the NaN policy up to now (it halts at max_skipped_steps)."""
+
+    def consume(self, samples: int) -> None:
+        """An optimizer step's window of data was used (applied or not)."""
+        self.step += 1
+        self.samples_seen += samples
+
+    def count(self, verdict: Verdict) -> None:
+        """What the step did: applied (the schedule advances) or skipped, and why."""
+        self.skipped_steps += not verdict.apply
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if verdict.refused else 0
+        self.schedule_step += verdict.apply
 
 
 class Engine:
@@ -88,27 +90,14 @@ class Engine:
         schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
     ):
         self.config = config
-        self.accelerator = _make_accelerator(config)
-        self.plan = DataPlan(
-            dataset_len=len(train_data),
-            global_batch=config.global_batch_size,
-            micro_batch=config.micro_batch_size,
-            world_size=self.accelerator.num_processes,
-            seed=config.seed,
-            epochs=config.epochs,
-            max_steps=config.max_steps,
-        )
+        self.accelerator = runtime.make_accelerator(config)
+        self.plan = DataPlan(dataset_len=len(train_data), global_batch=config.global_batch_size,
+                             micro_batch=config.micro_batch_size, world_size=self.accelerator.num_processes,
+                             seed=config.seed, epochs=config.epochs, max_steps=config.max_steps)
         # A torch LR scheduler is stepped once per applied optimizer step and sets the lr itself;
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
-        self.schedule = build_schedule(
-            "constant" if self.lr_scheduler else schedule or config.scheduler,
-            self.plan.total_steps,
-            warmup_steps=config.warmup_steps,
-            warmup_ratio=config.warmup_ratio,
-            steps_per_epoch=self.plan.steps_per_epoch,
-            args=config.schedule_args,
-        )
+        self.schedule = self._build_schedule("constant" if self.lr_scheduler else schedule or config.scheduler)
         if self.schedule.name == "reduce_on_plateau" and eval_data is None:
             raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
         self.train_data, self.eval_data = train_data, eval_data
@@ -117,90 +106,89 @@ class Engine:
         self.state = TrainState()
         if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
             model.compile()
-        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel per step
-        optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
-                                    config.param_groups, fused=fused)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        # The raw torch optimizer: zero_grad on it skips Accelerate's per-call signature inspection.
-        self._torch_optimizer = optimizer
+        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
+        self.torch_optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
+                                               config.param_groups, fused=fused)
+        """The torch optimizer itself (`self.optimizer` is Accelerate's wrapper): its param groups and state."""
+        self.model, self.optimizer = self.accelerator.prepare(model, self.torch_optimizer)
         self.step_ops = self._step_ops()
+        self.checkpointer = Checkpointer(self.accelerator, config)
         self.metrics = self._metric_log()
-        self._item_dtype = torch.float32 if self.accelerator.device.type == "mps" else torch.float64
         device = self.accelerator.device
+        self._item_dtype = torch.float32 if device.type == "mps" else torch.float64
         # CPU batches are already where they must be; pinned host batches go to the GPU without blocking
         self._to_device = (lambda batch: batch) if device.type == "cpu" else (
             lambda batch: send_to_device(batch, device, non_blocking=True))
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
-        self._stop_signal: str | None = None
-        self._fitting = False
-        self._summarised = False
+        self._signals = runtime.StopSignals()
+        self._stop = self._fitting = self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
         self._lr_tags: list[tuple[str | None, str]] = []
         self._verdict_on_device, self._pending, self._readback = False, None, Readback()
-        self._staging_buffers: dict = {}  # async_save: the CPU snapshot's memory, reused from save to save
-        self._reservation = None  # async_save: the thread allocating those buffers ahead of the first save
-        self.resumed_from = persist.resume(self)
+        self.resumed_from: Path | None = None
+        self._resumed, self._restored_rng = False, None
 
     # ------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
+        self.resume()
         self._fitting = True
         # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
         # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
         self._verdict_on_device = self.step_ops.skips_on_device and not any(
             self.callbacks.has(event) for event in (*IN_STEP_EVENTS, "before_optimizer_step", "after_step"))
         try:
-            with self._stop_on_signals():
-                return self._fit()
-        except BaseException:  # an error, Ctrl-C: a checkpoint being written in the background still completes
-            persist.wait_for_save(self, raise_error=False)
+            with self._signals:
+                return self._run()
+        except BaseException:  # an error, Ctrl-C: count the step in flight; a background save still completes
+            with contextlib.suppress(Exception):
+                self._settle()
+            self.checkpointer.wait(raise_error=False)
             raise
         finally:
             self._fitting, self._verdict_on_device, self._pending = False, False, None
             self.metrics.close()
 
-    def _fit(self) -> dict[str, float]:
-        cfg, plan, state = self.config, self.plan, self.state
+    def _run(self) -> dict[str, float]:
+        cfg, plan = self.config, self.plan
         self._start_run()
         try:
-            self._event("before_fit")
-            self.metrics.start(state.step, state.samples_seen)
-            while state.step < plan.total_steps:
-                epoch, first = divmod(state.step, plan.steps_per_epoch)
-                stop = first + plan.total_steps - state.step
-                windows = plan.rank_windows(epoch, self.accelerator.process_index, first, stop)
-                batches = micro_batch_loader(self.train_data, windows, self.collate_fn, cfg.num_workers,
-                                             seed=cfg.seed * 7919 + epoch, pin_memory=self.accelerator.device.type == "cuda")
-                self.epoch = epoch
+            self._fire("before_fit")
+            self.metrics.start(self.state.step, self.state.samples_seen)
+            while self.state.step < plan.total_steps:
+                epoch, first = divmod(self.state.step, plan.steps_per_epoch)
+                windows = plan.rank_windows(epoch, self.accelerator.process_index, first,
+                                            first + plan.total_steps - self.state.step)
+                batches = self._batches(epoch, windows)
                 try:
-                    self._event("before_epoch")
+                    self._fire("before_epoch")
                     for window in windows:
                         self._train_step(window, batches)
                         self._after_step()
                 except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
-                    state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
+                    self.state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
                 self._flush()
                 # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
-                if (not cfg.eval_every or state.step == plan.total_steps) and self._eval_step != state.step:
+                if (not cfg.eval_every or self.state.step == plan.total_steps) and self._eval_step != self.state.step:
                     self.evaluate()
-                self._event("after_epoch")
+                self._fire("after_epoch")
         except CancelFit:  # agreed by all ranks; the last applied step is saved below
             self._flush()
         self.save()
-        persist.wait_for_save(self)  # fit returns with its last checkpoint committed
-        self._event("after_fit")
+        self.checkpointer.wait()  # fit returns with its last checkpoint committed
+        self._fire("after_fit")
         return dict(self.metrics.last, **self.last_eval)
 
     def _after_step(self) -> None:
         """Between optimizer steps: stop on a signal, log, evaluate and save as configured."""
         cfg, state = self.config, self.state
-        if self._stop_agreed:
+        if self._stop:
             self._flush()
             self.save()
-            persist.wait_for_save(self)
-            stop = Preempted(f"stopped by {self._stop_signal or 'a signal on another rank'} after optimizer "
+            self.checkpointer.wait()
+            stop = Preempted(f"stopped by {self._signals.received or 'a signal on another rank'} after optimizer "
                              f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
             self.print(stop.message)
             raise stop
@@ -208,74 +196,80 @@ class Engine:
             self._flush()
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             self.evaluate()
-        if cfg.async_save:  # once, in the background, now that the optimizer state exists
-            persist.reserve_snapshot_buffers(self)
+        if cfg.async_save and state.schedule_step:  # once, in the background, now that the optimizer state exists
+            self.checkpointer.reserve(self.model, self.torch_optimizer)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.plan.total_steps:
             self.save()
 
-    def _train_step(self, window: Window, batches) -> None:
+    def _train_step(self, window: Window, batches: Iterator) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
-        acc, state, ops = self.accelerator, self.state, self.step_ops
+        state, ops = self.state, self.step_ops
         if not self._verdict_on_device:  # there, set once the previous step is counted
             self._set_lr_and_momentum(state.schedule_step)
-        self.callbacks("before_step", self)  # its cancel requests travel with this step's all-reduce
-        # Each micro-batch backpropagates loss_sum * world / window_samples. DDP averages over ranks, so the
-        # synced gradient is sum(grad loss_sum) / window_samples: exact for per-sample means, and rescaled
-        # below to the true item count for token-weighted losses (pitfalls #7, #9).
-        scale = acc.num_processes / window.global_samples
+        self._fire("before_step")  # its cancel requests travel with this step's all-reduce
+        local_loss, local_items, token_weighted = self._accumulate_gradients(window, batches)
+        totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
+        self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
+        if token_weighted:  # rescaled to the step's true item count, summed over micro-batches and ranks
+            loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
+        for param in self._frozen:
+            param.grad = None  # frozen: no update, no weight decay, no momentum drift
+        self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
+        items = totals.items if token_weighted else None
+        if self._verdict_on_device:
+            return self._step_on_device(window, totals, items)
+        verdict = self._decide(totals)  # note: the step's one host-device sync
+        verdict = verdict.cancelled(self._fire("before_optimizer_step"))
+        ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
+        ops.zero_grad()
+        self._stop = verdict.requests.stop
+        self._halt_if(verdict)
+        verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
+        state.consume(window.global_samples)
+        state.count(verdict)
+        if self.lr_scheduler is not None and verdict.apply:
+            self.lr_scheduler.step()
+        self._log_step(state.step, self.step_loss, self.grad_norm, self._lr_metrics, items)
+        self._fire("after_step")
+
+    def _accumulate_gradients(self, window: Window, batches: Iterator) -> tuple[torch.Tensor, Any, bool]:
+        """Forward and backward over this rank's micro-batches; DDP's all-reduce on the last one only.
+
+        Returns this rank's summed loss and item count, and whether the loss is token-weighted.
+        """
+        scale = loss_scaling.micro_scale(self.accelerator.num_processes, window.global_samples)
         loss_sum, num_items, token_weighted = 0.0, 0, False  # num_items stays a host int for per-sample means
         last = len(window.micro_batches) - 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
             batch = self._to_device(next(batches))
-            # All-reduce gradients on the window's last micro-batch only; the Engine drives this, not accumulate().
-            with ops.no_sync(self.is_last_micro):
+            with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
                 self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
-                self.callbacks("after_loss", self)
-                ops.backward(self.micro_loss * scale)
-            self.callbacks("after_backward", self)
+                self._fire("after_loss")
+                self.step_ops.backward(self.micro_loss * scale)
+            self._fire("after_backward")
             loss_sum = loss_sum + self.micro_loss.detach()
             num_items = num_items + items
             token_weighted |= weighted
-        # One all-reduce per step, on the device: the step's loss and item count, and what any rank asks for
-        # (a stop by SIGTERM/SIGUSR1, a callback's cancel), so that all ranks take the same decisions below.
-        loss_sum, num_items, requests = self._reduce_step(loss_sum, num_items)
-        self.step_loss = loss_sum / num_items  # the exact mean over all of this step's items
-        if token_weighted:
-            self._scale_gradients(window.global_samples / num_items)
-        for param in self._frozen:
-            param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
-        if self._verdict_on_device:
-            return self._step_on_device(window, requests, num_items if token_weighted else None)
-        # note: host-device sync, once per step: a non-finite update is never applied, and requests are agreed.
-        values = [self.step_loss, self.grad_norm, *(requests if torch.is_tensor(requests) else ())]
-        loss_value, norm_value, *agreed = torch.stack([v.to(self.grad_norm.dtype) for v in values]).tolist()
-        stop, *cancels = agreed or requests
-        self._stop_agreed = stop > 0
-        cancel = max((level for level, n in enumerate(cancels, 1) if n > 0), default=0)
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        # fp16: an overflow is the GradScaler's business (skip, lower the scale); the NaN policy takes the rest
-        overflow = not finite and self._scaler_overflow(norm_value)
-        refused = not finite and not overflow and self._refuse_non_finite(loss_value, norm_value)
-        cancel = max(cancel, self._event("before_optimizer_step", defer=True))
-        applied = finite and not cancel
-        ops.step(applied)
-        ops.zero_grad()
-        if cancel > CANCEL_STEP:  # the step is not consumed: a resume would run it again
-            raise CANCELS[cancel - 1]()
-        state.step += 1
-        state.samples_seen += window.global_samples
-        state.skipped_steps += not applied
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if refused else 0
-        state.schedule_step += applied
-        if self.lr_scheduler is not None and applied:
-            self.lr_scheduler.step()
-        self._log_step(state.step, self.step_loss, self.grad_norm, self._lr_metrics,
-                       num_items if token_weighted else None)
-        self._event("after_step")
+        return loss_sum, num_items, token_weighted
 
-    def _step_on_device(self, window: Window, requests, items) -> None:
+    def _decide(self, totals: agreement.StepTotals) -> Verdict:
+        """The step's verdict from its reduced numbers, read to the host at once (the synchronous path)."""
+        values = [self.step_loss, self.grad_norm, *(totals.requests if torch.is_tensor(totals.requests) else ())]
+        loss, norm, *flags = torch.stack([v.to(self.grad_norm.dtype) for v in values]).tolist()
+        scaler = self.step_ops.scaler
+        # only on a step whose gradients overflowed: the loss scale before this step's update (a sync)
+        scale = scaler.get_scale() if scaler is not None and not math.isfinite(norm) else None
+        verdict = agreement.decide(loss, norm, flags or totals.requests, self._policy(), self.state.step + 1,
+                                   self.state.skipped_in_a_row, scale)
+        if verdict.overflow:
+            self.print(f"{verdict.reason}: update skipped, loss scale {scale:g} -> "
+                       f"{scale * scaler.get_backoff_factor():g}")
+        elif verdict.refused:
+            self.print(f"skipping the update of step {self.state.step + 1}: {verdict.reason} (nan_policy=skip)")
+        return verdict
+
+    def _step_on_device(self, window: Window, totals: agreement.StepTotals, items) -> None:
         """The end of a step that does not wait for the GPU (see `fit`: a fused optimizer, no callback in the step).
 
         The update is skipped on the device when the loss or the gradient norm is not finite. The host reads
@@ -283,39 +277,43 @@ class Engine:
         and only then counts the step, applies the NaN policy and logs it (`_settle`). The previous step is
         counted before this one's lr is set, so the schedule sees every applied step, as when it is read at once.
         """
-        state = self.state
         self._settle()  # the previous step; nan_policy=halt raises here, before this step's update
-        self._set_lr_and_momentum(state.schedule_step)
+        self._set_lr_and_momentum(self.state.schedule_step)
         self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
         self.step_ops.zero_grad()
-        state.step += 1
-        state.samples_seen += window.global_samples
-        values = [self.step_loss, self.grad_norm]
-        if torch.is_tensor(requests):  # several processes: the stop flag was all-reduced with the loss
-            values.append(requests[0])
-        else:
-            self._stop_agreed = requests[0] > 0
-        ticket = self._readback.start(torch.stack([v.to(torch.float64) for v in values]))
-        self._pending = (state.step, state.samples_seen, ticket, self.step_loss, self.grad_norm, self._lr_metrics,
-                         items)
-        self._event("after_step")
+        self.state.consume(window.global_samples)
+        flags = totals.requests
+        values = [self.step_loss, self.grad_norm, *(flags if torch.is_tensor(flags) else ())]
+        if not torch.is_tensor(flags):  # one process: the stop flag is on the host already
+            self._stop = flags[0] > 0
+        ticket = self._readback.start(torch.stack([v.to(self._item_dtype) for v in values]))
+        self._pending = (self.state.step, self.state.samples_seen, ticket, self.step_loss, self.grad_norm,
+                         self._lr_metrics, items)
+        self._fire("after_step")
 
     def _settle(self) -> None:
         """Count the step left pending by `_step_on_device`: skipped or applied, the NaN policy, its log row."""
         if self._pending is None:
             return
         (step, samples_seen, ticket, loss, grad_norm, lr_metrics, items), self._pending = self._pending, None
-        loss_value, norm_value, *stop = ticket.read()  # note: host-device sync on numbers the GPU computed a step ago
-        state = self.state
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        refused = not finite and self._refuse_non_finite(loss_value, norm_value, step)
-        state.skipped_steps += not finite
-        state.skipped_in_a_row = state.skipped_in_a_row + 1 if refused else 0
-        state.schedule_step += finite
-        if self.lr_scheduler is not None and finite:
+        loss_value, norm_value, *flags = ticket.read()  # note: host-device sync on numbers a step old: no wait
+        verdict = agreement.decide(loss_value, norm_value, flags or [0.0] * 4, self._policy(), step,
+                                   self.state.skipped_in_a_row)
+        if verdict.refused:
+            self.print(f"skipping the update of step {step}: {verdict.reason} (nan_policy=skip)")
+        self._halt_if(verdict)
+        self.state.count(dataclasses.replace(verdict, apply=verdict.finite))  # no cancel on this path
+        if self.lr_scheduler is not None and verdict.finite:
             self.lr_scheduler.step()
-        self._stop_agreed = self._stop_agreed or bool(stop and stop[0] > 0)
+        self._stop = self._stop or verdict.requests.stop
         self._log_step(step, loss, grad_norm, lr_metrics, items, samples_seen)
+
+    def _halt_if(self, verdict: Verdict) -> None:
+        """Stop the run on the NaN policy's halt, naming the step and the last good checkpoint."""
+        if verdict.halt:
+            latest = checkpoint.latest_checkpoint(self.config.output_dir)
+            kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
+            raise NonFiniteError(verdict.halt + kept)
 
     def _log_step(self, step: int, loss, grad_norm, lr_metrics: dict, items, samples_seen: int | None = None) -> None:
         samples_seen = self.state.samples_seen if samples_seen is None else samples_seen
@@ -332,120 +330,54 @@ class Engine:
 
     def _step_ops(self):
         """The step's gradient operations for this setup (acctrain.step_ops), chosen once."""
-        return step_ops_for(self.accelerator, self.model, self._torch_optimizer, self.optimizer)
+        return step_ops_for(self.accelerator, self.model, self.torch_optimizer, self.optimizer)
 
-    def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | int, bool]:
-        """(summed loss, item count, token-weighted?) of one micro-batch; padding counts as zero."""
-        out = self.loss_fn(self.model, batch) if self.loss_fn is not None else _model_loss(self.model, batch)
-        if isinstance(out, (tuple, list)):
-            loss_sum, items = out
-            items = items.to(self._item_dtype) if torch.is_tensor(items) else float(items)
-            weighted = True
-        else:
-            loss_sum, items, weighted = out * num_samples, num_samples, False
-        if num_samples == 0:  # a padding micro-batch: it only joins the all-reduce
-            loss_sum, items = loss_sum * 0, items * 0
-        return loss_sum, items, weighted
+    def _policy(self) -> Policy:
+        return Policy(self.config.nan_policy, self.config.max_skipped_steps)
 
-    def _reduce_step(self, loss_sum: torch.Tensor, num_items: torch.Tensor | int):
-        """Sum the step's loss and items over all ranks, with each rank's stop flag and in-step cancel request.
+    def _requests(self) -> Requests:
+        """This rank's requests for the step: a stop (a signal arrived) and a cancel from the step's callbacks."""
+        return Requests(stop=self._signals.received is not None, cancel=self.callbacks.take())
 
-        Returns (loss_sum, num_items, requests): requests are [stops, CancelStep, CancelEpoch, CancelFit]
-        counts, a device tensor after an all-reduce, or plain numbers in a single process.
+    def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
+        out = self.loss_fn(self.model, batch) if self.loss_fn is not None else loss_scaling.model_loss(self.model, batch)
+        return loss_scaling.normalise(out, num_samples, self._item_dtype)
+
+    def _fire(self, event: str):
+        """Run an event's callbacks: the one dispatcher.
+
+        Cancels raised in the step's first events (before_step, after_loss, after_backward) travel with the
+        step's all-reduce (`_requests`). After any other event that has a handler, all ranks agree here on
+        the strongest cancel any of them raised (one small all-reduce); inside fit an agreed CancelEpoch or
+        CancelFit is raised at once, except after before_optimizer_step, whose cancel is returned.
         """
-        acc, requested = self.accelerator, self.callbacks.requested
-        self.callbacks.requested = 0
-        flags = [float(self._stop_signal is not None)] + [float(requested == n) for n in range(1, len(CANCELS) + 1)]
-        if acc.num_processes == 1:
-            return loss_sum, num_items, flags
-        dtype = self._item_dtype
-        local = torch.cat([torch.stack([loss_sum.to(dtype), torch.as_tensor(num_items, dtype=dtype, device=acc.device)]),
-                           torch.tensor(flags, dtype=dtype, device=acc.device)])
-        totals = acc.reduce(local, reduction="sum")
-        return totals[0], totals[1], totals[2:]
-
-    def _event(self, name: str, defer: bool = False) -> int:
-        """Run an event's callbacks; where it has any, all ranks agree on the cancel any of them requested.
-
-        Returns the agreed level (0 none, else 1 + index in CANCELS). Inside fit, an agreed CancelEpoch or
-        CancelFit is raised here unless `defer`.
-        """
-        self.callbacks(name, self)
-        if not self.callbacks.has(name):
-            return 0
-        level = self.callbacks.requested
-        self.callbacks.requested = 0
+        self.callbacks(event, self)
+        if event in IN_STEP_EVENTS or not self.callbacks.has(event):
+            return None
+        cancel = self.callbacks.take()
         if self.accelerator.num_processes > 1:
             # note: host-device sync and a collective, only after events that have callbacks
-            flag = torch.tensor(level, device=self.accelerator.device)
-            level = int(self.accelerator.reduce(flag, reduction="max").item())
-        if level > CANCEL_STEP and not defer and self._fitting:
-            raise CANCELS[level - 1]()
-        return level
+            flags = torch.tensor(Requests(cancel=cancel).flags(), device=self.accelerator.device)
+            cancel = Requests.agreed(self.accelerator.reduce(flags, reduction="sum").tolist()).cancel
+        if cancel in (CancelEpoch, CancelFit) and event != "before_optimizer_step" and self._fitting:
+            raise cancel()
+        return cancel
 
-    def _scaler_overflow(self, grad_norm: float) -> bool:
-        """Whether a non-finite gradient norm is an fp16 overflow that the GradScaler handles.
+    def _batches(self, epoch: int, windows: list[Window]) -> Iterator:
+        """The training batches of these windows, in order (pinned on CUDA)."""
+        return micro_batch_loader(self.train_data, windows, self.collate_fn, self.config.num_workers,
+                                  seed=runtime.loader_seed(self.config.seed, epoch),
+                                  pin_memory=self.accelerator.device.type == "cuda")
 
-        It is while the loss scale is above MIN_LOSS_SCALE: the step is skipped, `update()` lowers the scale,
-        and the schedule does not advance. At the floor the gradients are inf/NaN unscaled too: the NaN policy.
-        """
-        scaler = self.step_ops.scaler
-        if scaler is None:
-            return False
-        scale = scaler.get_scale()  # note: host-device sync, only on a step whose gradients overflowed
-        if scale <= MIN_LOSS_SCALE:
-            return False
-        self.print(f"fp16 overflow at optimizer step {self.state.step + 1} (gradient norm {grad_norm}): update "
-                   f"skipped, loss scale {scale:g} -> {scale * scaler.get_backoff_factor():g}")
-        return True
-
-    def _refuse_non_finite(self, loss: float, grad_norm: float, step: int | None = None) -> bool:
-        """A non-finite loss or gradient norm that no GradScaler handles: raise (nan_policy='halt', or too many
-        skips in a row) or print that the update is skipped and return True (nan_policy='skip')."""
-        cfg, step = self.config, step or self.state.step + 1
-        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at optimizer step {step} " \
-               f"(loss {loss}, grad norm {grad_norm})"
-        if self.step_ops.scaler is not None:
-            what += f" with the fp16 loss scale at its floor ({MIN_LOSS_SCALE:g})" if not math.isfinite(grad_norm) \
-                else " (finite gradients: not an fp16 overflow)"
-        latest = checkpoint.latest_checkpoint(cfg.output_dir)
-        kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
-        if cfg.nan_policy == "halt":
-            raise NonFiniteError(f"{what} with nan_policy=halt{kept}")
-        if self.state.skipped_in_a_row + 1 >= cfg.max_skipped_steps:
-            raise NonFiniteError(f"{what}: {cfg.max_skipped_steps} skipped steps in a row (max_skipped_steps){kept}")
-        self.print(f"skipping the update of step {step}: {what} (nan_policy=skip)")
-        return True
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """While fitting, SIGTERM and SIGUSR1 ask for a save at the next step boundary (all ranks agree)."""
-        self._stop_agreed = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _scale_gradients(self, factor: torch.Tensor) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            from torch.distributed.tensor.experimental import implicit_replication
-
-            with implicit_replication():  # FSDP's DTensor gradients times a plain (replicated) scalar
-                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+    def _build_schedule(self, schedule: str | Callable[[int], float]):
+        cfg = self.config
+        return build_schedule(schedule, self.plan.total_steps, warmup_steps=cfg.warmup_steps,
+                              warmup_ratio=cfg.warmup_ratio, steps_per_epoch=self.plan.steps_per_epoch,
+                              args=cfg.schedule_args)
 
     def _set_lr_and_momentum(self, step: int) -> None:
         """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
-        groups = self._torch_optimizer.param_groups
+        groups = self.torch_optimizer.param_groups
         if self.lr_scheduler is None:
             factor, momentum = self.schedule.lr_factor(step), self.schedule.momentum(step)
             for group in groups:
@@ -467,24 +399,18 @@ class Engine:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once)."""
+        self._settle()  # the counters of every step taken, for after_evaluate
         self.last_eval = {}
         if self.eval_data is None:
             return {}
         acc = self.accelerator
-        n, rank, world = len(self.eval_data), acc.process_index, acc.num_processes
-        shard = list(range(n * rank // world, n * (rank + 1) // world))
-        micro = self.config.micro_batch_size
-        loader = DataLoader(
-            self.eval_data,
-            batch_sampler=[shard[i : i + micro] for i in range(0, len(shard), micro)],
-            collate_fn=self.collate_fn or torch.utils.data.default_collate,
-            generator=torch.Generator(),  # creating the iterator must not draw from the global RNG
-        )
+        loader = eval_loader(self.eval_data, acc.process_index, acc.num_processes, self.config.micro_batch_size,
+                             self.collate_fn)
         self.model.eval()
         totals = torch.zeros(2, dtype=self._item_dtype, device=acc.device)
         for batch in loader:
             batch = send_to_device(batch, acc.device, non_blocking=True)
-            size = len(next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0])
+            size = len(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
             loss_sum, items, _ = self._loss(batch, size)
             totals += torch.stack([loss_sum.detach().to(totals.dtype), torch.as_tensor(items).to(totals)])
         self.model.train()
@@ -495,46 +421,133 @@ class Engine:
         self._eval_step = self.state.step
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
-        self._event("after_evaluate")
+        self._fire("after_evaluate")
         return self.last_eval
 
+    # ------------------------------------------------------------------------------------ state
+
     def save(self) -> None:
-        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.persist."""
+        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
         self._settle()  # the counters and the schedule of every step taken
-        persist.save(self)
+        self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,
+                                                      self.state_dict())
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint that `config.resume` selects, once (fit and lr_find call it first); returns its path."""
+        if self._resumed:
+            return self.resumed_from
+        self._resumed = True
+        self.resumed_from = self.checkpointer.find()
+        if self.resumed_from is not None:
+            meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
+                                                              {**self.plan.describe(), "seed": self.plan.seed})
+            self.load_state_dict(meta)
+            self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
+        return self.resumed_from
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state as JSON (trainer_state.json): counters, plan, config, schedule, scaler, callbacks."""
+        import accelerate
+
+        import acctrain
+
+        plan, scaler = self.plan, self.step_ops.scaler
+        return {
+            "state": dataclasses.asdict(self.state),
+            "epoch": self.state.step // plan.steps_per_epoch,
+            "plan": {**plan.describe(), "seed": plan.seed},
+            "config": self.config.to_dict(),
+            "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__,
+                         "accelerate": accelerate.__version__},
+            "schedule": self.schedule.state_dict(),
+            "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
+            "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
+            "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks.items],
+            "metrics": dict(self.last_eval) if self._eval_step == self.state.step else {},
+        }
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output: counters, schedule position, scaler and callbacks."""
+        self.state = TrainState(**meta["state"])
+        saved = meta["schedule"]
+        if saved == {**saved, **self.schedule.state_dict(), "state": saved.get("state")}:
+            self.schedule.load_state_dict(saved)
+        elif saved.get("name") == self.schedule.name:
+            self.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
+        if self.lr_scheduler is not None and meta["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+        if self.step_ops.scaler is not None and meta["scaler"]:
+            self.step_ops.scaler.load_state_dict(meta["scaler"])
+        for cb, saved_cb in zip(self.callbacks.items, meta["callbacks"]):
+            if type(cb).__name__ == saved_cb["class"]:
+                cb.load_state_dict(saved_cb["state"])
+
+    @contextlib.contextmanager
+    def trial(self):
+        """Try something on the Engine and undo it: on exit the weights (bitwise), the optimizer, the loss
+        scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
+        scaler = self.step_ops.scaler
+        weights = {k: v.detach().clone() for k, v in self.unwrapped_model.state_dict().items()}
+        optimizer = copy.deepcopy(self.torch_optimizer.state_dict())
+        scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+        rng = rng_to_files()
+        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler")
+        loop = {name: getattr(self, name) for name in names}
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self.unwrapped_model.load_state_dict(weights)
+            self.torch_optimizer.load_state_dict(optimizer)
+            self.torch_optimizer.zero_grad(set_to_none=True)
+            if scaler_state is not None:
+                scaler.load_state_dict(scaler_state)
+            rng_from_files(*rng)
+            for name, value in loop.items():
+                setattr(self, name, value)
+
+    def train_steps(self, num_steps: int, lr_at: Callable[[int], float]) -> Iterator[float]:
+        """Optimizer steps on the plan's batches from its start, yielding each step's loss (all ranks' mean).
+
+        Step i sets the lr of the param groups with multiplier 1 to `lr_at(i)` (others in proportion), skips
+        non-finite updates, and runs no callbacks, logs or checkpoints. Use it inside `trial()` (lr_find does).
+        """
+        groups = self.torch_optimizer.param_groups
+        reference = next((g for g in groups if g.get("lr_mult") == 1.0), groups[0])["base_lr"]
+        self.schedule = build_schedule(lambda k: lr_at(k) / reference, num_steps)
+        self.callbacks, self.lr_scheduler, self.state = Callbacks(()), None, TrainState()
+        self.metrics = MetricLog(self.accelerator, num_steps)  # never flushed
+        self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
+        plan, rank, i = self.plan, self.accelerator.process_index, 0
+        for epoch in range(math.ceil(num_steps / plan.steps_per_epoch)):
+            windows = plan.rank_windows(epoch, rank, 0, min(plan.steps_per_epoch, num_steps - i))
+            batches = self._batches(epoch, windows)
+            for window in windows:
+                self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
+                self._train_step(window, batches)
+                i += 1
+                yield float(self.step_loss)  # note: host-device sync per step; identical on all ranks
 
     def _start_run(self) -> None:
-        """Create the output directory and trackers, print the run plan (nothing is written before this)."""
+        """Create the output directory and trackers, seed, print the run plan (nothing is written before this)."""
         acc, cfg = self.accelerator, self.config
         if cfg.resume == "none" and cfg.overwrite and acc.is_main_process:
             shutil.rmtree(checkpoint.checkpoints_root(cfg.output_dir), ignore_errors=True)
         acc.wait_for_everyone()
-        logging_dir = os.path.join(cfg.output_dir, "logs")
-        if getattr(self, "_logging_dir", None) != logging_dir:  # the first fit, or a new phase's output_dir
-            for tracker in acc.trackers:
-                tracker.finish()
-            acc.trackers = []
-            acc.project_configuration.project_dir, acc.project_configuration.logging_dir = cfg.output_dir, logging_dir
-            acc.init_trackers("acctrain", config=_flat_config(cfg.to_dict()))
-            acc.log({"config": "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```"}, step=self.state.step)
-            self._logging_dir = logging_dir
+        runtime.start_trackers(acc, cfg, self.state.step)
         self.model.train()
         if self.resumed_from is None:
-            torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index)  # dropout: per rank, reproducible
+            torch.manual_seed(runtime.rank_seed(cfg.seed, acc.process_index))  # dropout: per rank, reproducible
         elif self._restored_rng is not None:
             rng_from_files(*self._restored_rng)
         else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
-            torch.manual_seed(cfg.seed * 1_000_003 + acc.process_index + 7919 * self.state.step)
+            torch.manual_seed(runtime.rank_seed(cfg.seed, acc.process_index, self.state.step))
         if not self._summarised:
             self.print(model_summary(self.unwrapped_model, self.is_frozen))
             self._summarised = True
-        plan = self.plan.describe()
-        self.print(
-            "run plan: "
-            + ", ".join(f"{k}={v}" for k, v in plan.items())
-            + f", precision={self.config.mixed_precision}, schedule={self._schedule_name()}"
-            + f", backend={_backend()}, devices={_local_devices(acc)}, output_dir={self.config.output_dir}",
-        )
+        self.print("run plan: " + ", ".join(f"{k}={v}" for k, v in self.plan.describe().items())
+                   + f", precision={cfg.mixed_precision}, schedule={self._schedule_name()}"
+                   + f", backend={runtime.backend()}, devices={runtime.local_devices(acc)}, output_dir={cfg.output_dir}")
 
     # ------------------------------------------------------------------------------------ the toolkit
 
@@ -598,7 +611,7 @@ class Engine:
         """Start a new training phase with these config changes (epochs, lr, scheduler, output_dir, ...).
 
         The model and optimizer carry over; the plan, schedule and step counter start afresh, and a
-        checkpoint in the (new) output_dir is resumed as usual, so a multi-phase recipe is resumable.
+        checkpoint in the (new) output_dir is resumed as usual when it fits, so a multi-phase recipe is resumable.
         """
         old_lr = self.config.lr
         if self.config.resume not in ("auto", "none"):  # a given checkpoint belongs to the first phase only
@@ -606,14 +619,14 @@ class Engine:
         self.config = dataclasses.replace(self.config, **changes)
         cfg = self.config
         self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed)
-        self.schedule = build_schedule(cfg.scheduler, self.plan.total_steps, warmup_steps=cfg.warmup_steps,
-                                       warmup_ratio=cfg.warmup_ratio, steps_per_epoch=self.plan.steps_per_epoch,
-                                       args=cfg.schedule_args)
-        for group in self._torch_optimizer.param_groups:  # the Engine's groups know their multiplier
+        self.schedule = self._build_schedule(cfg.scheduler)
+        for group in self.torch_optimizer.param_groups:  # the Engine's groups know their multiplier
             group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
         self.metrics = self._metric_log()
         self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
-        self.resumed_from = persist.resume(self)
+        self.checkpointer.wait()
+        self.checkpointer = Checkpointer(self.accelerator, cfg)  # the phase's output_dir
+        self.resumed_from, self._resumed, self._restored_rng = None, False, None
 
     def _metric_log(self) -> MetricLog:
         flops = getattr(self.unwrapped_model, "flops_per_token", None)
@@ -633,91 +646,6 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
     def close(self) -> None:
-        """Wait for a background save, finish trackers and destroy the process group (pitfalls #3)."""
-        persist.wait_for_save(self)
+        """Wait for a background save, finish trackers and destroy the process group (gloo can abort at exit otherwise)."""
+        self.checkpointer.wait()
         self.accelerator.end_training()
-
-
-def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """The model's own loss, as HF Transformers models return it when the batch holds labels."""
-    outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no loss: give the batch a 'labels' entry (HF models) or pass loss_fn=..."
-        )
-    return loss
-
-
-def _make_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator whose process group really spans every launched process (pitfalls #1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    # `accelerate launch --cpu` sets ACCELERATE_USE_CPU (Accelerate honours it too). Without CUDA, Accelerate
-    # runs N independent single-process jobs unless told cpu=True (FSDP needs the group even for one process).
-    cpu = config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
-    cpu = cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
-    if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
-        # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler; pitfalls #2).
-        raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
-    if not cpu and torch.cuda.is_available():
-        check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
-    state = AcceleratorState._shared_state
-    if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
-        # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
-        # a test) may choose another. The process group itself (PartialState) is kept.
-        AcceleratorState._reset_state()
-    # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
-    accelerator = Accelerator(
-        cpu=cpu,
-        fsdp_plugin=plugin,
-        mixed_precision=config.mixed_precision,
-        log_with=[name.strip() for name in config.log_with.split(",") if name.strip()],
-        project_config=ProjectConfiguration(
-            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
-        ),
-    )
-    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        sharded.use_fsdp2_on_cpu(accelerator, plugin)  # Accelerate drops the FSDP plugin on CPU otherwise
-    if accelerator.device.type == "cpu":
-        # Launchers set OMP_NUM_THREADS=1 (accelerate launch even for one process), leaving cores idle.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(
-            f"launched {world_size} processes but the process group has {accelerator.num_processes}: "
-            "they would train as independent jobs. Check the launcher and the accelerate config."
-        )
-    return accelerator
-
-
-def check_gpus_per_node(local_processes: int, gpus: int) -> None:
-    """Refuse a launch with more processes on this node than visible GPUs (NCCL would put two ranks on one
-    GPU and abort with "Duplicate GPU detected", or Accelerate would pick a device that does not exist)."""
-    if local_processes > gpus:
-        raise ConfigError("cpu", f"{local_processes} processes on this node but {gpus} visible GPU(s): each process "
-                          f"needs a GPU of its own. Launch at most {gpus} process(es) per node (--nproc_per_node / "
-                          "--num_processes), make more GPUs visible (CUDA_VISIBLE_DEVICES), or set cpu=true to "
-                          "train on the CPU (gloo).")
-
-
-def _flat_config(values: dict[str, Any]) -> dict[str, Any]:
-    """Config values as TensorBoard hparams accept them (scalars and strings)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
-
-
-def _backend() -> str:
-    """The process group's backend (nccl, gloo), or 'none' for one process without a group."""
-    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-
-
-def _local_devices(accelerator: Accelerator) -> str:
-    """The device of each local rank on this node: cuda:{local rank}, as Accelerate assigns GPUs, or cpu."""
-    device = accelerator.device
-    if device.type != "cuda":
-        return device.type
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local == 1:
-        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
-    return ",".join(f"cuda:{rank}" for rank in range(local))

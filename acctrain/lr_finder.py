@@ -4,7 +4,8 @@
     suggestions.valley
 
 Iteration i (0-based) trains one optimizer step at lr = start_lr * (end_lr / start_lr) ** (i / num_it)
-(fastai's exponential annealer), on the plan's global batches, with every param group scaled alike.
+(fastai's exponential annealer) for the param groups with lr multiplier 1, the others in proportion (so a
+suggestion is what to pass as `lr=`), on the plan's global batches (`Engine.train_steps` in `Engine.trial()`).
 The loss is the step's exact mean over all ranks, smoothed as fastai does (moving average, beta 0.98,
 debiased); with `stop_div` the test stops once the smoothed loss exceeds 4x its minimum or is not
 finite. All ranks see the same reduced loss, so they stop at the same iteration and suggest the same.
@@ -17,21 +18,13 @@ minimum, steep), applied to the recorded lrs and smoothed losses without the fir
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from collections import namedtuple
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from acctrain.callbacks import Callbacks
-from acctrain.data import micro_batch_loader
-from acctrain.schedules import build_schedule
-from acctrain.state import rng_from_files, rng_to_files
-from acctrain.tracking import MetricLog
 
 
 # fastai's suggestion functions: (lrs, losses, num_it) -> suggested lr, (lr, loss) of the point to mark
@@ -96,24 +89,13 @@ def lr_find(
     """
     if not 0 < start_lr < end_lr:
         raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
-    saved = _snapshot(engine)
-    groups = engine._torch_optimizer.param_groups
-    base0 = groups[0]["base_lr"]
-    engine.schedule = build_schedule(lambda k: start_lr * (end_lr / start_lr) ** (k / num_it) / base0, num_it)
-    engine.callbacks = Callbacks(())
-    engine.metrics = MetricLog(engine.accelerator, num_it)  # never flushed: the test logs nothing
-    engine.state = type(engine.state)()  # a fresh counter; the snapshot keeps the real one
-    engine.lr_scheduler = None
-    engine.config = dataclasses.replace(engine.config, nan_policy="skip", max_skipped_steps=10**9)
+    engine.resume()  # the test starts from the weights a fit would continue from
+    lr_at = lambda i: start_lr * (end_lr / start_lr) ** (i / num_it)  # noqa: E731  (fastai's exponential)
     lrs, losses = [], []
-    try:
-        smooth, count, best = 0.0, 0, math.inf
-        for i, window, batches in _windows(engine, num_it):
-            engine.state.schedule_step = i  # iteration i uses the exponential at i / num_it, even after a skip
-            engine._train_step(window, batches)
-            lrs.append(groups[0]["lr"])
-            # note: host-device sync per iteration; the reduced loss, identical on all ranks
-            loss = float(engine.step_loss)
+    smooth, count, best = 0.0, 0, math.inf
+    with engine.trial():  # weights, optimizer, RNGs and the loop's state are put back afterwards
+        for i, loss in enumerate(engine.train_steps(num_it, lr_at)):
+            lrs.append(lr_at(i))  # the lr of the groups with multiplier 1: what `lr=` sets
             count += 1
             smooth = smooth * 0.98 + loss * 0.02 if math.isfinite(loss) else math.nan
             smoothed = smooth / (1 - 0.98**count)
@@ -121,8 +103,6 @@ def lr_find(
             best = min(best, smoothed) if math.isfinite(smoothed) else best
             if stop_div and (not math.isfinite(smoothed) or smoothed > 4 * best):
                 break
-    finally:
-        _restore(engine, saved)
     engine.lr_find_result = (lrs, losses)
     cut_lrs, cut_losses = np.array(lrs[num_it // 10 : -5]), np.array(losses[num_it // 10 : -5])  # as fastai
     finite = np.isfinite(cut_losses)
@@ -137,41 +117,6 @@ def lr_find(
         path = Path(engine.config.output_dir) / "lr_find.png" if plot == "auto" else Path(plot)
         _plot(lrs, losses, suggestions, [r[1] for r in results], path)
     return suggestions
-
-
-def _windows(engine, num_it: int):
-    """(iteration, window, batches) over the plan's optimizer steps from the start, epoch after epoch."""
-    plan, rank, i = engine.plan, engine.accelerator.process_index, 0
-    for epoch in range(math.ceil(num_it / plan.steps_per_epoch)):
-        windows = plan.rank_windows(epoch, rank, 0, min(plan.steps_per_epoch, num_it - i))
-        batches = micro_batch_loader(engine.train_data, windows, engine.collate_fn, engine.config.num_workers,
-                                     seed=engine.config.seed * 7919 + epoch)
-        for window in windows:
-            yield i, window, batches
-            i += 1
-
-
-def _snapshot(engine) -> dict:
-    scaler = engine.step_ops.scaler
-    return {
-        "model": {k: v.detach().clone() for k, v in engine.unwrapped_model.state_dict().items()},
-        "optimizer": copy.deepcopy(engine._torch_optimizer.state_dict()),
-        "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
-        "rng": rng_to_files(),
-        "attrs": {k: getattr(engine, k) for k in ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler")},
-    }
-
-
-def _restore(engine, saved: dict) -> None:
-    with torch.no_grad():
-        engine.unwrapped_model.load_state_dict(saved["model"])
-    engine._torch_optimizer.load_state_dict(saved["optimizer"])
-    engine._torch_optimizer.zero_grad(set_to_none=True)
-    if saved["scaler"] is not None:
-        engine.step_ops.scaler.load_state_dict(saved["scaler"])
-    rng_from_files(*saved["rng"])
-    for key, value in saved["attrs"].items():
-        setattr(engine, key, value)
 
 
 def _plot(lrs, losses, suggestions, points, path: Path) -> None:

@@ -40,11 +40,10 @@ class Readback:
         if values.device.type != "cuda":
             return Ticket(values, None)
         self.turn = (self.turn + 1) % self.slots
-        key = (self.turn, values.shape, values.dtype)
+        key = (self.turn, values.shape, values.dtype, values.device)
         if key not in self.buffers:  # page-locked, so that the copy is truly asynchronous
-            self.buffers[key] = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host = self.buffers[key]
+            self.buffers[key] = (torch.empty(values.shape, dtype=values.dtype, pin_memory=True), torch.cuda.Event())
+        host, done = self.buffers[key]
         host.copy_(values, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(values.device))  # the stream that computed them and copies them
         return Ticket(host, done)

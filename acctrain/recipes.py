@@ -55,7 +55,7 @@ def fine_tune(engine, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1
         engine.freeze(body)
         fit_one_cycle(engine, freeze_epochs, base_lr, pct_start=0.99, output_dir=str(root / "phase1"), **changes)
         engine.unfreeze()
-    for i, group in enumerate(engine._torch_optimizer.param_groups):
+    for i, group in enumerate(engine.torch_optimizer.param_groups):
         group["lr_mult"] = 1 / lr_mult if i in body_groups else 1.0
     return fit_one_cycle(engine, epochs, base_lr / 2, div=div, pct_start=pct_start, output_dir=str(root / "phase2"),
                          **changes)
@@ -71,7 +71,7 @@ def _groups_of(engine, names: set[str]) -> set[int]:
     """Indices of the param groups that hold exactly the named parameters (each group all in or all out)."""
     by_id = {id(p): n for n, p in engine.unwrapped_model.named_parameters()}
     inside = set()
-    for i, group in enumerate(engine._torch_optimizer.param_groups):
+    for i, group in enumerate(engine.torch_optimizer.param_groups):
         members = {by_id.get(id(p)) in names for p in group["params"]}
         if members == {True, False}:
             raise ValueError(

@@ -5,7 +5,7 @@ keep their ratios) and, for one_cycle only, a momentum (beta1 for Adam; None = l
 k counts the optimizer steps already *applied* (a step skipped on fp16 overflow does not count), and the
 value for k is used by update k+1. Values depend only on k and the plan (total optimizer steps, steps per
 epoch) - never on world size, accumulation or a hidden counter - so the engine sets the lr itself and
-never hands a scheduler to `accelerator.prepare`, which would step it once per process (pitfalls.md #4-6).
+never hands a scheduler to `accelerator.prepare`, which would step it once per process per optimizer step.
 
     sched = build_schedule("one_cycle", total_steps=1000, args={"pct_start": 0.3})
     for k in range(1000):

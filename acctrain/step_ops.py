@@ -31,11 +31,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-MIN_LOSS_SCALE = 1.0
-"""An fp16 overflow with the loss scale at or below this is no longer the GradScaler's to fix: the gradients
-are inf/NaN unscaled too, and the NaN policy decides (DeepSpeed's `min_loss_scale` default)."""
-
-
 class TorchStep:
     """One process or plain DDP: torch's calls, with an optional GradScaler (fp16)."""
 
@@ -67,19 +62,21 @@ class TorchStep:
 
     @property
     def skips_on_device(self) -> bool:
-        """Whether `step_if_finite` can decide on the device: a fused torch optimizer (fused AdamW, the default
-        on CUDA) takes `found_inf`, the protocol GradScaler uses with it; and no GradScaler is in the way."""
-        return self.scaler is None and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        """Whether `step_if_finite` can decide on the device: torch's fused Adam or AdamW (the default on CUDA)
+        takes `found_inf`, the protocol GradScaler uses with it, and no GradScaler is in the way. Not any
+        optimizer with `_step_supports_amp_scaling`: fused SGD would keep uninitialised momentum after a
+        skipped first step, and optimizers on the older `grad_scaler=` protocol ignore `found_inf`."""
+        fused_adam = isinstance(self.optimizer, torch.optim.Adam) and bool(self.optimizer.defaults.get("fused"))
+        return self.scaler is None and fused_adam
 
     def step_if_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Apply the update unless the loss or the gradient norm is inf/NaN, decided on the device: no host sync."""
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).to(torch.float32)  # 1: the fused kernel leaves params and state as they are
-        self.optimizer.grad_scale = None  # the gradients are already the true ones
         try:
             self.optimizer.step()
         finally:
-            del self.optimizer.found_inf, self.optimizer.grad_scale
+            del self.optimizer.found_inf
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

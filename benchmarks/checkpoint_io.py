@@ -73,8 +73,8 @@ def adam_state(engine) -> None:
     """One AdamW step on constant gradients: exp_avg and exp_avg_sq for every parameter."""
     for p in engine.unwrapped_model.parameters():
         p.grad = torch.full_like(p, 1e-3)
-    engine._torch_optimizer.step()
-    engine._torch_optimizer.zero_grad(set_to_none=True)
+    engine.torch_optimizer.step()
+    engine.torch_optimizer.zero_grad(set_to_none=True)
 
 
 def evict(directory: Path) -> None:
@@ -109,7 +109,7 @@ class Bench:
         self.bytes = sum(t.numel() * t.element_size() for t in tensors)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        state = self.engine._torch_optimizer.state_dict()["state"]
+        state = self.engine.torch_optimizer.state_dict()["state"]
         return {f"state.{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
 
     # ---------------------------------------------------------------------------------- saves
@@ -299,9 +299,7 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     if "async_save" not in {f.name for f in dataclasses.fields(TrainConfig)}:
         print("\nasync save: skipped, TrainConfig has no `async_save` field in this version of acctrain")
         return {"skipped": "TrainConfig has no async_save field"}
-    from acctrain import persist
-
-    engine = make_engine(model, root / "run-async", optimizer=bench.engine._torch_optimizer, async_save=True)
+    engine = make_engine(model, root / "run-async", optimizer=bench.engine.torch_optimizer, async_save=True)
     completion: list[float] = []
 
     def pause() -> float:
@@ -313,7 +311,7 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
                 raise TimeoutError(f"{final} did not appear within 600 s")
             time.sleep(0.01)
         completion.append(time.perf_counter() - start)
-        persist.wait_for_save(engine)  # the writer thread's last steps after the rename (rotation), untimed
+        engine.checkpointer.wait()  # the writer thread's last steps after the rename (rotation), untimed
         bench.ckpt.verify(final)  # untimed
         return seconds
 
@@ -323,11 +321,11 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     unreserved = pause()
     completion.pop()
     engine.close()
-    engine = make_engine(model, root / "run-async2", optimizer=bench.engine._torch_optimizer, async_save=True)
+    engine = make_engine(model, root / "run-async2", optimizer=bench.engine.torch_optimizer, async_save=True)
     engine.state.schedule_step = 1  # as after the first applied optimizer step (adam_state made the state)
     start = time.perf_counter()
-    persist.reserve_snapshot_buffers(engine)  # what fit() calls after each step; the training thread goes on
-    engine._reservation.join()
+    engine.checkpointer.reserve(engine.model, engine.torch_optimizer)  # what fit() calls after the first step
+    engine.checkpointer.writer.reservation.join()
     reserving = time.perf_counter() - start
     first = pause()
     first_completion = completion.pop()

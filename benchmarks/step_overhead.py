@@ -289,7 +289,7 @@ def clock() -> tuple[float, float]:
 def bypass_accelerate(engine) -> None:
     """What-if (--what-if): the Engine calling torch directly where Accelerate's wrappers do nothing for a
     single CPU process without a GradScaler. Instance patches, here only; acctrain itself is unchanged."""
-    acc, raw = engine.accelerator, engine._torch_optimizer
+    acc, raw = engine.accelerator, engine.torch_optimizer
     assert acc.scaler is None and acc.num_processes == 1 and acc.distributed_type.value == "NO"
 
     class Optimizer:  # AcceleratedOptimizer.step minus its per-call optional-package checks

@@ -1,0 +1,187 @@
+"""A run's checkpoints, given its state: save, find, verify and load, never reading or writing the trainer.
+
+    checkpointer = Checkpointer(accelerator, config)
+    checkpointer.save(step, model, optimizer, meta)   # all ranks: weights, optimizer, this rank's RNG, meta
+    checkpointer.wait()                               # a background save (async_save) has committed
+    path = checkpointer.find()                        # per config.resume: auto, none, or a path (verified)
+    meta, rng = checkpointer.load(path, model, optimizer, plan)   # weights and optimizer in place; the rest returned
+
+`meta` is the JSON the run's parts made with their `state_dict()` (the Engine's `state_dict`: counters,
+schedule, callbacks, loss scaler, config); it is written as `trainer_state.json` and handed back on load,
+with this rank's RNG state, for the parts to load themselves. The files and their crash-safe commit are
+acctrain.checkpoint's, the FSDP shards acctrain.sharded's, the background write acctrain.async_save's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from acctrain import checkpoint, sharded
+from acctrain.async_save import AsyncWriter
+from acctrain.config import TrainConfig
+from acctrain.errors import ConfigError
+from acctrain.state import optimizer_from_files, optimizer_to_files, rng_to_files
+
+PLAN_KEYS = ("global_batch", "dataset_len", "seed")
+"""What decides which samples each optimizer step sees: a resume that changes them is refused unless allowed."""
+
+
+class Checkpointer:
+    """Checkpoints of one run (one output_dir); every rank makes the same calls."""
+
+    def __init__(self, accelerator: Accelerator, config: TrainConfig):
+        self.accelerator, self.config = accelerator, config
+        self.writer = AsyncWriter()
+        self.last_path: Path | None = None
+        """The newest checkpoint this run wrote (committed, or being committed in the background)."""
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
+        """Write checkpoint `step-{step}`: every rank its part, the main process commits it.
+
+        With `async_save` the tensors are copied to CPU buffers here (the only pause of training) and a
+        background thread writes and commits them. A verified checkpoint already at that step is kept.
+        """
+        acc, cfg = self.accelerator, self.config
+        self.wait()  # one save at a time, in order
+        final = self.last_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
+        if final.is_dir():  # e.g. resumed at the end: nothing new
+            return final
+        stage = checkpoint.staging_dir(cfg.output_dir, step)
+        if acc.is_main_process:
+            checkpoint.prepare_staging(stage)
+        acc.wait_for_everyone()
+        if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
+            sharded.save_sharded(acc, model, optimizer, stage)
+        files = self._files(stage, model, optimizer, meta)
+        if cfg.async_save:
+            self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, self._commit)
+            return final
+        digests = checkpoint.write_files(files)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._commit(stage, digests)
+        acc.wait_for_everyone()
+        return final
+
+    def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """async_save: map the snapshot's CPU buffers in the background, once the optimizer's state exists."""
+        if self.config.async_save and not self.writer.reserved:
+            files = self._files(Path("layout"), model, optimizer, {})
+            self.writer.reserve({(path.name, name): (tuple(t.shape), t.dtype) for path, content in files.items()
+                                 if path.suffix == ".safetensors" for name, t in content.items()})
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until a background save has committed; re-raise its error (or print it, with raise_error=False)."""
+        error = self.writer.wait(raise_error)
+        if error is not None and self.accelerator.is_main_process:
+            print(f"warning: the background save to {self.last_path} failed: {error!r}")
+
+    def _files(self, stage: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               meta: dict[str, Any]) -> dict[Path, Any]:
+        """This rank's files of the checkpoint: path -> tensors (safetensors) or plain data (JSON)."""
+        acc = self.accelerator
+        rank = acc.process_index
+        rng_tensors, rng_meta = rng_to_files()
+        files: dict[Path, Any] = {stage / f"rng-rank{rank}.safetensors": rng_tensors,
+                                  stage / f"rng-rank{rank}.json": rng_meta}
+        if acc.is_main_process:
+            if not sharded.is_fsdp(acc):  # DDP: every rank holds the same weights and optimizer state
+                opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
+                files[stage / "model.safetensors"] = acc.unwrap_model(model).state_dict()
+                files[stage / "optimizer.safetensors"] = opt_tensors
+                files[stage / "optimizer.json"] = opt_meta
+            files[stage / "trainer_state.json"] = meta
+        return files
+
+    def _commit(self, stage: Path, digests: dict[Path, str]) -> None:
+        cfg = self.config
+        checkpoint.commit(stage, digests)
+        checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
+
+    # ------------------------------------------------------------------------------------ resuming
+
+    def find(self) -> Path | None:
+        """The checkpoint that `config.resume` selects, verified, or None; every rank gets the same answer."""
+        cfg, acc = self.config, self.accelerator
+        if cfg.resume == "none":
+            if checkpoint.has_checkpoints(cfg.output_dir) and not cfg.overwrite:
+                raise ConfigError("resume", f"{cfg.output_dir} already holds checkpoints; use resume=auto to "
+                                  "continue that run, or overwrite=true to delete them and start afresh.")
+            return None
+        choice: list[Any] = [None]
+        if acc.is_main_process:  # verifying reads every byte: once, then shared with the other ranks
+            try:
+                if cfg.resume == "auto":
+                    path, skipped = checkpoint.find_resumable(cfg.output_dir)
+                    for message in skipped:
+                        warnings.warn(message)
+                        print(f"warning: {message}")
+                else:
+                    path = Path(cfg.resume)
+                    checkpoint.verify(path)
+                choice = [str(path) if path else None]
+            except checkpoint.CheckpointError as err:
+                choice = [err]
+        choice = broadcast_object_list(choice) if acc.num_processes > 1 else choice
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        return Path(choice[0]) if choice[0] is not None else None
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             plan: dict[str, Any]) -> tuple[dict[str, Any], tuple | None]:
+        """Load weights and optimizer state from `path` in place; return its meta and this rank's RNG state.
+
+        `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's.
+        The RNG state is None for a rank the checkpointed run did not have (more processes now).
+        """
+        acc = self.accelerator
+        meta = checkpoint.read_json(path / "trainer_state.json")
+        self._check_plan(meta["plan"], plan)
+        if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(acc):
+            kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
+            raise checkpoint.CheckpointError(
+                f"{path} is {kind} but this run {'uses' if sharded.is_fsdp(acc) else 'does not use'} "
+                "FSDP; resume with the same fsdp setting, or `acctrain export` the weights and start afresh."
+            )
+        if sharded.is_fsdp(acc):
+            sharded.load_sharded(acc, model, optimizer, path)
+        else:
+            load_model_state(acc.unwrap_model(model), checkpoint.read_tensors(path / "model.safetensors"), path)
+            optimizer.load_state_dict(optimizer_from_files(
+                checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")))
+        rng = path / f"rng-rank{acc.process_index}.safetensors"
+        rng_state = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
+        return meta, rng_state
+
+    def _check_plan(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
+        diff = [f"{k}: {saved.get(k)} -> {now[k]}" for k in PLAN_KEYS if saved.get(k) != now[k]]
+        if diff and not self.config.allow_plan_change:
+            raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "
+                              "restore those settings, or set allow_plan_change=true to continue at the same step anyway.")
+        if saved.get("world_size") != now["world_size"] and self.accelerator.is_main_process:
+            print(f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
+                  f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step")
+
+
+def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:
+    """Load weights strictly; a mismatch lists every missing, unexpected and differently shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+                    for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise checkpoint.CheckpointError(
+            f"{source} does not fit the model:\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
+            f"\n  shape mismatches: {shapes}"
+        )
+    model.load_state_dict(saved, strict=True)

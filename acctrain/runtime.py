@@ -1,0 +1,153 @@
+"""Start-up, apart from the loop: the Accelerator and its process group, the seeds, the trackers, the signals.
+
+    accelerator = make_accelerator(config)      # refuses what would fail or silently differ, before anything is written
+    torch.manual_seed(rank_seed(seed, rank))    # every seed of a run comes from the functions here
+    with StopSignals() as signals: ...          # SIGTERM/SIGUSR1 -> signals.received, read at step boundaries
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
+
+from acctrain import sharded
+from acctrain.config import TrainConfig
+from acctrain.errors import ConfigError
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator whose process group really spans every launched process (without CUDA, torchrun's processes would otherwise train as independent jobs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    # `accelerate launch --cpu` sets ACCELERATE_USE_CPU (Accelerate honours it too). Without CUDA, Accelerate
+    # runs N independent single-process jobs unless told cpu=True (FSDP needs the group even for one process).
+    cpu = config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    cpu = cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
+    if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler).
+        raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
+    if not cpu and torch.cuda.is_available():
+        check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
+        # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
+        # a test) may choose another. The process group itself (PartialState) is kept.
+        AcceleratorState._reset_state()
+    # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
+    accelerator = Accelerator(
+        cpu=cpu,
+        fsdp_plugin=plugin,
+        mixed_precision=config.mixed_precision,
+        log_with=[name.strip() for name in config.log_with.split(",") if name.strip()],
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+    )
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        sharded.use_fsdp2_on_cpu(accelerator, plugin)  # Accelerate drops the FSDP plugin on CPU otherwise
+    if accelerator.device.type == "cpu":
+        # Launchers set OMP_NUM_THREADS=1 (accelerate launch even for one process), leaving cores idle.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched {world_size} processes but the process group has {accelerator.num_processes}: "
+            "they would train as independent jobs. Check the launcher and the accelerate config."
+        )
+    return accelerator
+
+
+def check_gpus_per_node(local_processes: int, gpus: int) -> None:
+    """Refuse a launch with more processes on this node than visible GPUs (NCCL would put two ranks on one
+    GPU and abort with "Duplicate GPU detected", or Accelerate would pick a device that does not exist)."""
+    if local_processes > gpus:
+        raise ConfigError("cpu", f"{local_processes} processes on this node but {gpus} visible GPU(s): each process "
+                          f"needs a GPU of its own. Launch at most {gpus} process(es) per node (--nproc_per_node / "
+                          "--num_processes), make more GPUs visible (CUDA_VISIBLE_DEVICES), or set cpu=true to "
+                          "train on the CPU (gloo).")
+
+
+def flat_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values as TensorBoard hparams accept them (scalars and strings)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
+    """Trackers (TensorBoard by default) under `{output_dir}/logs`, with the config as hparams and as text.
+
+    Once per output_dir: a later fit in the same directory goes on writing to them, a new phase's
+    output_dir (replan) gets its own.
+    """
+    logging_dir = os.path.join(config.output_dir, "logs")
+    project = accelerator.project_configuration
+    if accelerator.trackers and project.logging_dir == logging_dir:
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+    project.project_dir, project.logging_dir = config.output_dir, logging_dir
+    accelerator.init_trackers("acctrain", config=flat_config(config.to_dict()))
+    accelerator.log({"config": "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```"}, step=step)
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    """The training DataLoader's generator in `epoch` (its workers' seeds; the sample order is DataPlan's)."""
+    return seed * 7919 + epoch
+
+
+def rank_seed(seed: int, rank: int, step: int | None = None) -> int:
+    """The global torch RNG of `rank` (dropout): at a fresh start, or (`step`) for a rank that the resumed
+    run did not have, so that its draws differ from every other rank's."""
+    return seed * 1_000_003 + rank + (0 if step is None else 7919 * step)
+
+
+class StopSignals:
+    """While fitting, SIGTERM and SIGUSR1 set `received` (their name); the loop saves and stops at a step boundary.
+
+    Only the main thread can install signal handlers; elsewhere (an Engine driven from a thread) nothing is
+    installed and `received` stays None.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _request(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def backend() -> str:
+    """The process group's backend (nccl, gloo), or 'none' for one process without a group."""
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+
+
+def local_devices(accelerator: Accelerator) -> str:
+    """The device of each local rank on this node: cuda:{local rank}, as Accelerate assigns GPUs, or cpu."""
+    device = accelerator.device
+    if device.type != "cuda":
+        return device.type
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local == 1:
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return ",".join(f"cuda:{rank}" for rank in range(local))
