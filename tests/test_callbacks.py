@@ -6,7 +6,7 @@ import pytest
 
 from acctrain import Callback, Engine, TrainConfig
 from acctrain.callbacks import EVENTS
-from tiny import VarLenTokens, collate, make_model, token_loss
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
 
 class Every(Callback):

@@ -16,45 +16,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acctrain import ConfigError
 from acctrain.checkpoint import CheckpointError, find_resumable, verify, write_files
 from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
-from conftest import ROOT, TESTS, launch
-from tiny import rel_diff
-from workers import resume_run
+from tests.support import ROOT, assert_same_run, ckpts, launch, load_result, logged
+from tests.workers import resume_run
 
-WORKER = str(TESTS / "workers" / "resume_run.py")
-
-
-def ckpts(out: Path) -> list[str]:
-    """Complete checkpoint directories (a half-written one is still named step-N.tmp)."""
-    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and "." not in p.name)
-
-
-def assert_same_run(a: dict, b: dict, exact: bool = True):
-    """Final parameters and optimizer state: bitwise equal, or within 1e-5 relative across world sizes."""
-    if exact:
-        assert set(a["tensors"]) == set(b["tensors"])
-        for name in a["tensors"]:
-            assert torch.equal(a["tensors"][name], b["tensors"][name]), name
-    else:
-        params = lambda r: {k: v for k, v in r["tensors"].items() if k.startswith("param.")}  # noqa: E731
-        assert set(params(a)) == set(params(b))
-        assert rel_diff(params(a), params(b)) < 1e-5
-
-
-def logged(out: Path, tag: str) -> dict[int, float]:
-    events = EventAccumulator(str(out / "logs" / "acctrain"))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
-
-
-def load_result(out: Path) -> dict:
-    result = json.loads((out / "result.json").read_text())
-    result["tensors"] = load_file(out / "result.safetensors")
-    return result
+WORKER = ["-m", "tests.workers.resume_run"]  # run from ROOT as a module (torchrun -m, python -m)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +117,7 @@ def test_commit_puts_the_writers_digests_in_the_manifest_without_reading_the_fil
 
 
 def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
-    from acctrain.persist import _snapshot
+    from acctrain.async_save import _snapshot
 
     weight, buffers = torch.ones(3, 4), {}
     files = {tmp_path / "model.safetensors": {"w": weight}, tmp_path / "state.json": {"step": 1}}
@@ -164,7 +133,7 @@ def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path
 
 
 def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses(tmp_path):
-    from acctrain.persist import _Reservation, _snapshot
+    from acctrain.async_save import _Reservation, _snapshot
 
     big, small = torch.randn(512, 1024), torch.arange(6, dtype=torch.int64)  # 2 MiB: mapped with MAP_POPULATE
     reservation = _Reservation({("model.safetensors", "big"): ((512, 1024), torch.float32),
@@ -221,15 +190,15 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, reference, dropout
 
 def test_two_processes_stop_on_one_rank_and_resume_bit_identical(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    launch([WORKER, json.dumps({"out_dir": str(ref_dir), "dropout": 0.2})], nproc=2)
-    proc = launch([WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2, "stop_at": 5,
-                                       "signal_name": "SIGUSR1", "signal_rank": 1})], nproc=2, check=False)
+    launch([*WORKER, json.dumps({"out_dir": str(ref_dir), "dropout": 0.2})], nproc=2)
+    proc = launch([*WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2, "stop_at": 5,
+                                        "signal_name": "SIGUSR1", "signal_rank": 1})], nproc=2, check=False)
     assert proc.returncode != 0  # torchrun reports the workers' exit code 75 as a failure
     assert "stopped by a signal on another rank after optimizer step 5" in proc.stdout  # rank 0 got none
     assert "exitcode  : 75" in proc.stderr and ckpts(run_dir) == ["step-00000005"]
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-00000005").glob("rng-rank*.safetensors")) == [
         "rng-rank0.safetensors", "rng-rank1.safetensors"]
-    launch([WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2})], nproc=2)
+    launch([*WORKER, json.dumps({"out_dir": str(run_dir), "dropout": 0.2})], nproc=2)
     ref, resumed = load_result(ref_dir), load_result(run_dir)
     assert ref["num_processes"] == resumed["num_processes"] == 2
     assert resumed["steps"] == list(range(6, 11))
@@ -238,7 +207,7 @@ def test_two_processes_stop_on_one_rank_and_resume_bit_identical(tmp_path):
 
 
 def test_resume_two_processes_on_one(tmp_path, reference):
-    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 6})], nproc=2, check=False)
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 6})], nproc=2, check=False)
     assert ckpts(tmp_path) == ["step-00000006"]
     resumed = resume_run.run(str(tmp_path))
     assert resumed["steps"] == list(range(7, 11))
@@ -249,7 +218,7 @@ def test_resume_two_processes_on_one(tmp_path, reference):
 def test_resume_one_process_on_two(tmp_path, reference):
     with pytest.raises(Preempted):
         resume_run.run(str(tmp_path), stop_at=5)
-    launch([WORKER, json.dumps({"out_dir": str(tmp_path)})], nproc=2)
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path)})], nproc=2)
     resumed = load_result(tmp_path)
     assert resumed["num_processes"] == 2 and resumed["steps"] == list(range(6, 11))
     assert_same_run(resumed, reference[0.0], exact=False)
@@ -262,7 +231,7 @@ def test_resume_one_process_on_two(tmp_path, reference):
 def start_worker(out: Path, env: dict, **options) -> subprocess.Popen:
     import os
 
-    return subprocess.Popen([sys.executable, WORKER, json.dumps({"out_dir": str(out), **options})], cwd=ROOT,
+    return subprocess.Popen([sys.executable, *WORKER, json.dumps({"out_dir": str(out), **options})], cwd=ROOT,
                             env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -391,8 +360,6 @@ def test_async_save_writes_the_same_checkpoints_in_the_background(tmp_path):
 
 
 def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
-    from acctrain import persist
-
     monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the writing thread sleeps 0.3 s per file
     engine_box = {}
 
@@ -401,11 +368,11 @@ def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
             if engine.state.step == 2:
                 engine.save()
                 engine_box["committed_at_return"] = (tmp_path / "checkpoints" / "step-00000002").exists()
-                persist.wait_for_save(engine)
+                engine.checkpointer.wait()
                 engine_box["committed_after_wait"] = (tmp_path / "checkpoints" / "step-00000002").exists()
 
     from acctrain import Engine, TrainConfig
-    from tiny import VarLenTokens, collate, make_model, token_loss
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
     cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=8, max_steps=3,
                       async_save=True)
@@ -413,13 +380,14 @@ def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
                     callbacks=[SaveAt2()])
     engine.fit()
     assert engine_box == {"committed_at_return": False, "committed_after_wait": True}
-    assert engine._reservation is None and len(engine._staging_buffers) > 0  # reserved after step 1, used at 2
+    writer = engine.checkpointer.writer
+    assert writer.reservation is None and len(writer.buffers) > 0  # reserved after step 1, used at 2
     verify(tmp_path / "checkpoints" / "step-00000002")
 
 
 def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, monkeypatch):
     from acctrain import Engine, TrainConfig
-    from tiny import VarLenTokens, collate, make_model, token_loss
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
     monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the save of step 2 is still being written at step 3
 
@@ -439,10 +407,8 @@ def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, m
 
 def test_an_async_save_in_flight_at_interpreter_exit_completes(tmp_path):
     script = f"""
-import sys
-sys.path.insert(0, {str(TESTS)!r})
 from acctrain import Engine, TrainConfig
-from tiny import VarLenTokens, collate, make_model, token_loss
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 cfg = TrainConfig(output_dir={str(tmp_path)!r}, global_batch_size=8, micro_batch_size=8, max_steps=2, async_save=True)
 Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate).save()
 print("main thread done", flush=True)
@@ -455,12 +421,12 @@ print("main thread done", flush=True)
 
 
 def test_async_save_with_two_processes_resumes_exactly(tmp_path, reference):
-    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "async_save": True, "save_every": 2})],
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "async_save": True, "save_every": 2})],
            nproc=2, check=False)
     assert ckpts(tmp_path) == ["step-00000004", "step-00000005"]
     for name in ckpts(tmp_path):
         verify(tmp_path / "checkpoints" / name)
-    launch([WORKER, json.dumps({"out_dir": str(tmp_path), "async_save": True, "save_every": 2})], nproc=2)
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "async_save": True, "save_every": 2})], nproc=2)
     resumed = load_result(tmp_path)
     assert resumed["steps"] == list(range(6, 11))
     assert_same_run(resumed, reference[0.0], exact=False)

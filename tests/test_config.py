@@ -6,7 +6,7 @@ import pytest
 
 from acctrain import ConfigError, Engine, TrainConfig, load_config
 from acctrain.bytelm import DataConfig, ModelConfig
-from tiny import VarLenTokens, collate, make_model, token_loss
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
 BAD_VALUES = [
     ("global_batch_size", 0, ">= 1"),
@@ -146,7 +146,7 @@ def test_help_lists_every_field():
 def test_more_processes_per_node_than_gpus_is_refused_naming_counts_and_fixes():
     """The check behind a launch of N processes on a node with fewer visible GPUs (run before anything is
     created or written; on a GPU machine test_gpu launches it for real)."""
-    from acctrain.engine import check_gpus_per_node
+    from acctrain.runtime import check_gpus_per_node
 
     with pytest.raises(ConfigError) as err:
         check_gpus_per_node(local_processes=2, gpus=1)

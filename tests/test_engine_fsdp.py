@@ -10,17 +10,15 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TESTS, launch
-from test_checkpoint import assert_same_run, ckpts, load_result
-from test_engine_gradients import CLIP, reference
-from tiny import make_model, rel_diff
-from workers import resume_run
+from tests.support import CLIP, assert_same_run, ckpts, launch, load_result, reference
+from tests.support.tiny import make_model, rel_diff
+from tests.workers import resume_run
 
-WORKER = str(TESTS / "workers" / "resume_run.py")
+WORKER = ["-m", "tests.workers.resume_run"]  # run from ROOT as a module (torchrun -m)
 
 
 def test_fsdp_gradients_match_full_batch(tmp_path):
-    launch([str(TESTS / "workers" / "grad_run.py"), str(tmp_path), "2", "0", str(CLIP)], nproc=2,
+    launch(["-m", "tests.workers.grad_run", str(tmp_path), "2", "0", str(CLIP)], nproc=2,
            env={"GRAD_RUN_FSDP": "1"})
     for clip in (0.0, CLIP):
         meta = json.loads((tmp_path / f"clip-{clip}.json").read_text())
@@ -37,7 +35,7 @@ def stopped_fsdp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     reference_run = resume_run.run(str(base / "ref"))  # uninterrupted, one process, no FSDP
     stopped = base / "stopped"
-    launch([WORKER, json.dumps({"out_dir": str(stopped), "stop_at": 5, "fsdp": True})], nproc=2, check=False)
+    launch([*WORKER, json.dumps({"out_dir": str(stopped), "stop_at": 5, "fsdp": True})], nproc=2, check=False)
     assert ckpts(stopped) == ["step-00000005"]
     return base, stopped, reference_run
 
@@ -52,7 +50,7 @@ def test_sharded_checkpoint_resumes_at_any_world_size(stopped_fsdp_run, tmp_path
     ckpt = out / "checkpoints" / "step-00000005"
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
-    launch([WORKER, json.dumps({"out_dir": str(out), "fsdp": True})], nproc=nproc)
+    launch([*WORKER, json.dumps({"out_dir": str(out), "fsdp": True})], nproc=nproc)
     resumed = load_result(out)
     assert resumed["num_processes"] == nproc and resumed["steps"] == list(range(6, 11))
     assert_same_run(resumed, reference_run, exact=False)

@@ -2,7 +2,7 @@
 
 Token-weighted loss with variable lengths and ignored positions; 17 samples with a global batch of 8, so
 every epoch ends in a window of one sample (with 2 processes, one rank only pads). Reference: full-batch
-SGD in float64 (tests/tiny.py). A mean-of-means or per-rank normalisation is off by 8-50 % here.
+SGD in float64 (tests/support/tiny.py). A mean-of-means or per-rank normalisation is off by 8-50 % here.
 """
 
 from __future__ import annotations
@@ -14,22 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from acctrain.data import DataPlan
-from conftest import TESTS, launch
-from tiny import VarLenTokens, make_model, reference_sgd, rel_diff
-from workers import grad_run
-
-CLIP = 0.05  # well below the gradient norms of this problem, so clipping is active on every step
-
-
-def reference(clip: float):
-    plan = DataPlan(grad_run.DATASET_LEN, grad_run.GLOBAL_BATCH, grad_run.GLOBAL_BATCH, 1, seed=0, epochs=grad_run.EPOCHS)
-    return reference_sgd(make_model(0), VarLenTokens(grad_run.DATASET_LEN), plan, grad_run.LR, clip)
+from tests.support import CLIP, launch, reference, scalar_tags, scalars
+from tests.support.tiny import VarLenTokens, make_model, reference_sgd, rel_diff
+from tests.workers import grad_run
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    launch([str(TESTS / "workers" / "grad_run.py"), str(out), "2", "0", str(CLIP)], nproc=2)
+    launch(["-m", "tests.workers.grad_run", str(out), "2", "0", str(CLIP)], nproc=2)
     runs = {
         clip: (json.loads((out / f"clip-{clip}.json").read_text()), load_file(out / f"params-clip-{clip}.safetensors"))
         for clip in (0.0, CLIP)
@@ -94,16 +87,10 @@ def test_clipping_once_on_global_norm_two_processes(two_process_runs):
 
 def test_logged_loss_is_the_exact_step_mean(two_process_runs, tmp_path):
     """TensorBoard's train/loss of the 2-process run is the full-batch token mean of each step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from tiny import reference_sgd
-
     reference(0.0)
-    out = two_process_runs["dir"] / "run-clip-0.0" / "logs" / "acctrain"
-    events = EventAccumulator(str(out))
-    events.Reload()
-    logged = [e.value for e in events.Scalars("train/loss")]
+    out = two_process_runs["dir"] / "run-clip-0.0"
+    logged = [v for _, v in scalars(out, "train/loss")]
     assert logged == pytest.approx(reference_sgd.losses, rel=1e-6)
-    tags = set(events.Tags()["scalars"])
+    tags = scalar_tags(out)
     assert {"train/samples_per_s", "train/tokens_per_s", "train/step_time_s", "train/peak_memory_gb",
             "train/grad_norm", "train/lr", "train/skipped_steps"} <= tags

@@ -1,5 +1,5 @@
 """The lr and momentum a real run sets at each optimizer step: identical for any world size and
-accumulation, equal to the closed forms and tables of schedules.md, per param group."""
+accumulation, equal to the closed forms and tables of schedules.md (tests/data/), per param group."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 
 from acctrain.errors import ConfigError
-from conftest import TESTS, launch
-from tiny import VarLenTokens, collate, make_model, token_loss
-from workers import schedule_run
+from tests.support import launch, scalars
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+from tests.workers import schedule_run
 
-SCHEDULES_MD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "schedules.md"
+SCHEDULES_MD = Path(__file__).resolve().parent / "data" / "schedules.md"  # a copy of shared/reference/schedules.md
 WARMUP_LINEAR_8 = [0, 0.5, 1.0, 0.8333333, 0.6666667, 0.5, 0.3333333, 0.1666667]  # schedules.md, the invariance
 
 
 def one_cycle_table() -> list[tuple[float, float]]:
-    """Rows 0..19 of the one-cycle table (lr, momentum), read from schedules.md when it is there."""
-    if not SCHEDULES_MD.is_file():
-        pytest.skip("../shared/reference/schedules.md not found")
+    """Rows 0..19 of the one-cycle table (lr, momentum), read from schedules.md."""
     section = SCHEDULES_MD.read_text().split("## One-cycle")[1].split("\n## ")[0]
     rows = re.findall(r"^\| (\d+) \| ([0-9.e+-]+) \| ([0-9.]+) \|$", section, re.M)
     table = {int(i): (float(lr), float(m)) for i, lr, m in rows}
@@ -31,7 +29,7 @@ def one_cycle_table() -> list[tuple[float, float]]:
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("sched")
-    launch([str(TESTS / "workers" / "schedule_run.py"), str(out),
+    launch(["-m", "tests.workers.schedule_run", str(out),
             "warmup_linear:2", "warmup_linear:4", "one_cycle:4", "torch_step:4"], nproc=2)
     result = {}
     for path in out.glob("*.json"):
@@ -104,14 +102,10 @@ def test_reduce_on_plateau_reacts_to_eval_loss(tmp_path):
 
 
 def test_tensorboard_has_lr_and_momentum_of_every_group(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run = schedule_run.run(str(tmp_path), "one_cycle", 4)
-    events = EventAccumulator(str(tmp_path / "one_cycle-4" / "logs" / "acctrain"))
-    events.Reload()
     for group in (0, 1):
-        lrs = [e.value for e in events.Scalars(f"train/lr/group{group}")]
-        moms = [e.value for e in events.Scalars(f"train/momentum/group{group}")]
+        lrs = [v for _, v in scalars(tmp_path / "one_cycle-4", f"train/lr/group{group}")]
+        moms = [v for _, v in scalars(tmp_path / "one_cycle-4", f"train/momentum/group{group}")]
         assert lrs == pytest.approx([lr[group] for lr in run["lrs"]], rel=1e-6)  # TB stores float32
         assert moms == pytest.approx([m[group] for m in run["moms"]], rel=1e-6)
 

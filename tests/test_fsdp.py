@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TESTS, launch
+from tests.support import launch
 
 pytest.importorskip("torch.distributed.checkpoint.hf_storage", reason="HuggingFaceStorageWriter needs torch >= 2.8")
 
 from acctrain.sharded import MANIFEST, consolidate, load_sharded, save_sharded  # noqa: E402
 
-from workers.fsdp_run import make_model  # noqa: E402
+from tests.workers.fsdp_run import make_model  # noqa: E402
 
-WORKER = str(TESTS / "workers" / "fsdp_run.py")
+WORKER = ["-m", "tests.workers.fsdp_run"]  # run from ROOT as a module (torchrun -m)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     ckpt, ref = base / "ckpt", base / "ref"
     ref.mkdir()
-    launch([WORKER, "save", str(ckpt), str(ref)], nproc=2)
-    launch([WORKER, "load", str(ckpt), str(ref)], nproc=2)
-    launch([WORKER, "load", str(ckpt), str(ref)], nproc=1)
+    launch([*WORKER, "save", str(ckpt), str(ref)], nproc=2)
+    launch([*WORKER, "load", str(ckpt), str(ref)], nproc=2)
+    launch([*WORKER, "load", str(ckpt), str(ref)], nproc=1)
     return ckpt, ref
 
 

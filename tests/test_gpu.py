@@ -18,16 +18,13 @@ from safetensors.torch import load_file
 from acctrain import Engine, TrainConfig
 from acctrain.errors import Preempted
 from acctrain.tracking import peak_flops
-from conftest import ROOT, free_port
-from test_checkpoint import assert_same_run, ckpts
-from test_main_job import TINY, scalars
-from test_precision import Recorder, overflow_at
-from tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
-from workers import resume_run
+from tests.support import ROOT, TINY, Recorder, assert_same_run, ckpts, free_port, overflow_at, scalars
+from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
+from tests.workers import resume_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU_TINY = [a for a in TINY if a != "cpu=true"]  # the main job, on the GPU whatever conftest chose for launches
+GPU_TINY = [a for a in TINY if a != "cpu=true"]  # the main job, on the GPU whatever tests.support chose for launches
 
 
 @pytest.fixture(autouse=True)

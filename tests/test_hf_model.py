@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from acctrain import Callback, Engine, TrainConfig
+from acctrain import Engine, TrainConfig
+from tests.support import Losses
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,14 +24,6 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.values = []
-
-    def after_step(self, engine):
-        self.values.append(float(engine.step_loss))
 
 
 def test_gpt2_from_config_trains_on_outputs_loss(tmp_path):

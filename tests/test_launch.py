@@ -1,6 +1,6 @@
 """Launching anywhere, tested with real processes: two "nodes" on loopback, the launch/ configs, and SLURM.
 
-Every run trains the tiny main job (TINY from test_main_job) on 2 processes and must end with the weights of
+Every run trains the tiny main job (TINY from tests.support) on 2 processes and must end with the weights of
 the same job launched as one 2-process torchrun on a single node (the reference), with the same output
 layout, and print a plan that says world_size=2.
 
@@ -10,7 +10,7 @@ layout, and print a plan that says world_size=2.
   writes most of a checkpoint, rank 1 its own RNG state).
 - launch/cpu_multiprocess.yaml through `accelerate launch --config_file`.
 - launch/slurm.sbatch: the commands it builds for a 4-node allocation (dry run), its requeue decision, and,
-  when SLURM is installed and we are root, real jobs on a one-host cluster (tests/slurm_cluster.py):
+  when SLURM is installed and we are root, real jobs on a one-host cluster (tests/support/slurm_cluster.py):
   2 tasks (= 2 machines) training to the reference weights, and a job preempted with SIGUSR1 that saves,
   exits 75, is requeued by the script and resumes to the end.
 """
@@ -30,10 +30,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, launch
-from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, unavailable_reason
-from test_main_job import STEPS, TINY
-from tiny import rel_diff
+from tests.support import ROOT, STEPS, TINY, free_port, launch
+from tests.support.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, unavailable_reason
+from tests.support.tiny import rel_diff
 
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 TIMEOUT = 240  # seconds for one launch of the tiny job (about 10 s on 2 cores)

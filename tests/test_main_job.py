@@ -13,18 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acctrain.bytelm import ByteLM, ModelConfig
-from conftest import CPU_ARGS, ROOT, launch
-from tiny import rel_diff
+from tests.support import CPU_ARGS, ROOT, STEPS, TINY, launch, scalars
+from tests.support.tiny import rel_diff
 
-STEPS = 6
-TINY = [
-    f"max_steps={STEPS}", "log_every=2", "eval_every=3", "global_batch_size=8", "micro_batch_size=4",
-    "data.max_bytes=20000", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
-    *CPU_ARGS,  # one device for the 1- and 2-process runs they compare: CPU/gloo unless there are 2 GPUs
-]
 TINY_MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, context_len=32)
 
 
@@ -44,12 +37,6 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{STEPS:08d}"
     return load_file(out / "checkpoints" / latest / "model.safetensors")
-
-
-def scalars(out: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(out / "logs" / "acctrain"))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 @pytest.mark.parametrize("name,world", [("one", 1), ("torchrun", 2), ("accelerate", 2)])

@@ -8,25 +8,14 @@ is tested here by `ScaledEngine`, which gives the Engine's own step a `GradScale
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import torch
 
 from acctrain import Callback, Engine, TrainConfig
-from acctrain.callbacks import CancelStep
 from acctrain.errors import NonFiniteError, Preempted
 from acctrain.step_ops import TorchStep
-from tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
-
-
-class Losses(Callback):
-    def __init__(self):
-        self.values = []
-
-    def after_step(self, engine):
-        self.values.append(float(engine.step_loss))
+from tests.support import Losses, Recorder, overflow_at
+from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
 
 
 def train(tmp_path, precision: str, steps: int = 12, model=None, loss_fn=token_loss, device_check=None):
@@ -62,37 +51,6 @@ class ScaledEngine(Engine):
         assert isinstance(ops, TorchStep) and ops.scaler is None  # the path fp16 takes on one GPU or DDP
         ops.scaler = torch.amp.GradScaler("cpu", **self.scaler_args)
         return ops
-
-
-def overflow_at(step: int, micro_per_step: int = 2, value: float = float("inf")):
-    """A token loss whose first micro-batch of optimizer step `step` (1-based) is multiplied by `value`."""
-    calls = {"n": 0}
-
-    def loss_fn(model, batch):
-        loss_sum, count = token_loss(model, batch)
-        calls["n"] += 1
-        return (loss_sum * value, count) if calls["n"] == (step - 1) * micro_per_step + 1 else (loss_sum, count)
-
-    return loss_fn
-
-
-class Recorder(Callback):
-    """Weights after every step, the loss scale, and the interventions a test asks for."""
-
-    def __init__(self, cancel_at=None, stop_at=None):
-        self.cancel_at, self.stop_at, self.scales, self.skipped = cancel_at, stop_at, [], []
-
-    def before_step(self, engine):
-        if engine.state.step + 1 == self.stop_at:
-            os.kill(os.getpid(), signal.SIGUSR1)  # saves after this step, then stops (Preempted)
-
-    def before_optimizer_step(self, engine):
-        if engine.state.step + 1 == self.cancel_at:
-            raise CancelStep()
-
-    def after_step(self, engine):
-        self.scales.append(engine.step_ops.scaler.get_scale() if engine.step_ops.scaler is not None else None)
-        self.skipped.append(engine.state.skipped_steps)
 
 
 def scaled_run(out, engine_cls=ScaledEngine, loss_fn=token_loss, steps=6, recorder=None, **config):

@@ -1,4 +1,4 @@
-"""acctrain.schedules against the reference values in shared/reference/schedules.md (1e-6 relative)."""
+"""acctrain.schedules against the reference values in tests/data/schedules.md (1e-6 relative)."""
 
 import json
 import math

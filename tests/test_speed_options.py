@@ -3,11 +3,10 @@ AdamW's kernel choice. Their CUDA side (fused AdamW, pinned batches, compiled bf
 
 from __future__ import annotations
 
-import torch
 from safetensors.torch import load_file
 
 from acctrain import Engine, TrainConfig
-from tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
+from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
 
 
 def run(out, **config):
@@ -23,7 +22,7 @@ def test_compile_trains_like_eager_and_checkpoints_keep_plain_names(tmp_path):
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = run(tmp_path / "compiled", compile=True)
+    run(tmp_path / "compiled", compile=True)
     assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # the forward really went through torch.compile
     eager = run(tmp_path / "eager")
     saved = load_file(tmp_path / "compiled" / "checkpoints" / "step-00000004" / "model.safetensors")

@@ -15,11 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from acctrain.errors import NonFiniteError
-from conftest import TESTS, launch
-from test_checkpoint import ckpts, logged
-from workers import verdict_run
+from tests.support import ckpts, launch, logged
+from tests.workers import verdict_run
 
-WORKER = str(TESTS / "workers" / "verdict_run.py")
+WORKER = ["-m", "tests.workers.verdict_run"]  # run from ROOT as a module (torchrun -m)
 TAGS = ("train/loss", "train/grad_norm", "train/lr", "train/skipped_steps", "train/epoch", "eval/loss")
 
 
@@ -55,7 +54,7 @@ def test_nan_policy_halt_on_the_device_path_names_the_step_and_applies_nothing_a
 
 def test_two_processes_agree_on_the_device_path(tmp_path):
     for name, on_device in (("late", True), ("now", False)):
-        launch([WORKER, json.dumps({"out_dir": str(tmp_path / name), "on_device": on_device, "nan_at": 3})], nproc=2)
+        launch([*WORKER, json.dumps({"out_dir": str(tmp_path / name), "on_device": on_device, "nan_at": 3})], nproc=2)
     late, now = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("late", "now"))
     assert late["world_size"] == now["world_size"] == 2
     assert late["verdict_on_device"] and late["state"] == now["state"] and late["state"]["skipped_steps"] == 1

@@ -14,9 +14,9 @@ from torch import nn
 from acctrain import Callback, Engine, TrainConfig
 from acctrain.callbacks import BnFreeze, CancelEpoch, CancelFit, CancelStep, EarlyStopping, ShortEpoch
 from acctrain.summary import model_summary
-from conftest import TESTS, launch
-from tiny import VarLenTokens, collate, make_model, token_loss
-from workers.toolkit_run import OnRank, Steps
+from tests.support import launch
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+from tests.workers.toolkit_run import OnRank, Steps
 
 
 def engine(tmp_path, model=None, callbacks=(), data=None, **config):
@@ -45,7 +45,7 @@ def snapshot(model):
 
 def test_lr_find_follows_the_exponential_and_restores_everything(tmp_path):
     e = engine(tmp_path, epochs=5)
-    before, opt_before = snapshot(e.unwrapped_model), json.dumps(e._torch_optimizer.state_dict(), default=str)
+    before, opt_before = snapshot(e.unwrapped_model), json.dumps(e.torch_optimizer.state_dict(), default=str)
     torch.manual_seed(123)
     suggestions = e.lr_find(num_it=20, stop_div=False)
     after_draw = torch.rand(3)
@@ -53,7 +53,7 @@ def test_lr_find_follows_the_exponential_and_restores_everything(tmp_path):
     assert torch.equal(after_draw, torch.rand(3))  # the global RNG is restored too
     after = snapshot(e.unwrapped_model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise unchanged
-    assert json.dumps(e._torch_optimizer.state_dict(), default=str) == opt_before
+    assert json.dumps(e.torch_optimizer.state_dict(), default=str) == opt_before
     assert e.state.step == 0
     lrs, losses = e.lr_find_result
     assert lrs == pytest.approx([1e-7 * (10 / 1e-7) ** (i / 20) for i in range(20)], rel=1e-12)
@@ -226,7 +226,7 @@ def test_short_epoch_and_early_stopping(tmp_path):
 
 
 def test_two_processes_agree_on_lr_find_early_stopping_and_cancels(tmp_path):
-    launch([str(TESTS / "workers" / "toolkit_run.py"), str(tmp_path)], nproc=2)
+    launch(["-m", "tests.workers.toolkit_run", str(tmp_path)], nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["world_size"] == [2, 2]

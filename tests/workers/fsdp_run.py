@@ -1,7 +1,7 @@
 """Train a small model under Accelerate's FSDP2 on CPU (gloo), save or load a sharded checkpoint.
 
-    python -m torch.distributed.run --nproc_per_node N fsdp_run.py save CKPT REF_DIR
-    python -m torch.distributed.run --nproc_per_node N fsdp_run.py load CKPT REF_DIR
+    python -m torch.distributed.run --nproc_per_node N -m tests.workers.fsdp_run save CKPT REF_DIR
+    python -m torch.distributed.run --nproc_per_node N -m tests.workers.fsdp_run load CKPT REF_DIR
 
 `save`: STEPS AdamW steps, `save_sharded` into CKPT, then the full (gathered) model and optimizer state
 into REF_DIR/saved-{model,optim}.safetensors and the hyperparameters into REF_DIR/saved-hparams.json;
@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from acctrain.cli import free_before_exit  # noqa: E402
-from acctrain.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu  # noqa: E402
+from acctrain.cli import free_before_exit
+from acctrain.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu
 
 VOCAB, STEPS, CONTINUE, GLOBAL_ROWS = 32, 3, 2, 8
 

@@ -1,7 +1,8 @@
 """Train TinyTokenModel with the Engine and record what the tests compare.
 
-Run in-process (`run(...)`) for one process, or under `torchrun --nproc_per_node N` as a script:
-    python -m torch.distributed.run --nproc_per_node 2 grad_run.py OUT_DIR MICRO [CLIP ...]
+Run in-process (`run(...)`) for one process, or under `torchrun --nproc_per_node N` as a module, from the
+repository root:
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.grad_run OUT_DIR MICRO [CLIP ...]
 Writes, from rank 0, `{OUT_DIR}/clip-{CLIP}.json` (world size, grad norms, all-reduce counts per
 micro-batch) and `params.safetensors` beside it.
 """
@@ -16,11 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
-
-from acctrain.cli import free_before_exit  # noqa: E402
-from acctrain import Callback, Engine, TrainConfig  # noqa: E402
+from acctrain.cli import free_before_exit
+from acctrain import Callback, Engine, TrainConfig
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
 DATASET_LEN, GLOBAL_BATCH, EPOCHS, LR = 17, 8, 2, 0.5
 

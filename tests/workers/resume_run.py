@@ -1,7 +1,8 @@
 """A checkpointing run of TinyTokenModel that can be stopped, killed or fed a NaN at a chosen step.
 
-In-process: `run(out_dir, **options)`. As a script (1 or more processes, e.g. under torchrun):
-    python resume_run.py '{"out_dir": ..., "steps": 10, "stop_at": 6, ...}'
+In-process: `run(out_dir, **options)`. As a module from the repository root (1 or more processes, e.g. under
+torchrun with `-m`):
+    python -m tests.workers.resume_run '{"out_dir": ..., "steps": 10, "stop_at": 6, ...}'
 On completion rank 0 writes `{out_dir}/result.safetensors` (final parameters and optimizer tensors) and
 `{out_dir}/result.json` (lr and loss of every step this process ran, world size, state).
 """
@@ -17,12 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss  # noqa: E402
-
-from acctrain.cli import free_before_exit  # noqa: E402
-from acctrain import Callback, Engine, TrainConfig  # noqa: E402
-from acctrain.state import optimizer_to_files  # noqa: E402
+from acctrain.cli import free_before_exit
+from acctrain import Callback, Engine, TrainConfig
+from acctrain.state import optimizer_to_files
+from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
 
 DATASET_LEN, GLOBAL_BATCH = 26, 8  # 4 optimizer steps per epoch, the last one short (2 samples)
 

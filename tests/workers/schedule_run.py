@@ -1,6 +1,6 @@
 """Record the lr and momentum actually set on the optimizer at every optimizer step of a real run.
 
-    python -m torch.distributed.run --nproc_per_node 2 schedule_run.py OUT NAME:MICRO [NAME:MICRO ...]
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.schedule_run OUT NAME:MICRO [NAME:MICRO ...]
 NAME is a TrainConfig.scheduler (`warmup_linear` with warmup 2 over 8 steps, `one_cycle` over 20 steps,
 lr 1e-2) or `torch_step` (a torch StepLR given to the Engine). Writes `{OUT}/{NAME}-{MICRO}.json` from rank 0.
 """
@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
-
-from acctrain import Callback, Engine, TrainConfig  # noqa: E402
+from acctrain import Callback, Engine, TrainConfig
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
 # name -> (dataset length, global batch, epochs, config overrides): 8 and 20 optimizer steps
 RUNS = {

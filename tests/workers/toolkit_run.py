@@ -1,6 +1,6 @@
 """The fastai toolkit on several processes: the LR finder, EarlyStopping and cancels raised on one rank.
 
-    python -m torch.distributed.run --nproc_per_node 2 toolkit_run.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.toolkit_run OUT_DIR
 Each rank writes `{OUT_DIR}/rank{R}.json` with what it saw, so the test can compare ranks.
 """
 
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import VarLenTokens, collate, make_model, token_loss  # noqa: E402
-
-from acctrain import Callback, Engine, TrainConfig  # noqa: E402
-from acctrain.callbacks import CancelFit, CancelStep, EarlyStopping  # noqa: E402
+from acctrain import Callback, Engine, TrainConfig
+from acctrain.callbacks import CancelFit, CancelStep, EarlyStopping
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
 
 class OnRank(Callback):

@@ -1,7 +1,8 @@
 """Train TinyTokenModel with fused AdamW, with the step's verdict read at once or a step late, and record the run.
 
-In-process: `run(out_dir, on_device=..., nan_at=...)`. As a script under torchrun (1 or more processes):
-    python -m torch.distributed.run --nproc_per_node 2 verdict_run.py '{"out_dir": ..., "on_device": true}'
+In-process: `run(out_dir, on_device=..., nan_at=...)`. As a module under torchrun (1 or more processes), from the
+repository root:
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.verdict_run '{"out_dir": ..., "on_device": true}'
 With `on_device=False` a do-nothing `after_step` callback makes the Engine read each step's verdict at once
 (the synchronous path); without it, a fused optimizer and no callback in the step, it reads it a step late.
 Rank 0 writes `{out_dir}/result.json` (state, world size, which path ran) and `result.safetensors` (weights).
@@ -17,11 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss  # noqa: E402
-
-from acctrain.cli import free_before_exit  # noqa: E402
-from acctrain import Callback, Engine, TrainConfig  # noqa: E402
+from acctrain.cli import free_before_exit
+from acctrain import Callback, Engine, TrainConfig
+from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
 
 
 class EveryStep(Callback):

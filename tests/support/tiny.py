@@ -62,9 +62,9 @@ def collate(items):
     width = max(len(ids) for ids, _ in items)
     ids = torch.zeros(len(items), width, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    for row, (i, l) in enumerate(items):
+    for row, (i, lab) in enumerate(items):
         ids[row, : len(i)] = i
-        labels[row, : len(l)] = l
+        labels[row, : len(lab)] = lab
     return {"input_ids": ids, "labels": labels}
 
 

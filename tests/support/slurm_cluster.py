@@ -9,7 +9,8 @@ pids in their pid files. Installing the packages is .ci/run's job, never the tes
         job = cluster.sbatch(["--ntasks=2", "script.sh"], cwd=...)
         state = cluster.wait_for_job(job, timeout=120)
 
-`python tests/slurm_cluster.py` starts one, runs `sinfo` and stops it again (a quick manual check).
+`python -m tests.support.slurm_cluster` (from the repository root) starts one, runs `sinfo` and stops it
+again (a quick manual check).
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""What several test files compare: the tiny main job's arguments, a run's checkpoints and results, and the
+full-batch reference of the gradient runs (tests/workers/grad_run.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.support.processes import CPU_ARGS
+from tests.support.tiny import VarLenTokens, make_model, reference_sgd, rel_diff
+
+# ---- the main job (train.py) at a tiny size: test_main_job, test_launch, test_gpu -----------------------------
+
+STEPS = 6
+TINY = [
+    f"max_steps={STEPS}", "log_every=2", "eval_every=3", "global_batch_size=8", "micro_batch_size=4",
+    "data.max_bytes=20000", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
+    *CPU_ARGS,  # one device for the 1- and 2-process runs they compare: CPU/gloo unless there are 2 GPUs
+]
+
+# ---- checkpointed runs (tests/workers/resume_run.py): test_checkpoint, test_engine_fsdp, test_step_verdict, test_gpu
+
+
+def ckpts(out: Path) -> list[str]:
+    """Complete checkpoint directories (a half-written one is still named step-N.tmp)."""
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and "." not in p.name)
+
+
+def assert_same_run(a: dict, b: dict, exact: bool = True):
+    """Final parameters and optimizer state: bitwise equal, or within 1e-5 relative across world sizes."""
+    if exact:
+        assert set(a["tensors"]) == set(b["tensors"])
+        for name in a["tensors"]:
+            assert torch.equal(a["tensors"][name], b["tensors"][name]), name
+    else:
+        params = lambda r: {k: v for k, v in r["tensors"].items() if k.startswith("param.")}  # noqa: E731
+        assert set(params(a)) == set(params(b))
+        assert rel_diff(params(a), params(b)) < 1e-5
+
+
+def load_result(out: Path) -> dict:
+    result = json.loads((out / "result.json").read_text())
+    result["tensors"] = load_file(out / "result.safetensors")
+    return result
+
+
+# ---- gradient runs (tests/workers/grad_run.py): test_engine_gradients, test_engine_fsdp -----------------------
+
+CLIP = 0.05  # well below the gradient norms of this problem, so clipping is active on every step
+
+
+def reference(clip: float):
+    """grad_run's problem trained by full-batch SGD in float64: (final parameters, pre-clip norm of every step)."""
+    from acctrain.data import DataPlan
+    from tests.workers import grad_run  # here, not at the top: grad_run itself imports tests.support
+
+    plan = DataPlan(grad_run.DATASET_LEN, grad_run.GLOBAL_BATCH, grad_run.GLOBAL_BATCH, 1, seed=0, epochs=grad_run.EPOCHS)
+    return reference_sgd(make_model(0), VarLenTokens(grad_run.DATASET_LEN), plan, grad_run.LR, clip)
