@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from acctrain.data import DataPlan
-from tests.support import CLIP, launch, reference, scalar_tags, scalars
+from tests.support import CLIP, LAUNCH_ON_CPU, launch, reference, scalar_tags, scalars
 from tests.support.tiny import VarLenTokens, make_model, reference_sgd, rel_diff
 from tests.workers import grad_run
 
@@ -42,7 +42,8 @@ def test_single_process_matches_full_batch(tmp_path, micro):
 def test_two_processes_match_full_batch(two_process_runs):
     meta, params = two_process_runs[0.0]
     assert meta["num_processes"] == meta["world_size_env"] == 2
-    assert meta["distributed_type"] == "DistributedType.MULTI_CPU"
+    on_gpus = torch.cuda.is_available() and not LAUNCH_ON_CPU  # 2+ GPUs: the launch uses NCCL
+    assert meta["distributed_type"] == f"DistributedType.{'MULTI_GPU' if on_gpus else 'MULTI_CPU'}"
     assert meta["accumulation"] == 2
     ref_params, ref_norms = reference(0.0)
     assert rel_diff(params, ref_params) < 1e-6

@@ -20,7 +20,7 @@ from acctrain.errors import Preempted
 from acctrain.tracking import peak_flops
 from tests.support import ROOT, TINY, Recorder, assert_same_run, ckpts, free_port, overflow_at, scalars
 from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
-from tests.workers import resume_run
+from tests.workers import resume_run, verdict_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -131,7 +131,8 @@ def gpu_env() -> dict[str, str]:
 
 
 def test_one_process_ddp_over_nccl_matches_the_plain_gpu_run(tmp_path):
-    """torchrun with one process: a real NCCL group of one, DDP-wrapped; the same weights as `python train.py`."""
+    """torchrun with one process: a real NCCL group of one (Accelerate does not wrap one process in DDP); the
+    same weights as `python train.py`."""
     plain = subprocess.run([sys.executable, "train.py", f"output_dir={tmp_path / 'plain'}", *GPU_TINY], cwd=ROOT,
                            env=gpu_env(), capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
@@ -179,3 +180,16 @@ def test_compile_and_fused_adamw_on_cuda(tmp_path):
     eager, _ = train(tmp_path / "eager", "bf16")
     assert rel_diff(saved, {k: v.cpu() for k, v in eager.unwrapped_model.state_dict().items()}) < 1e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("nan_at", [None, 3], ids=["finite", "nan-at-step-3"])
+def test_verdict_read_a_step_late_on_cuda_is_the_synchronous_run(tmp_path, nan_at):
+    """The fused-AdamW path that does not wait for the GPU (found_inf skips on the device, pinned readback)
+    against the same run read at once: the same counters, weights and checkpoints on cuda:0."""
+    late = verdict_run.run(str(tmp_path / "late"), on_device=True, nan_at=nan_at, cpu=False)
+    now = verdict_run.run(str(tmp_path / "now"), on_device=False, nan_at=nan_at, cpu=False)
+    assert late["verdict_on_device"] and not now["verdict_on_device"] and late["state"] == now["state"]
+    assert late["state"]["skipped_steps"] == (nan_at is not None)
+    a, b = (load_file(tmp_path / name / "result.safetensors") for name in ("late", "now"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ckpts(tmp_path / "late") == ckpts(tmp_path / "now")

@@ -30,10 +30,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.support import ROOT, STEPS, TINY, free_port, launch
+from tests.support import ROOT, STEPS, free_port, launch
+from tests.support import TINY as MAIN_JOB
 from tests.support.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, unavailable_reason
 from tests.support.tiny import rel_diff
 
+# Launchers, not devices: every job here trains on CPU/gloo. Simulated nodes share this machine's GPUs, so
+# with GPUs each "node" would put its local rank 0 on cuda:0 (NCCL: duplicate GPU).
+TINY = [*MAIN_JOB, "cpu=true"]
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 TIMEOUT = 240  # seconds for one launch of the tiny job (about 10 s on 2 cores)
 # Two "nodes" sharing this machine's cores: one torch thread per process, as the 2-process reference has
@@ -46,7 +50,7 @@ def job_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.pop("ACCELERATE_USE_CPU", None)  # the Engine must form the gloo group by itself
+    env.pop("ACCELERATE_USE_CPU", None)  # the jobs ask for the CPU themselves (cpu=true in TINY), as a user would
     return env
 
 
