@@ -41,8 +41,14 @@ class Requests:
     @staticmethod
     def agreed(flags: list[float]) -> Requests:
         """The requests of all ranks from their summed flags: a stop if any rank stops, the strongest cancel."""
+        if not any(flags):  # the common case, every step: nothing asked
+            return NO_REQUESTS
         cancels = [kind for kind, n in zip(CANCELS, flags[1:]) if n > 0]
         return Requests(stop=flags[0] > 0, cancel=cancels[-1] if cancels else None)
+
+
+NO_REQUESTS = Requests()
+NO_FLAGS = NO_REQUESTS.flags()
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class StepTotals:
 def reduce_step(accelerator: Accelerator, loss_sum: torch.Tensor, items: torch.Tensor | float, requests: Requests,
                 dtype: torch.dtype) -> StepTotals:
     """Sum the step's loss, item count and requests over all ranks in one all-reduce (none with one process)."""
-    flags = requests.flags()
+    flags = NO_FLAGS if requests is NO_REQUESTS else requests.flags()
     if accelerator.num_processes == 1:
         return StepTotals(loss_sum, items, flags)
     device = accelerator.device
@@ -119,7 +125,8 @@ def decide(loss: float, grad_norm: float, requests: list[float] | Requests, poli
     """
     requests = requests if isinstance(requests, Requests) else Requests.agreed(requests)
     if math.isfinite(loss) and math.isfinite(grad_norm):
-        return Verdict(apply=requests.cancel is None, finite=True, requests=requests)
+        return APPLY if requests is NO_REQUESTS else Verdict(apply=requests.cancel is None, finite=True,
+                                                             requests=requests)
     if loss_scale is not None and not math.isfinite(grad_norm) and loss_scale > MIN_LOSS_SCALE:
         return Verdict(apply=False, finite=False, overflow=True, requests=requests,
                        reason=f"fp16 overflow at optimizer step {step} (gradient norm {grad_norm})")
@@ -134,3 +141,7 @@ def decide(loss: float, grad_norm: float, requests: list[float] | Requests, poli
         halt = f"{what}: {policy.max_skipped_steps} skipped steps in a row (max_skipped_steps)"
         return Verdict(apply=False, finite=False, halt=halt, requests=requests)
     return Verdict(apply=False, finite=False, refused=True, reason=what, requests=requests)
+
+
+APPLY = Verdict(apply=True, finite=True)
+"""The verdict of almost every step: finite, nothing asked (one object, not one per step)."""

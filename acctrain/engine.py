@@ -134,7 +134,7 @@ class Engine:
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
         self.resume()
-        self._fitting = True
+        self._fitting, self._stop = True, False
         # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
         # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
         self._verdict_on_device = self.step_ops.skips_on_device and not any(
@@ -337,7 +337,8 @@ class Engine:
 
     def _requests(self) -> Requests:
         """This rank's requests for the step: a stop (a signal arrived) and a cancel from the step's callbacks."""
-        return Requests(stop=self._signals.received is not None, cancel=self.callbacks.take())
+        stop, cancel = self._signals.received is not None, self.callbacks.take()
+        return Requests(stop, cancel) if stop or cancel else agreement.NO_REQUESTS
 
     def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
         out = self.loss_fn(self.model, batch) if self.loss_fn is not None else loss_scaling.model_loss(self.model, batch)

@@ -124,6 +124,7 @@ class StopSignals:
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
+        self.received = None  # a signal that stopped an earlier fit does not stop this one
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
         return self
