@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from acctrain import seeds
 from acctrain.errors import ConfigError
 
 
@@ -87,7 +88,7 @@ class DataPlan:
 
     def order(self, epoch: int) -> torch.Tensor:
         """The permutation of the dataset for this epoch: a function of (seed, epoch) alone."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(seeds.order_seed(self.seed, epoch))
         return torch.randperm(self.dataset_len, generator=generator)
 
     def window(self, epoch: int, step_in_epoch: int, order: torch.Tensor | None = None) -> list[int]:

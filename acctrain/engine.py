@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, loss_scaling, runtime, sharded
+from acctrain import agreement, checkpoint, loss_scaling, runtime, seeds, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -367,7 +367,7 @@ class Engine:
     def _batches(self, epoch: int, windows: list[Window]) -> Iterator:
         """The training batches of these windows, in order (pinned on CUDA)."""
         return micro_batch_loader(self.train_data, windows, self.collate_fn, self.config.num_workers,
-                                  seed=runtime.loader_seed(self.config.seed, epoch),
+                                  seed=seeds.loader_seed(self.config.seed, epoch),
                                   pin_memory=self.accelerator.device.type == "cuda")
 
     def _build_schedule(self, schedule: str | Callable[[int], float]):
@@ -538,11 +538,11 @@ class Engine:
         runtime.start_trackers(acc, cfg, self.state.step)
         self.model.train()
         if self.resumed_from is None:
-            torch.manual_seed(runtime.rank_seed(cfg.seed, acc.process_index))  # dropout: per rank, reproducible
+            torch.manual_seed(seeds.rank_seed(cfg.seed, acc.process_index))  # dropout: per rank, reproducible
         elif self._restored_rng is not None:
             rng_from_files(*self._restored_rng)
         else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
-            torch.manual_seed(runtime.rank_seed(cfg.seed, acc.process_index, self.state.step))
+            torch.manual_seed(seeds.rank_seed(cfg.seed, acc.process_index, self.state.step))
         if not self._summarised:
             self.print(model_summary(self.unwrapped_model, self.is_frozen))
             self._summarised = True

@@ -1,7 +1,6 @@
-"""Start-up, apart from the loop: the Accelerator and its process group, the seeds, the trackers, the signals.
+"""Start-up, apart from the loop: the Accelerator and its process group, the trackers, the stop signals.
 
     accelerator = make_accelerator(config)      # refuses what would fail or silently differ, before anything is written
-    torch.manual_seed(rank_seed(seed, rank))    # every seed of a run comes from the functions here
     with StopSignals() as signals: ...          # SIGTERM/SIGUSR1 -> signals.received, read at step boundaries
 """
 
@@ -97,17 +96,6 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int) -> 
     project.project_dir, project.logging_dir = config.output_dir, logging_dir
     accelerator.init_trackers("acctrain", config=flat_config(config.to_dict()))
     accelerator.log({"config": "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```"}, step=step)
-
-
-def loader_seed(seed: int, epoch: int) -> int:
-    """The training DataLoader's generator in `epoch` (its workers' seeds; the sample order is DataPlan's)."""
-    return seed * 7919 + epoch
-
-
-def rank_seed(seed: int, rank: int, step: int | None = None) -> int:
-    """The global torch RNG of `rank` (dropout): at a fresh start, or (`step`) for a rank that the resumed
-    run did not have, so that its draws differ from every other rank's."""
-    return seed * 1_000_003 + rank + (0 if step is None else 7919 * step)
 
 
 class StopSignals:

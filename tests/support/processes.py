@@ -3,7 +3,8 @@
 Launched jobs run on GPUs (NCCL) only where the machine has a GPU for each process of the largest job a
 test compares (2); elsewhere on CPU/gloo, asked for explicitly (ACCELERATE_USE_CPU=true in the environment,
 which the Engine honours, or `cpu=true`), so that a workstation with one GPU runs the same suite. On a machine
-without CUDA nothing is asked: the Engine must form the gloo group by itself (pitfalls #1).
+without CUDA nothing is asked: the Engine must form the gloo group by itself (without cpu=True Accelerate would
+run the processes as independent jobs).
 
 Every launch runs from the repository root (ROOT). A worker under tests/workers/ is started as a module,
 `launch(["-m", "tests.workers.resume_run", ...])`: both torchrun and `accelerate launch` take `-m` the way
