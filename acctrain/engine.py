@@ -219,11 +219,14 @@ class Engine:
         if self._verdict_on_device:
             return self._step_on_device(window, totals, items)
         verdict = self._decide(totals)  # note: the step's one host-device sync
+        if verdict.halt:  # the NaN policy stops the run: no update, but the GradScaler's update() still runs
+            ops.step(False)
+            ops.zero_grad()
+            self._halt_if(verdict)
         verdict = verdict.cancelled(self._fire("before_optimizer_step"))
         ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
         ops.zero_grad()
         self._stop = verdict.requests.stop
-        self._halt_if(verdict)
         verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
         state.consume(window.global_samples)
         state.count(verdict)
@@ -400,6 +403,7 @@ class Engine:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once)."""
+        self.resume()  # outside fit too: the weights a fit would continue from
         self._settle()  # the counters of every step taken, for after_evaluate
         self.last_eval = {}
         if self.eval_data is None:
@@ -430,6 +434,7 @@ class Engine:
     def save(self) -> None:
         """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
         self._settle()  # the counters and the schedule of every step taken
+        self.checkpointer.config = self.config
         self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,
                                                       self.state_dict())
 
@@ -438,6 +443,7 @@ class Engine:
         if self._resumed:
             return self.resumed_from
         self._resumed = True
+        self.checkpointer.config = self.config
         self.resumed_from = self.checkpointer.find()
         if self.resumed_from is not None:
             meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
@@ -487,12 +493,13 @@ class Engine:
     def trial(self):
         """Try something on the Engine and undo it: on exit the weights (bitwise), the optimizer, the loss
         scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
+        self._settle()  # a step left pending by the fit is counted in the real state first
         scaler = self.step_ops.scaler
         weights = {k: v.detach().clone() for k, v in self.unwrapped_model.state_dict().items()}
         optimizer = copy.deepcopy(self.torch_optimizer.state_dict())
         scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
         rng = rng_to_files()
-        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler")
+        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_stop")
         loop = {name: getattr(self, name) for name in names}
         try:
             yield self
@@ -517,6 +524,7 @@ class Engine:
         reference = next((g for g in groups if g.get("lr_mult") == 1.0), groups[0])["base_lr"]
         self.schedule = build_schedule(lambda k: lr_at(k) / reference, num_steps)
         self.callbacks, self.lr_scheduler, self.state = Callbacks(()), None, TrainState()
+        self._verdict_on_device = False  # each step's loss is read at once anyway
         self.metrics = MetricLog(self.accelerator, num_steps)  # never flushed
         self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
         plan, rank, i = self.plan, self.accelerator.process_index, 0
@@ -614,6 +622,7 @@ class Engine:
         The model and optimizer carry over; the plan, schedule and step counter start afresh, and a
         checkpoint in the (new) output_dir is resumed as usual when it fits, so a multi-phase recipe is resumable.
         """
+        self.resume()  # the checkpoint the current config selects, before the phase changes it
         old_lr = self.config.lr
         if self.config.resume not in ("auto", "none"):  # a given checkpoint belongs to the first phase only
             changes.setdefault("resume", "auto")
@@ -625,8 +634,7 @@ class Engine:
             group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
         self.metrics = self._metric_log()
         self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
-        self.checkpointer.wait()
-        self.checkpointer = Checkpointer(self.accelerator, cfg)  # the phase's output_dir
+        self.checkpointer.wait()  # the phase's checkpoints go to its output_dir (save and resume pass the config)
         self.resumed_from, self._resumed, self._restored_rng = None, False, None
 
     def _metric_log(self) -> MetricLog:

@@ -109,18 +109,17 @@ class StopSignals:
 
     def __init__(self):
         self.received: str | None = None
-        self._previous: dict = {}
+        self._previous: list[dict] = []  # the handlers each (nested) entry replaced
 
     def __enter__(self) -> StopSignals:
         self.received = None  # a signal that stopped an earlier fit does not stop this one
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        main = threading.current_thread() is threading.main_thread()
+        self._previous.append({sig: signal.signal(sig, self._request) for sig in self.SIGNALS} if main else {})
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
+        for sig, handler in self._previous.pop().items():
             signal.signal(sig, handler)
-        self._previous = {}
 
     def _request(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name

@@ -254,3 +254,19 @@ def test_model_summary_counts_trainable_and_frozen(tmp_path):
     out = subprocess.run([sys.executable, "-m", "acctrain.cli", "summary", "model.n_layers=1"], capture_output=True,
                          text=True, timeout=60).stdout
     assert "blocks" in out and "total" in out
+
+
+def test_a_given_checkpoint_is_resumed_before_a_recipe_replans(tmp_path):
+    """`resume=PATH` with fit_one_cycle/fine_tune: the first phase starts from that checkpoint's weights."""
+    def engine(out, **config):
+        cfg = TrainConfig(output_dir=str(out), global_batch_size=8, micro_batch_size=4, max_steps=4, lr=1e-2, cpu=True,
+                          **config)
+        return Engine(make_model(0), cfg, VarLenTokens(32), loss_fn=token_loss, collate_fn=collate)
+
+    trained = engine(tmp_path / "a")
+    trained.fit()
+    given = engine(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoints" / "step-00000004"))
+    given.replan(output_dir=str(tmp_path / "c"), max_steps=2)
+    assert str(given.config.resume) == "auto"  # the given checkpoint belonged to the first phase only
+    expected = trained.unwrapped_model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in given.unwrapped_model.state_dict().items())
