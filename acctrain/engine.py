@@ -300,7 +300,7 @@ class Engine:
             return
         (step, samples_seen, ticket, loss, grad_norm, lr_metrics, items), self._pending = self._pending, None
         loss_value, norm_value, *flags = ticket.read()  # note: host-device sync on numbers a step old: no wait
-        verdict = agreement.decide(loss_value, norm_value, flags or [0.0] * 4, self._policy(), step,
+        verdict = agreement.decide(loss_value, norm_value, flags or agreement.NO_FLAGS, self._policy(), step,
                                    self.state.skipped_in_a_row)
         if verdict.refused:
             self.print(f"skipping the update of step {step}: {verdict.reason} (nan_policy=skip)")

@@ -207,6 +207,12 @@ class Case:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def stamp(self, steps: int, stamps: list[float]) -> None:
+        """After the warm-up steps and after the timed ones: wait for the GPU, read the clock."""
+        if steps in (self.args.warmup, self.args.warmup + self.args.steps):
+            self.sync()
+            stamps.append(time.perf_counter())
+
     def seconds(self, stamps: list[float]) -> float:
         return (stamps[1] - stamps[0]) / self.args.steps
 
@@ -230,9 +236,7 @@ class Case:
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 steps += 1
-                if steps in (self.args.warmup, self.args.warmup + self.args.steps):
-                    self.sync()
-                    stamps.append(time.perf_counter())
+                self.stamp(steps, stamps)
         return self.seconds(stamps)
 
     def raw(self) -> float:
@@ -252,9 +256,7 @@ class Case:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            if steps in (self.args.warmup, self.args.warmup + self.args.steps):
-                self.sync()
-                stamps.append(time.perf_counter())
+            self.stamp(steps, stamps)
         return self.seconds(stamps)
 
     def engine(self) -> float:
