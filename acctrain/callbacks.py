@@ -113,6 +113,16 @@ class Callbacks:
         requested, self.requested = self.requested, None
         return requested
 
+    def state_dict(self) -> list[dict]:
+        """Each callback's state, in order, under its class name."""
+        return [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.items]
+
+    def load_state_dict(self, saved: list[dict]) -> None:
+        """Give each callback its saved state (matched by position and class name)."""
+        for cb, saved_cb in zip(self.items, saved):
+            if type(cb).__name__ == saved_cb["class"]:
+                cb.load_state_dict(saved_cb["state"])
+
 
 def strongest(*cancels: type[Cancel] | None) -> type[Cancel] | None:
     """The strongest of some cancels (CancelFit > CancelEpoch > CancelStep), or None."""

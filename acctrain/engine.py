@@ -19,12 +19,10 @@ acctrain.runtime the start-up.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,42 +34,16 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Window, eval_loader, micro_batch_loader
+from acctrain.data import DataPlan, Window, micro_batch_loader
+from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
-from acctrain.optim import build_optimizer, get_momentum, matches, set_momentum
+from acctrain.optim import LrReadout, apply_schedule, build_optimizer, reference_group, select
 from acctrain.readback import Readback
 from acctrain.schedules import build_schedule
-from acctrain.state import jsonable, rng_from_files, rng_to_files
+from acctrain.state import Snapshot, TrainState, jsonable, rng_from_files
 from acctrain.step_ops import step_ops_for
 from acctrain.summary import model_summary
 from acctrain.tracking import MetricLog
-
-
-@dataclass
-class TrainState:
-    """Where the run is: counted in optimizer steps and global samples, never in micro-batches."""
-
-    step: int = 0
-    """Optimizer steps taken (windows of data consumed), including skipped ones."""
-    schedule_step: int = 0
-    """Optimizer steps applied; the schedule's position (a skipped fp16 overflow step does not advance it)."""
-    samples_seen: int = 0
-    """Global training samples consumed."""
-    skipped_steps: int = 0
-    """Steps not applied: fp16 overflow, or a non-finite loss or gradient norm with nan_policy='skip'."""
-    skipped_in_a_row: int = 0
-    """Consecutive steps skipped by the NaN policy up to now (it halts at max_skipped_steps)."""
-
-    def consume(self, samples: int) -> None:
-        """An optimizer step's window of data was used (applied or not)."""
-        self.step += 1
-        self.samples_seen += samples
-
-    def count(self, verdict: Verdict) -> None:
-        """What the step did: applied (the schedule advances) or skipped, and why."""
-        self.skipped_steps += not verdict.apply
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if verdict.refused else 0
-        self.schedule_step += verdict.apply
 
 
 class Engine:
@@ -124,7 +96,7 @@ class Engine:
         self._signals = runtime.StopSignals()
         self._stop = self._fitting = self._summarised = False
         self._frozen: list[torch.nn.Parameter] = []
-        self._lr_tags: list[tuple[str | None, str]] = []
+        self._lr_readout = LrReadout()
         self._verdict_on_device, self._pending, self._readback = False, None, Readback()
         self.resumed_from: Path | None = None
         self._resumed, self._restored_rng = False, None
@@ -382,23 +354,9 @@ class Engine:
     def _set_lr_and_momentum(self, step: int) -> None:
         """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
         groups = self.torch_optimizer.param_groups
-        if self.lr_scheduler is None:
-            factor, momentum = self.schedule.lr_factor(step), self.schedule.momentum(step)
-            for group in groups:
-                group["lr"] = group["base_lr"] * factor
-                if momentum is not None:
-                    set_momentum(group, momentum)
-        if len(self._lr_tags) != len(groups):  # tag names, built once: train/lr/{group name} per group
-            names = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
-            self._lr_tags = [(f"train/lr/{n}", f"train/momentum/{n}") if len(groups) > 1 else (None, "train/momentum")
-                             for n in names]
-        self._lr_metrics = {"train/lr": groups[0]["lr"]}
-        for group, (lr_tag, momentum_tag) in zip(groups, self._lr_tags):
-            if lr_tag:
-                self._lr_metrics[lr_tag] = group["lr"]
-            momentum = get_momentum(group)
-            if momentum is not None:
-                self._lr_metrics[momentum_tag] = momentum
+        if self.lr_scheduler is None:  # a torch LR scheduler sets the lr itself
+            apply_schedule(groups, self.schedule.lr_factor(step), self.schedule.momentum(step))
+        self._lr_metrics = self._lr_readout(groups)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -408,21 +366,10 @@ class Engine:
         self.last_eval = {}
         if self.eval_data is None:
             return {}
-        acc = self.accelerator
-        loader = eval_loader(self.eval_data, acc.process_index, acc.num_processes, self.config.micro_batch_size,
-                             self.collate_fn)
-        self.model.eval()
-        totals = torch.zeros(2, dtype=self._item_dtype, device=acc.device)
-        for batch in loader:
-            batch = send_to_device(batch, acc.device, non_blocking=True)
-            size = len(next(iter(batch.values())) if isinstance(batch, dict) else batch[0])
-            loss_sum, items, _ = self._loss(batch, size)
-            totals += torch.stack([loss_sum.detach().to(totals.dtype), torch.as_tensor(items).to(totals)])
-        self.model.train()
-        # note: host-device sync, once per evaluation
-        loss_sum, items = acc.reduce(totals, reduction="sum").tolist()
-        self.last_eval = {"eval/loss": loss_sum / items if items else float("nan")}
-        acc.log(self.last_eval, step=self.state.step)
+        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.config.micro_batch_size,
+                         self.collate_fn, self._loss, self._item_dtype)
+        self.last_eval = {"eval/loss": loss}
+        self.accelerator.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
@@ -469,7 +416,7 @@ class Engine:
             "schedule": self.schedule.state_dict(),
             "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
             "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
-            "callbacks": [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.callbacks.items],
+            "callbacks": self.callbacks.state_dict(),
             "metrics": dict(self.last_eval) if self._eval_step == self.state.step else {},
         }
 
@@ -485,32 +432,20 @@ class Engine:
             self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
         if self.step_ops.scaler is not None and meta["scaler"]:
             self.step_ops.scaler.load_state_dict(meta["scaler"])
-        for cb, saved_cb in zip(self.callbacks.items, meta["callbacks"]):
-            if type(cb).__name__ == saved_cb["class"]:
-                cb.load_state_dict(saved_cb["state"])
+        self.callbacks.load_state_dict(meta["callbacks"])
 
     @contextlib.contextmanager
     def trial(self):
         """Try something on the Engine and undo it: on exit the weights (bitwise), the optimizer, the loss
         scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
         self._settle()  # a step left pending by the fit is counted in the real state first
-        scaler = self.step_ops.scaler
-        weights = {k: v.detach().clone() for k, v in self.unwrapped_model.state_dict().items()}
-        optimizer = copy.deepcopy(self.torch_optimizer.state_dict())
-        scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-        rng = rng_to_files()
+        saved = Snapshot(self.unwrapped_model, self.torch_optimizer, self.step_ops.scaler)
         names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_stop")
         loop = {name: getattr(self, name) for name in names}
         try:
             yield self
         finally:
-            with torch.no_grad():
-                self.unwrapped_model.load_state_dict(weights)
-            self.torch_optimizer.load_state_dict(optimizer)
-            self.torch_optimizer.zero_grad(set_to_none=True)
-            if scaler_state is not None:
-                scaler.load_state_dict(scaler_state)
-            rng_from_files(*rng)
+            saved.restore()
             for name, value in loop.items():
                 setattr(self, name, value)
 
@@ -521,7 +456,7 @@ class Engine:
         non-finite updates, and runs no callbacks, logs or checkpoints. Use it inside `trial()` (lr_find does).
         """
         groups = self.torch_optimizer.param_groups
-        reference = next((g for g in groups if g.get("lr_mult") == 1.0), groups[0])["base_lr"]
+        reference = groups[reference_group(groups)]["base_lr"]
         self.schedule = build_schedule(lambda k: lr_at(k) / reference, num_steps)
         self.callbacks, self.lr_scheduler, self.state = Callbacks(()), None, TrainState()
         self._verdict_on_device = False  # each step's loss is read at once anyway
@@ -545,12 +480,10 @@ class Engine:
         acc.wait_for_everyone()
         runtime.start_trackers(acc, cfg, self.state.step)
         self.model.train()
-        if self.resumed_from is None:
-            torch.manual_seed(seeds.rank_seed(cfg.seed, acc.process_index))  # dropout: per rank, reproducible
-        elif self._restored_rng is not None:
+        if self._restored_rng is not None:
             rng_from_files(*self._restored_rng)
-        else:  # a rank that did not exist in the resumed run (more processes now): a fresh, distinct seed
-            torch.manual_seed(seeds.rank_seed(cfg.seed, acc.process_index, self.state.step))
+        else:  # dropout: per rank, reproducible; a rank the resumed run did not have gets a distinct seed
+            torch.manual_seed(seeds.rank_seed(cfg.seed, acc.process_index, self.state.step if self.resumed_from else None))
         if not self._summarised:
             self.print(model_summary(self.unwrapped_model, self.is_frozen))
             self._summarised = True
@@ -567,18 +500,8 @@ class Engine:
         fastai's `freeze()`. Frozen parameters stay bitwise unchanged: their gradients are dropped before
         clipping and the optimizer step, so they get no update, no weight decay and no momentum drift.
         """
+        frozen = select(self.unwrapped_model, patterns)
         named = dict(self.unwrapped_model.named_parameters())
-        if patterns is None:
-            children = [n for n, _ in self.unwrapped_model.named_children()]
-            patterns = children[:-1]
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        frozen = []
-        for pattern in patterns:
-            hits = [n for n in named if matches(n, pattern)]
-            if not hits:
-                raise ValueError(f"freeze: {pattern!r} matches no parameter; names look like {list(named)[:3]}")
-            frozen += hits
-        frozen = sorted(set(frozen))
         self._frozen = [named[n] for n in frozen]
         return frozen
 

@@ -10,7 +10,7 @@ multiplies at every optimizer step.
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -81,3 +81,67 @@ def get_momentum(group: dict) -> float | None:
     if "betas" in group:
         return group["betas"][0]
     return group.get("momentum")
+
+
+def apply_schedule(groups: list[dict], factor: float, momentum: float | None) -> None:
+    """Set every group's lr to its base lr x `factor`, and its momentum when the schedule gives one."""
+    for group in groups:
+        group["lr"] = group["base_lr"] * factor
+        if momentum is not None:
+            set_momentum(group, momentum)
+
+
+class LrReadout:
+    """The param groups' lr and momentum as log values.
+
+    `train/lr` and `train/momentum` are the reference group's (multiplier 1, the config's `lr`). With
+    discriminative lrs, each `param_groups` pattern adds `train/lr/{name}` (and momentum) once: a pattern's
+    decayed and no-decay groups share their lr, so the `/no_decay` twin is not logged again.
+    """
+
+    def __init__(self) -> None:
+        self._layout: tuple | None = None
+        self._tags: list[tuple[int, str, str]] = []
+        self._reference = 0
+
+    def __call__(self, groups: list[dict]) -> dict[str, float]:
+        layout = tuple(g.get("name") for g in groups)
+        if layout != self._layout:  # built once per optimizer layout: tags are not formatted per step
+            self._layout = layout
+            self._reference = reference_group(groups)
+            firsts: dict[str, int] = {}
+            for i, group in enumerate(groups):
+                firsts.setdefault(str(group.get("name", f"group{i}")).removesuffix("/no_decay"), i)
+            self._tags = [(i, f"train/lr/{n}", f"train/momentum/{n}") for n, i in firsts.items()] if len(firsts) > 1 else []
+        reference = groups[self._reference]
+        values = {"train/lr": reference["lr"]}
+        momentum = get_momentum(reference)
+        if momentum is not None:
+            values["train/momentum"] = momentum
+        for i, lr_tag, momentum_tag in self._tags:
+            values[lr_tag] = groups[i]["lr"]
+            momentum = get_momentum(groups[i])
+            if momentum is not None:
+                values[momentum_tag] = momentum
+        return values
+
+
+def reference_group(groups: list[dict]) -> int:
+    """The index of the group whose lr is the config's `lr`: multiplier 1 (the first group without multipliers)."""
+    return next((i for i, g in enumerate(groups) if g.get("lr_mult", 1.0) == 1.0), 0)
+
+
+def select(model: torch.nn.Module, patterns: str | Sequence[str] | None) -> list[str]:
+    """The sorted names of the parameters matching any pattern (module prefix or glob), each pattern matching one
+    at least. Without patterns: every parameter but those of the model's last top-level module (its head)."""
+    named = [n for n, _ in model.named_parameters()]
+    if patterns is None:
+        patterns = [n for n, _ in model.named_children()][:-1]
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen = set()
+    for pattern in patterns:
+        hits = [n for n in named if matches(n, pattern)]
+        if not hits:
+            raise ValueError(f"freeze: {pattern!r} matches no parameter; names look like {named[:3]}")
+        chosen.update(hits)
+    return sorted(chosen)

@@ -1,4 +1,4 @@
-"""Training state as safetensors + JSON: optimizer, RNG and GradScaler, to and from plain files.
+"""Training state: where the run is (`TrainState`), and optimizer, RNG and GradScaler to and from plain files.
 
     tensors, meta = optimizer_to_files(optimizer.state_dict())
     optimizer.load_state_dict(optimizer_from_files(tensors, meta))
@@ -9,11 +9,15 @@ No pickle anywhere: tensors go to safetensors under flat names, everything else 
 
 from __future__ import annotations
 
+import copy
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from acctrain.agreement import Verdict
 
 
 def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -86,3 +90,50 @@ def jsonable(obj: Any) -> Any:
 
 
 _DROP = object()
+
+
+@dataclass
+class TrainState:
+    """Where the run is: counted in optimizer steps and global samples, never in micro-batches."""
+
+    step: int = 0
+    """Optimizer steps taken (windows of data consumed), including skipped ones."""
+    schedule_step: int = 0
+    """Optimizer steps applied; the schedule's position (a skipped fp16 overflow step does not advance it)."""
+    samples_seen: int = 0
+    """Global training samples consumed."""
+    skipped_steps: int = 0
+    """Steps not applied: fp16 overflow, or a non-finite loss or gradient norm with nan_policy='skip'."""
+    skipped_in_a_row: int = 0
+    """Consecutive steps skipped by the NaN policy up to now (it halts at max_skipped_steps)."""
+
+    def consume(self, samples: int) -> None:
+        """An optimizer step's window of data was used (applied or not)."""
+        self.step += 1
+        self.samples_seen += samples
+
+    def count(self, verdict: Verdict) -> None:
+        """What the step did: applied (the schedule advances) or skipped, and why."""
+        self.skipped_steps += not verdict.apply
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if verdict.refused else 0
+        self.schedule_step += verdict.apply
+
+
+class Snapshot:
+    """A copy of the weights (bitwise), the optimizer, the loss scaler and the RNGs, to put back with `restore()`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+        self.rng = rng_to_files()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(self.weights)
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler_state is not None:
+            self.scaler.load_state_dict(self.scaler_state)
+        rng_from_files(*self.rng)

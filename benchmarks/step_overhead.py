@@ -451,7 +451,7 @@ def lomo_stubbed(opt) -> None:
 
 def engine_components(threads: int, best) -> list[tuple]:
     """The Engine's own per-step pieces (private methods: a row is left out if one was renamed)."""
-    from acctrain import Engine, TrainConfig
+    from acctrain import Engine, TrainConfig, agreement
 
     fresh_accelerate()
     out = tempfile.mkdtemp(prefix="acctrain-bench-", dir=None)
@@ -471,9 +471,10 @@ def engine_components(threads: int, best) -> list[tuple]:
 
         rows = [
             ("Engine._set_lr_and_momentum(step) (2 param groups)", maybe(lambda: engine._set_lr_and_momentum(0)), None),
-            ("Engine._reduce_step(loss_sum, num_items) (1 process)",
-             maybe(lambda: engine._reduce_step(sum64, sum64)), None),
-            ("Engine._check_finite(loss, norm)", maybe(lambda: engine._check_finite(1.0, 1.0)), None),
+            ("agreement.reduce_step(loss_sum, num_items) (1 process)", maybe(lambda: agreement.reduce_step(
+                engine.accelerator, sum64, sum64, agreement.NO_REQUESTS, torch.float64)), None),
+            ("agreement.decide(loss, norm, flags, policy)", maybe(lambda: agreement.decide(
+                1.0, 1.0, agreement.NO_FLAGS, engine._policy(), 1, 0)), None),
             ("Engine.callbacks(event) with no callbacks", maybe(lambda: engine.callbacks("before_step", engine)), None),
             ("Engine.metrics.add(step, 5 values)", maybe(lambda: engine.metrics.add(
                 1, {"train/loss": loss32, "train/grad_norm": loss32, "train/skipped_steps": 0, "train/epoch": 0.1,
