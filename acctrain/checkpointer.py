@@ -136,15 +136,17 @@ class Checkpointer:
         return Path(choice[0]) if choice[0] is not None else None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             plan: dict[str, Any]) -> tuple[dict[str, Any], tuple | None]:
+             plan: dict[str, Any], settings: dict[str, Any] = {}) -> tuple[dict[str, Any], tuple | None]:
         """Load weights and optimizer state from `path` in place; return its meta and this rank's RNG state.
 
-        `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's.
+        `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's, and so
+        are the job's `settings` (e.g. `model.*`), before any weight is loaded.
         The RNG state is None for a rank the checkpointed run did not have (more processes now).
         """
         acc = self.accelerator
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"], plan)
+        check_settings(meta.get("settings", {}), settings, path)
         if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(acc):
             kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
             raise checkpoint.CheckpointError(
@@ -170,6 +172,16 @@ class Checkpointer:
         if saved.get("world_size") != now["world_size"] and self.accelerator.is_main_process:
             print(f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
                   f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step")
+
+
+def check_settings(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with job settings (e.g. the model's shape) other than the checkpoint's, naming each
+    (when both record settings: an Engine given none checks none)."""
+    diff = [] if not (saved and now) else [f"{k}={saved.get(k)!r} (this run: {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(diff[0].split("=")[0], f"{path} was trained with " + ", ".join(diff) + "; set those "
+                          "values to resume it, or start a new run in another output_dir (or with resume=none).")
 
 
 def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:

@@ -60,8 +60,12 @@ class Engine:
         callbacks: Sequence = (),
         collate_fn: Callable | None = None,
         schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
+        settings: dict[str, Any] | None = None,
     ):
         self.config = config
+        self.settings = dict(settings or {})
+        """The job's other settings (e.g. `model.d_model`): recorded with each checkpoint and in the trackers'
+        config; a resume from a checkpoint whose settings differ is refused, naming them."""
         self.accelerator = runtime.make_accelerator(config)
         self.plan = DataPlan(dataset_len=len(train_data), global_batch=config.global_batch_size,
                              micro_batch=config.micro_batch_size, world_size=self.accelerator.num_processes,
@@ -394,7 +398,8 @@ class Engine:
         self.resumed_from = self.checkpointer.find()
         if self.resumed_from is not None:
             meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
-                                                              {**self.plan.describe(), "seed": self.plan.seed})
+                                                              {**self.plan.describe(), "seed": self.plan.seed},
+                                                              self.settings)
             self.load_state_dict(meta)
             self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
         return self.resumed_from
@@ -411,6 +416,7 @@ class Engine:
             "epoch": self.state.step // plan.steps_per_epoch,
             "plan": {**plan.describe(), "seed": plan.seed},
             "config": self.config.to_dict(),
+            "settings": self.settings,
             "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__,
                          "accelerate": accelerate.__version__},
             "schedule": self.schedule.state_dict(),
@@ -478,7 +484,7 @@ class Engine:
         if cfg.resume == "none" and cfg.overwrite and acc.is_main_process:
             shutil.rmtree(checkpoint.checkpoints_root(cfg.output_dir), ignore_errors=True)
         acc.wait_for_everyone()
-        runtime.start_trackers(acc, cfg, self.state.step)
+        runtime.start_trackers(acc, cfg, self.state.step, self.settings)
         self.model.train()
         if self._restored_rng is not None:
             rng_from_files(*self._restored_rng)

@@ -80,11 +80,13 @@ def flat_config(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
-def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
-    """Trackers (TensorBoard by default) under `{output_dir}/logs`, with the config as hparams and as text.
+def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, settings: dict[str, Any] = {}) -> None:
+    """Trackers (TensorBoard by default) under `{output_dir}/logs`, with the config (and the job's other
+    `settings`, e.g. `model.*`) as text at `step`, and as hparams once, at the run's start.
 
     Once per output_dir: a later fit in the same directory goes on writing to them, a new phase's
-    output_dir (replan) gets its own.
+    output_dir (replan) gets its own. A resumed launch logs no hparams: TensorBoard would show each
+    launch as a sub-run of its own.
     """
     logging_dir = os.path.join(config.output_dir, "logs")
     project = accelerator.project_configuration
@@ -94,8 +96,9 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int) -> 
         tracker.finish()
     accelerator.trackers = []
     project.project_dir, project.logging_dir = config.output_dir, logging_dir
-    accelerator.init_trackers("acctrain", config=flat_config(config.to_dict()))
-    accelerator.log({"config": "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```"}, step=step)
+    everything = {**config.to_dict(), **settings}
+    accelerator.init_trackers("acctrain", config=flat_config(everything) if step == 0 else None)
+    accelerator.log({"config": "```\n" + json.dumps(everything, indent=2) + "\n```"}, step=step)
 
 
 class StopSignals:
