@@ -31,10 +31,13 @@ Schedules and their `schedule_args` (defaults):
 - step (step_size required, gamma=0.1): gamma ** (k // step_size), as torch's StepLR.
 - multistep (milestones required, gamma=0.1): gamma ** (milestones <= k), as torch's MultiStepLR.
 - exponential (gamma required): gamma ** k.
-- reduce_on_plateau (mode="min", factor=0.1, patience=10, threshold=1e-4, min_factor=0): changes only
-  in `on_evaluate`: after more than `patience` evaluations without an improvement of more than
-  threshold * |best|, the factor is multiplied by `factor` (not below min_factor), as torch's
-  ReduceLROnPlateau with threshold_mode="rel". A NaN metric never counts as an improvement.
+- reduce_on_plateau (mode="min", factor=0.1, patience=10, threshold=1e-4, min_factor=0, eps=1e-8): changes
+  only in `on_evaluate`, exactly as torch's ReduceLROnPlateau with threshold_mode="rel" and one param group
+  at lr 1 (tests/test_schedules.py compares them): an improvement is metric < best * (1 - threshold)
+  ("min"; > best * (1 + threshold) for "max"), the best starting at +inf (-inf), so an infinite or NaN
+  metric never improves; after more than `patience` evaluations without one the factor is multiplied by
+  `factor` (not below min_factor), unless that changes it by eps or less. torch applies eps to each
+  group's lr; here it applies to the factor shared by all groups.
 - a function step -> factor, passed instead of a name.
 
 Warmup (`warmup_steps`, or `warmup_ratio` giving ceil(ratio * total_steps) steps) belongs to the three
@@ -104,7 +107,8 @@ _ARGS = {  # schedule -> its schedule_args and their defaults
     "step": {"step_size": _REQUIRED, "gamma": 0.1},
     "multistep": {"milestones": _REQUIRED, "gamma": 0.1},
     "exponential": {"gamma": _REQUIRED},
-    "reduce_on_plateau": {"mode": "min", "factor": 0.1, "patience": 10, "threshold": 1e-4, "min_factor": 0.0},
+    "reduce_on_plateau": {"mode": "min", "factor": 0.1, "patience": 10, "threshold": 1e-4, "min_factor": 0.0,
+                          "eps": 1e-8},
 }
 SCHEDULES = tuple(_ARGS)
 
@@ -137,6 +141,7 @@ _CHECKS = {  # arg -> (is it valid, what a valid value is)
     "patience": (lambda v: _int(v) and v >= 0, "an int >= 0: evaluations without improvement, e.g. 10"),
     "threshold": (lambda v: _num(v) and v >= 0, "a number >= 0: the relative improvement that counts, e.g. 1e-4"),
     "min_factor": (lambda v: _num(v) and 0 <= v <= 1, "the lowest lr factor, in [0, 1]"),
+    "eps": (lambda v: _num(v) and v >= 0, "a number >= 0: the smallest change of the lr factor that is made, e.g. 1e-8"),
 }
 
 
@@ -281,14 +286,19 @@ class Schedule:
         if self.name != "reduce_on_plateau":
             return
         a, s, metric = self.args, self.state, float(metric)
-        sign = 1.0 if a["mode"] == "min" else -1.0
-        if not math.isnan(metric) and (s["best"] is None
-                                       or sign * metric < sign * s["best"] - a["threshold"] * abs(s["best"])):
+        # torch's ReduceLROnPlateau, threshold_mode="rel": the best starts at +-inf (so an infinite first metric
+        # is no improvement), a NaN never improves, and with a negative best the relative rule is torch's own
+        best = s["best"] if s["best"] is not None else (math.inf if a["mode"] == "min" else -math.inf)
+        better = metric < best * (1 - a["threshold"]) if a["mode"] == "min" else metric > best * (1 + a["threshold"])
+        if better:
             s["best"], s["bad"] = metric, 0
             return
         s["bad"] += 1
         if s["bad"] > a["patience"]:
-            s["factor"], s["bad"] = max(s["factor"] * a["factor"], a["min_factor"]), 0
+            cut = max(s["factor"] * a["factor"], a["min_factor"])
+            if s["factor"] - cut > a["eps"]:  # torch's eps: a change this small is not made
+                s["factor"] = cut
+            s["bad"] = 0
 
     def state_dict(self) -> dict:
         """JSON-serialisable: the schedule's name, its parameters, and reduce_on_plateau's state."""

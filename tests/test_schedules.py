@@ -214,6 +214,32 @@ def test_reduce_on_plateau_matches_torch():
     assert min(ours) == 0.2 and ours[0] == 1.0 and sched.momentum(0) is None
 
 
+PLATEAU_CASES = {  # metric sequences where a plain "best - threshold*|best|" rule parts from torch
+    "infinite first metric": ("min", [math.inf, 5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0]),
+    "negative metrics": ("min", [-10.0, -9.9995, -9.9995, -9.9995, -9.9995, -12.0, -11.999, -11.999, -11.999]),
+    "negative, max mode": ("max", [-10.0, -10.0005, -10.0005, -9.0, -9.0009, -9.0009, -9.0009, -8.0]),
+    "NaN first": ("min", [math.nan, math.nan, math.nan, 3.0, 3.0, 3.0, 3.0]),
+    "-inf in max mode": ("max", [-math.inf, 1.0, 1.0, 1.0, 1.0]),
+    "eps stops tiny cuts": ("min", [1.0] + [2.0] * 40),
+}
+
+
+@pytest.mark.parametrize("case", list(PLATEAU_CASES))
+def test_reduce_on_plateau_edge_cases_match_torch(case):
+    mode, metrics = PLATEAU_CASES[case]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # lr 1: torch's eps acts on the factor
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.1, patience=1, threshold=1e-4)
+    sched = build_schedule("reduce_on_plateau", 100, args={"mode": mode, "factor": 0.1, "patience": 1})
+    ours, theirs = [], []
+    for m in metrics:
+        sched.on_evaluate(m)
+        ref.step(m)
+        ours.append(sched.lr_factor(0))
+        theirs.append(opt.param_groups[0]["lr"])
+    assert ours == pytest.approx(theirs, rel=REL)
+    json.dumps(sched.state_dict())  # still JSON (an infinite best is written as Infinity)
+
+
 def test_reduce_on_plateau_max_mode():
     sched = build_schedule("reduce_on_plateau", 10, args={"mode": "max", "patience": 1})
     for m in [0.5, 0.6, 0.6, 0.6]:
