@@ -241,6 +241,10 @@ class Engine:
         scale = scaler.get_scale() if scaler is not None and not math.isfinite(norm) else None
         verdict = agreement.decide(loss, norm, flags or totals.requests, self._policy(), self.state.step + 1,
                                    self.state.skipped_in_a_row, scale)
+        if not verdict.finite and torch.is_tensor(totals.items) and totals.items.item() == 0:  # note: sync, rare
+            empty = " (the step has 0 items: loss_fn's num_items summed over all ranks is 0)"
+            verdict = dataclasses.replace(verdict, reason=verdict.reason and verdict.reason + empty,
+                                          halt=verdict.halt and verdict.halt + empty)
         if verdict.overflow:
             self.print(f"{verdict.reason}: update skipped, loss scale {scale:g} -> "
                        f"{scale * scaler.get_backoff_factor():g}")
@@ -574,10 +578,10 @@ class Engine:
     def _schedule_name(self) -> str:
         return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name
 
-    def print(self, *args, **kwargs) -> None:
-        """Print once per job, from the main process (Accelerate's print is once per node)."""
+    def print(self, *args) -> None:
+        """Print once per job, from the main process (Accelerate's print is once per node), above a progress bar."""
         if self.accelerator.is_main_process:
-            print(*args, **kwargs)
+            self.metrics.print(" ".join(map(str, args)))
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:

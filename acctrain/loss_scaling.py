@@ -21,21 +21,43 @@ from typing import Any
 import torch
 
 
-def normalise(out: Any, num_samples: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
+def normalise(out: Any, num_samples: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | int, bool]:
     """(summed loss, item count, token-weighted?) of one micro-batch from what the loss function returned.
 
-    A tensor is a mean over the micro-batch's samples; a pair is `(loss_sum, num_items)`. A padding
-    micro-batch (`num_samples == 0`, a rank with no sample in a short window) counts as zero.
+    A tensor is a mean over the micro-batch's samples; a pair is `(loss_sum, num_items)`, the count a tensor
+    or a number (made a tensor here, so one process and many take the same path). A padding micro-batch
+    (`num_samples == 0`, a rank with no sample in a short window) counts as zero.
     """
-    if isinstance(out, (tuple, list)):
-        loss_sum, items = out
-        items = items.to(dtype) if torch.is_tensor(items) else float(items)
-        weighted = True
+    weighted = isinstance(out, (tuple, list))
+    loss_sum, items = out if weighted and len(out) == 2 else (out, None)
+    _check_loss(out, loss_sum, items, weighted)
+    if weighted:  # a fill on the loss's device, not a host-to-device copy (that would wait for the GPU)
+        items = items.to(dtype) if torch.is_tensor(items) else loss_sum.new_full((), float(items), dtype=dtype)
     else:
-        loss_sum, items, weighted = out * num_samples, num_samples, False
+        loss_sum, items = out * num_samples, num_samples
     if num_samples == 0:  # it only joins the all-reduce
         loss_sum, items = loss_sum * 0, items * 0
     return loss_sum, items, weighted
+
+
+LOSS_CONTRACT = "loss_fn must return a tensor (the mean loss over the micro-batch) or (loss_sum, num_items)"
+
+
+def _check_loss(out: Any, loss_sum: Any, items: Any, weighted: bool) -> None:
+    """Refuse what the loss function returned unless it keeps the contract, saying what it returned instead."""
+    if weighted and len(out) != 2:
+        problem = f"a {type(out).__name__} of {len(out)} values"
+    elif not torch.is_tensor(loss_sum):
+        what = "a dict or model output (return its loss)" if isinstance(loss_sum, Mapping) else type(loss_sum).__name__
+        problem = f"{'loss_sum as ' if weighted else ''}{what}"
+    elif loss_sum.numel() != 1 or not loss_sum.is_floating_point():
+        problem = f"a {loss_sum.dtype} tensor of shape {tuple(loss_sum.shape)}; the loss must be one float value"
+    elif weighted and not (torch.is_tensor(items) and items.numel() == 1
+                           or isinstance(items, (int, float)) and not isinstance(items, bool)):
+        problem = f"num_items as {type(items).__name__}; it must be a number or a one-element tensor"
+    else:
+        return
+    raise TypeError(f"{LOSS_CONTRACT}; it returned {problem}.")
 
 
 def micro_scale(world_size: int, window_samples: int) -> float:

@@ -6,7 +6,8 @@ throughput since the previous one: train/samples_per_s, train/tokens_per_s (the 
 loss counted), train/step_time_s, train/peak_memory_gb and, on a GPU whose peak is in PEAK_FLOPS and a
 model that states `flops_per_token`, train/mfu. Writing goes through Accelerate's trackers (TensorBoard
 by default, under `{output_dir}/logs/`), on the main process only. Progress goes to a tqdm bar on a
-terminal, and to one plain line per flush otherwise (CI, SLURM logs); only the main process prints.
+terminal, and to one plain line per flush otherwise (CI, SLURM logs); only the main process prints. The
+loss a progress line shows, and `last["train/loss"]`, is the mean over the steps since the previous flush.
 """
 
 from __future__ import annotations
@@ -85,9 +86,18 @@ class MetricLog:
         step = rows[-1][0]
         throughput = self._throughput(step, samples_seen, items)
         self.accelerator.log(throughput, step=step)
-        self.last = dict(rows[-1][1], step=step, **throughput)
-        self._report(rows, throughput)
+        # what the progress line shows: the loss averaged over the steps since the last flush
+        loss = sum(values["train/loss"] for _, values in rows) / len(rows)
+        self.last = dict(rows[-1][1], step=step, **throughput, **{"train/loss": loss})
+        self._report(step, self.last)
         return rows
+
+    def print(self, text: str) -> None:
+        """Print a line (main process only), above the progress bar when there is one."""
+        if self._bar is not None:
+            self._bar.write(text)
+        elif self.accelerator.is_main_process:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -111,13 +121,12 @@ class MetricLog:
                 out["train/mfu"] = per_device * self._flops_per_token / self._peak
         return out
 
-    def _report(self, rows: list[tuple[int, dict[str, float]]], throughput: dict[str, float]) -> None:
-        step, values = rows[-1]
-        loss = sum(v["train/loss"] for _, v in rows) / len(rows)
-        if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+    def _report(self, step: int, values: dict[str, float]) -> None:
+        loss, throughput = values["train/loss"], values
+        if self._bar is not None:  # the postfix first: update() draws the bar with it
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}",
                                   samples_s=f"{throughput['train/samples_per_s']:.0f}", refresh=False)
+            self._bar.update(step - self._bar.n)
             return
         remaining = self.total_steps - step
         seconds_per_step = (time.perf_counter() - self._started) / max(step - self._first_step, 1)
