@@ -124,6 +124,14 @@ class Callbacks:
                 cb.load_state_dict(saved_cb["state"])
 
 
+def metric(engine, name: str, user: str) -> float:
+    """An eval metric by name, or an error naming the metrics there are."""
+    if name not in engine.last_eval:
+        raise ValueError(f"{user}: no evaluation metric {name!r}; there are {sorted(engine.last_eval)}. A custom metric "
+                       "must be added to engine.last_eval by a callback with a lower `order` (the default 0 is).")
+    return engine.last_eval[name]
+
+
 def strongest(*cancels: type[Cancel] | None) -> type[Cancel] | None:
     """The strongest of some cancels (CancelFit > CancelEpoch > CancelStep), or None."""
     return max((c for c in cancels if c is not None), key=CANCELS.index, default=None)
@@ -145,8 +153,10 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
+    order = 50  # after callbacks that add metrics in after_evaluate (order 0)
+
     def after_evaluate(self, engine) -> None:
-        value = engine.last_eval[self.metric]
+        value = metric(engine, self.metric, type(self).__name__)
         sign = 1.0 if self.mode == "min" else -1.0
         if self.best is None or (math.isfinite(value) and sign * (self.best - value) > self.min_delta):
             self.best, self.wait = value, 0
@@ -213,8 +223,10 @@ class SaveBest(Callback):
         self.metric, self.mode = metric, mode
         self.best: float | None = None
 
+    order = 50  # after callbacks that add metrics in after_evaluate (order 0)
+
     def after_evaluate(self, engine) -> None:
-        value = engine.last_eval[self.metric]
+        value = metric(engine, self.metric, type(self).__name__)
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         if better and math.isfinite(value):
             self.best = value

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast_object_list, send_to_device
 
-from acctrain import agreement, checkpoint, loss_scaling, runtime, seeds, sharded
+from acctrain import agreement, checkpoint, loss_scaling, optim, runtime, seeds, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -39,6 +39,7 @@ from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer, reference_group, select
 from acctrain.readback import Readback
+from acctrain.run_lock import RunLock, RunLocked
 from acctrain.schedules import build_schedule
 from acctrain.state import Snapshot, TrainState, jsonable, rng_from_files
 from acctrain.step_ops import step_ops_for
@@ -74,6 +75,8 @@ class Engine:
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
         self.schedule = self._build_schedule("constant" if self.lr_scheduler else schedule or config.scheduler)
+        if config.keep_best and eval_data is None:
+            raise ConfigError("keep_best", f"{config.keep_best!r} needs evaluations: pass eval_data to the Engine.")
         if self.schedule.name == "reduce_on_plateau" and eval_data is None:
             raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
         self.train_data, self.eval_data = train_data, eval_data
@@ -103,13 +106,33 @@ class Engine:
         self._lr_readout = LrReadout()
         self._verdict_on_device, self._pending, self._readback = False, None, Readback()
         self.resumed_from: Path | None = None
-        self._resumed, self._restored_rng = False, None
+        self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
+        self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
 
     # ------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
-        self.resume()
+        with self._owning_output_dir():
+            self.resume()
+            self._fits += 1
+            if self.state.step >= self.plan.total_steps:
+                return self._complete()
+            return self._fit()
+
+    def _complete(self) -> dict[str, float]:
+        """A fit with nothing left to train: say so, and how to train on; returns the checkpoint's metrics."""
+        step, total, path = self.state.step, self.plan.total_steps, self.resumed_from
+        if step > total:
+            raise ConfigError("max_steps", f"{path} is at optimizer step {step}, past this run's {total} steps; "
+                              "raise max_steps (or epochs) to train on from it, or start afresh (resume=none, or "
+                              "another output_dir).")
+        self.print(f"the run is complete: {path} holds all {total} optimizer steps, so nothing was trained. To train "
+                   "longer raise max_steps or epochs (the schedule then stretches to the new length); to start "
+                   "over use resume=none overwrite=true, or another output_dir.")
+        return dict(self._saved_metrics)
+
+    def _fit(self) -> dict[str, float]:
         self._fitting, self._stop = True, False
         # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
         # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
@@ -382,6 +405,9 @@ class Engine:
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
         self._fire("after_evaluate")
+        if self.config.keep_best and self.config.keep_best not in self.last_eval:  # before rotation deletes the best
+            raise ConfigError("keep_best", f"no evaluation gives {self.config.keep_best!r}; this run's metrics are "
+                              f"{sorted(self.last_eval)}: use one of them, or a callback that adds it in after_evaluate.")
         return self.last_eval
 
     # ------------------------------------------------------------------------------------ state
@@ -401,19 +427,19 @@ class Engine:
         self.checkpointer.config = self.config
         self.resumed_from = self.checkpointer.find()
         if self.resumed_from is not None:
+            wanted = optim.settings(self.torch_optimizer.param_groups)  # this run's, which the checkpoint replaces
             meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
                                                               {**self.plan.describe(), "seed": self.plan.seed},
                                                               self.settings)
             self.load_state_dict(meta)
             self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
+            changed = optim.reapply(self.torch_optimizer.param_groups, wanted, self.schedule.momentum(0) is not None)
+            if changed:
+                self.print("this run's optimizer settings replace the checkpoint's: " + ", ".join(changed))
         return self.resumed_from
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's state as JSON (trainer_state.json): counters, plan, config, schedule, scaler, callbacks."""
-        import accelerate
-
-        import acctrain
-
         plan, scaler = self.plan, self.step_ops.scaler
         return {
             "state": dataclasses.asdict(self.state),
@@ -421,23 +447,26 @@ class Engine:
             "plan": {**plan.describe(), "seed": plan.seed},
             "config": self.config.to_dict(),
             "settings": self.settings,
-            "versions": {"acctrain": acctrain.__version__, "torch": torch.__version__,
-                         "accelerate": accelerate.__version__},
             "schedule": self.schedule.state_dict(),
             "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
             "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
             "callbacks": self.callbacks.state_dict(),
-            "metrics": dict(self.last_eval) if self._eval_step == self.state.step else {},
+            "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
+                        **(self.last_eval if self._eval_step == self.state.step else {})},
         }
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:
         """Continue from `state_dict()`'s output: counters, schedule position, scaler and callbacks."""
-        self.state = TrainState(**meta["state"])
-        saved = meta["schedule"]
-        if saved == {**saved, **self.schedule.state_dict(), "state": saved.get("state")}:
+        self.state, self._saved_metrics = TrainState(**meta["state"]), meta.get("metrics", {})
+        saved, now = meta["schedule"], self.schedule.state_dict()
+        if saved == {**saved, **now, "state": saved.get("state")}:
             self.schedule.load_state_dict(saved)
-        elif saved.get("name") == self.schedule.name:
-            self.schedule.state = dict(saved.get("state", {}))  # the config's parameters, the saved counters
+        else:  # the config's schedule; the saved counters (reduce_on_plateau's) where it is the same kind
+            if saved.get("name") == self.schedule.name:
+                self.schedule.state = dict(saved.get("state", {}))
+            changes = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if k != "state" and saved.get(k) != now[k]]
+            self.print(f"the schedule differs from the checkpoint's ({', '.join(changes)}): from optimizer step "
+                       f"{self.state.schedule_step} the lr follows this run's")
         if self.lr_scheduler is not None and meta["lr_scheduler"]:
             self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
         if self.step_ops.scaler is not None and meta["scaler"]:
@@ -481,6 +510,24 @@ class Engine:
                 self._train_step(window, batches)
                 i += 1
                 yield float(self.step_loss)  # note: host-device sync per step; identical on all ranks
+
+    @contextlib.contextmanager
+    def _owning_output_dir(self):
+        """One run per output_dir (acctrain.run_lock): the main process holds its lock, every rank learns a refusal."""
+        lock = RunLock(self.config.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
+        try:
+            lock.__enter__()
+            refusal = [None]
+        except RunLocked as err:
+            refusal = [str(err).removeprefix("output_dir: ")]
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list(refusal)
+        if refusal[0] is not None:
+            raise RunLocked(refusal[0])
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     def _start_run(self) -> None:
         """Create the output directory and trackers, seed, print the run plan (nothing is written before this)."""
@@ -554,9 +601,14 @@ class Engine:
 
         The model and optimizer carry over; the plan, schedule and step counter start afresh, and a
         checkpoint in the (new) output_dir is resumed as usual when it fits, so a multi-phase recipe is resumable.
+        Without a new output_dir, a phase after this Engine's k-th fit gets `{output_dir}/phase{k+1}`: the
+        earlier phase's checkpoint would otherwise be resumed as this one's.
         """
         self.resume()  # the checkpoint the current config selects, before the phase changes it
         old_lr = self.config.lr
+        if "output_dir" not in changes and self._fits:  # the earlier fit's checkpoints must not be this phase's
+            changes["output_dir"] = str(Path(self._root_dir) / f"phase{self._fits + 1}")
+            self.print(f"a new phase after {self._fits} fit(s) of this Engine: output_dir={changes['output_dir']}")
         if self.config.resume not in ("auto", "none"):  # a given checkpoint belongs to the first phase only
             changes.setdefault("resume", "auto")
         self.config = dataclasses.replace(self.config, **changes)

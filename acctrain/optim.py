@@ -145,3 +145,24 @@ def select(model: torch.nn.Module, patterns: str | Sequence[str] | None) -> list
             raise ValueError(f"freeze: {pattern!r} matches no parameter; names look like {named[:3]}")
         chosen.update(hits)
     return sorted(chosen)
+
+
+def settings(groups: list[dict]) -> list[dict]:
+    """Each group's settings but its parameters and lr (the schedule sets the lr at every step)."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+
+
+def reapply(groups: list[dict], wanted: list[dict], momentum_scheduled: bool) -> list[str]:
+    """Give the groups this run's settings again after a checkpoint replaced them; returns what differed.
+
+    A momentum schedule sets beta1 (or SGD's momentum) at every step, so a difference there is not news.
+    """
+    changed = []
+    for i, (group, mine) in enumerate(zip(groups, wanted)):
+        for key, value in mine.items():
+            saved = group.get(key)
+            scheduled = momentum_scheduled and key in ("betas", "momentum")
+            if (saved[1:] != value[1:] if scheduled and key == "betas" else saved != value and not scheduled):
+                changed.append(f"{group.get('name', f'group{i}')}.{key} {saved} -> {value}")
+            group[key] = value
+    return changed
