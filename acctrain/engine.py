@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import broadcast_object_list, send_to_device
+from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, loss_scaling, optim, runtime, seeds, sharded
+from acctrain import agreement, checkpoint, loss_scaling, optim, run_lock, runtime, seeds, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -39,7 +39,6 @@ from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer, reference_group, select
 from acctrain.readback import Readback
-from acctrain.run_lock import RunLock, RunLocked
 from acctrain.schedules import build_schedule
 from acctrain.state import Snapshot, TrainState, jsonable, rng_from_files
 from acctrain.step_ops import step_ops_for
@@ -113,7 +112,7 @@ class Engine:
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
-        with self._owning_output_dir():
+        with run_lock.owned(self.accelerator, self.config.output_dir):
             self.resume()
             self._fits += 1
             if self.state.step >= self.plan.total_steps:
@@ -510,24 +509,6 @@ class Engine:
                 self._train_step(window, batches)
                 i += 1
                 yield float(self.step_loss)  # note: host-device sync per step; identical on all ranks
-
-    @contextlib.contextmanager
-    def _owning_output_dir(self):
-        """One run per output_dir (acctrain.run_lock): the main process holds its lock, every rank learns a refusal."""
-        lock = RunLock(self.config.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
-        try:
-            lock.__enter__()
-            refusal = [None]
-        except RunLocked as err:
-            refusal = [str(err).removeprefix("output_dir: ")]
-        if self.accelerator.num_processes > 1:
-            refusal = broadcast_object_list(refusal)
-        if refusal[0] is not None:
-            raise RunLocked(refusal[0])
-        try:
-            yield
-        finally:
-            lock.__exit__(None, None, None)
 
     def _start_run(self) -> None:
         """Create the output directory and trackers, seed, print the run plan (nothing is written before this)."""

@@ -1,6 +1,6 @@
 """One run per output_dir: an exclusive lock on `{output_dir}/.lock`, held by the live main process.
 
-    with RunLock(output_dir):   # raises RunLocked naming the holder (pid, host, since when)
+    with owned(accelerator, output_dir):   # every rank raises RunLocked naming the holder (pid, host, since)
         ... train ...
 
 The lock is an flock on the open file, so the kernel drops it when the process ends in any way (a crash,
@@ -10,12 +10,16 @@ wrong. On NFS, Linux maps flock to NFS byte-range locks, which hold across hosts
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from acctrain.errors import ConfigError
 
@@ -54,6 +58,25 @@ class RunLock:
         if self._file is not None:
             self._file.close()  # closing drops the flock; the file stays (removing it would race a new holder)
             self._file = None
+
+
+@contextlib.contextmanager
+def owned(accelerator: Accelerator, output_dir: str | Path):
+    """Hold `output_dir` for this run: the main process takes the lock, and every rank learns of a refusal."""
+    lock = RunLock(output_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    try:
+        lock.__enter__()
+        refusal = [None]
+    except RunLocked as err:
+        refusal = [str(err).removeprefix("output_dir: ")]
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise RunLocked(refusal[0])
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _describe(holder: str) -> str:
