@@ -3,19 +3,31 @@
     stage = staging_dir(output_dir, step)          # every rank writes its files here
     digests = write_files({stage / "model.safetensors": state_dict, stage / "trainer_state.json": {...}})
     final = commit(stage, digests)                 # main process: manifest, fsync, rename, `latest`
-    rotate(output_dir, keep_last=2)                # only after the new one is complete
-    path, skipped = find_resumable(output_dir)     # newest checkpoint whose manifest verifies
+    rotate(output_dir, keep_last=2, newest=final)  # only after the new one is complete
+    path, skipped = find_resumable(output_dir)     # the checkpoint `latest` names, or the newest that verifies
 
-A checkpoint is built in `step-N.tmp` beside its final place. `commit` writes `manifest.json` (every
-file's size and sha256), fsyncs every file and the directory, renames it to `step-N`, then replaces
-`checkpoints/latest` (a text file naming the newest complete checkpoint) atomically. A process killed
-at any instant leaves the previous checkpoint intact: a half-written one is still `*.tmp` (removed at
-the next save), and only complete directories are ever named `step-N`. Files are safetensors and JSON
-only; loading reads them with `safetensors` and `json`, so nothing in a checkpoint can run code.
+A checkpoint is built in `step-N.tmp` beside its final place. `commit` writes `manifest.json` (the format
+version and every file's size and sha256), fsyncs every file and the directory, renames it to `step-N`,
+then replaces `checkpoints/latest` (a text file naming the newest complete checkpoint) atomically. A
+process killed at any instant leaves the previous checkpoint intact: a half-written one is still `*.tmp`,
+and only complete directories are ever named `step-N`. Whatever already holds the name `step-N` (a
+damaged checkpoint, a stray file, one of a trajectory that was rolled back) is renamed to
+`step-N.discard` before the new one takes its place, and deleted after; rotation deletes the same way.
+A kill leaves at worst a `*.discard`, which nothing reads, and the next save removes it with stale `*.tmp`.
+
+`verify` checks the manifest's shape, that it lists the files a checkpoint needs (REQUIRED), and every
+file's size and sha256. Files are safetensors and JSON only; loading reads them with `safetensors` and
+`json`, so nothing in a checkpoint can run code.
+
+Format versions (`manifest.json`'s `format_version`): 1 is every checkpoint written before versioning
+(no `format_version`); 2 adds `callbacks.safetensors` (tensors of callbacks' state) and, in
+`trainer_state.json`, `optimizer` (its class and param-group shapes) and `versions`. Both load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -32,7 +44,15 @@ from safetensors.torch import load_file
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+DISCARD = ".discard"
+"""Suffix of a checkpoint being deleted or replaced: renamed first, so a kill never leaves half of one as `step-N`."""
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+REQUIRED = {  # the files (fnmatch patterns) each kind of checkpoint must list; sharded: acctrain.sharded's layout
+    "full": ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json"),
+    "sharded": ("sharded.json", "model/*.safetensors", "optim/*.safetensors", "trainer_state.json"),
+}
 _SAFETENSORS_DTYPE = {  # the format's names (safetensors' README)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
@@ -60,9 +80,10 @@ def staging_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def prepare_staging(stage: Path) -> None:
-    """Main process, before any rank writes: an empty staging directory; stale ones from crashes removed."""
-    for stale in stage.parent.glob("step-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Main process, before any rank writes: an empty staging directory; what crashes left is removed."""
+    for stale in [*stage.parent.glob("step-*.tmp"), *stage.parent.glob(f"step-*{DISCARD}")]:
+        with contextlib.suppress(OSError):  # garbage: failing to remove it must not stop this save
+            _remove(stale)
     stage.mkdir(parents=True)
 
 
@@ -166,25 +187,35 @@ def commit(stage: Path, digests: dict[Path, str] | None = None) -> Path:
             digest = _file_sha256(path)
             _fsync_file(path)
         manifest[str(path.relative_to(stage))] = {"size": path.stat().st_size, "sha256": digest}
-    write_json(stage / MANIFEST, {"files": manifest})
+    write_json(stage / MANIFEST, {"format_version": FORMAT_VERSION, "files": manifest})
     _fsync_file(stage / MANIFEST)
     _fsync_dir(stage)
-    if final.exists():
-        raise CheckpointError(f"{final} already exists; a complete checkpoint is never overwritten")
+    # Whatever holds the name (damaged, stray, another trajectory's: the caller decided to replace it) is
+    # renamed aside, never deleted first: a kill in between leaves the previous checkpoint and this one whole.
+    replaced = _move_aside(final) if final.exists() or final.is_symlink() else None
+    _slow_save_hook()  # tests kill the process here
     os.replace(stage, final)
     _fsync_dir(final.parent)
     _write_atomic(final.parent / LATEST, final.name + "\n")
+    if replaced is not None:
+        _remove(replaced)
     return final
 
 
-def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: str = "min") -> list[Path]:
+def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: str = "min",
+           newest: Path | None = None) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last` (0 keeps all) and the best by `keep_best`.
 
-    Called only after a new checkpoint is complete, so the newest one is never at risk. Returns the deleted.
+    Called only after a new checkpoint (`newest`) is complete, so it is never at risk. Checkpoints numbered
+    after `newest` belong to a trajectory this run rolled back (resume=PATH): they are neither counted nor
+    deleted here; this run replaces each when it saves that step. Each one deleted is renamed to
+    `step-N.discard` first. Returns the deleted.
     """
     if keep_last <= 0:
         return []
     complete = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
+    if newest is not None:
+        complete = [p for p in complete if _step_of(p) <= _step_of(newest)]
     keep = set(complete[:keep_last])
     if keep_best:
         scored = [(m, p) for p in complete if (m := _metric(p, keep_best)) is not None]
@@ -192,7 +223,7 @@ def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: st
             keep.add((min if mode == "min" else max)(scored, key=lambda mp: mp[0])[1])
     deleted = [p for p in complete if p not in keep]
     for path in deleted:
-        shutil.rmtree(path)
+        _remove(_move_aside(path))
     return deleted
 
 
@@ -200,18 +231,13 @@ def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: st
 
 
 def verify(path: Path) -> None:
-    """Raise CheckpointError naming the first file that is missing, truncated or altered.
+    """Raise CheckpointError naming the first file that is missing, truncated or altered, or a bad manifest.
 
-    Sizes first (cheap), then every file's sha256: the files are hashed in parallel threads, largest
-    first, since one sha256 stream runs at about 1.6 GB/s on a core and hashlib releases the GIL.
+    The manifest first (its shape, and the files a checkpoint needs), then sizes (cheap), then every file's
+    sha256: the files are hashed in parallel threads, largest first, since one sha256 stream runs at about
+    1.6 GB/s on a core and hashlib releases the GIL.
     """
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}, so the checkpoint is incomplete")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    files = read_manifest(path)["files"]
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -226,15 +252,52 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{path / name}: sha256 differs from the manifest (corrupted)")
 
 
+def read_manifest(path: Path) -> dict:
+    """`manifest.json` of checkpoint `path`, checked: {"files": {relative name: {"size", "sha256"}}}, listing
+    every file that REQUIRED names for its kind (sharded when it lists sharded.json)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}, so the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: malformed manifest, expected an object with 'files': "
+                              f"{{name: {{'size', 'sha256'}}}}, got {str(manifest)[:80]}")
+    for name, entry in files.items():
+        size, sha256 = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if type(size) is not int or size < 0 or not (isinstance(sha256, str) and re.fullmatch("[0-9a-f]{64}", sha256)):
+            raise CheckpointError(f"{manifest_path}: malformed entry {name!r}: {entry!r} (expected a size in bytes "
+                                  "and a sha256 in hex)")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{manifest_path}: entry {name!r} lies outside the checkpoint")
+    kind = "sharded" if "sharded.json" in files else "full"
+    missing = [p for p in REQUIRED[kind] if not any(fnmatch.fnmatchcase(name, p) for name in files)]
+    if missing:
+        raise CheckpointError(f"{manifest_path}: lists no {', '.join(missing)}, which a {kind} checkpoint "
+                              "needs, so it is incomplete")
+    return manifest
+
+
 def _file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies, and a warning for each newer one that did not."""
+    """The checkpoint `latest` names if it verifies, else the newest that does; a warning for each skipped.
+
+    `latest` first: after a roll-back (resume=PATH) it names the new trajectory's newest checkpoint, while
+    the rolled-back run's higher-numbered ones may still exist (until this trajectory replaces them).
+    """
     warnings = []
-    for path in sorted(_step_dirs(output_dir), key=_step_of, reverse=True):
+    named = latest_checkpoint(output_dir)
+    candidates = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
+    if named in candidates:
+        candidates = [named] + [p for p in candidates if p != named]
+    for path in candidates:
         try:
             verify(path)
             return path, warnings
@@ -251,6 +314,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or None when there is none yet."""
     pointer = checkpoints_root(output_dir) / LATEST
     return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def format_version(path: Path) -> Any:
+    """The checkpoint's format version: 1 when its manifest has none (written before versioning)."""
+    return read_json(path / MANIFEST).get("format_version", 1)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -278,6 +346,22 @@ def _metric(path: Path, name: str) -> float | None:
         return read_json(path / "trainer_state.json")["metrics"].get(name)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename `path` (a checkpoint or a stray file) to `{path}.discard`, which nothing selects; returns that."""
+    aside = path.with_name(path.name + DISCARD)
+    _remove(aside)  # left by an earlier kill
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _slow_save_hook() -> None:

@@ -8,8 +8,19 @@
 
 `meta` is the JSON the run's parts made with their `state_dict()` (the Engine's `state_dict`: counters,
 schedule, callbacks, loss scaler, config); it is written as `trainer_state.json` and handed back on load,
-with this rank's RNG state, for the parts to load themselves. The files and their crash-safe commit are
-acctrain.checkpoint's, the FSDP shards acctrain.sharded's, the background write acctrain.async_save's.
+with this rank's RNG state, for the parts to load themselves. Tensors in callbacks' state go to
+`callbacks.safetensors` (JSON holds a placeholder) and come back as tensors. The checkpointer adds what it
+checks on load: `versions` (acctrain, torch, accelerate) and `optimizer` (its class, each param group's
+parameter shapes); the format version is in the manifest (acctrain.checkpoint).
+
+An existing `step-N` is kept only when this run resumed from exactly it (verified when loaded, nothing
+trained since: e.g. a rerun of a finished run). Anything else holding that name is replaced, crash-safely:
+a damaged checkpoint, a stray file, the checkpoint of a trajectory this run rolled back (resume=PATH to an
+older one), an earlier save of this run at the same step. A write that fails (full disk, no permission)
+raises a CheckpointError naming the checkpoint and its directory; the previous checkpoints are untouched.
+
+The files and their crash-safe commit are acctrain.checkpoint's, the FSDP shards acctrain.sharded's, the
+background write acctrain.async_save's.
 """
 
 from __future__ import annotations
@@ -26,7 +37,14 @@ from acctrain import checkpoint, sharded
 from acctrain.async_save import AsyncWriter
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
-from acctrain.state import optimizer_from_files, optimizer_to_files, rng_to_files
+from acctrain.state import (
+    optimizer_from_files,
+    optimizer_record,
+    optimizer_to_files,
+    rng_to_files,
+    tensors_from_files,
+    tensors_to_files,
+)
 
 PLAN_KEYS = ("global_batch", "dataset_len", "seed")
 """What decides which samples each optimizer step sees: a resume that changes them is refused unless allowed."""
@@ -40,6 +58,8 @@ class Checkpointer:
         self.writer = AsyncWriter()
         self.last_path: Path | None = None
         """The newest checkpoint this run wrote (committed, or being committed in the background)."""
+        self.loaded: Path | None = None
+        """The checkpoint this run resumed from: the one existing checkpoint `save` keeps rather than replaces."""
 
     # ------------------------------------------------------------------------------------ saving
 
@@ -47,27 +67,31 @@ class Checkpointer:
         """Write checkpoint `step-{step}`: every rank its part, the main process commits it.
 
         With `async_save` the tensors are copied to CPU buffers here (the only pause of training) and a
-        background thread writes and commits them. A verified checkpoint already at that step is kept.
+        background thread writes and commits them. What already holds the name is replaced, unless it is the
+        checkpoint this run resumed from (see the module's docstring).
         """
         acc, cfg = self.accelerator, self.config
         self.wait()  # one save at a time, in order
         final = self.last_path = checkpoint.checkpoint_dir(cfg.output_dir, step)
-        if final.is_dir():  # e.g. resumed at the end: nothing new
+        if self.loaded is not None and self.loaded.resolve() == final.resolve():  # e.g. resumed at the end
             return final
         stage = checkpoint.staging_dir(cfg.output_dir, step)
-        if acc.is_main_process:
-            checkpoint.prepare_staging(stage)
-        acc.wait_for_everyone()
-        if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
-            sharded.save_sharded(acc, model, optimizer, stage)
-        files = self._files(stage, model, optimizer, meta)
-        if cfg.async_save:
-            self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, self._commit)
-            return final
-        digests = checkpoint.write_files(files)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._commit(stage, digests)
+        try:
+            if acc.is_main_process:
+                checkpoint.prepare_staging(stage)
+            acc.wait_for_everyone()
+            if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
+                sharded.save_sharded(acc, model, optimizer, stage)
+            files = self._files(stage, model, optimizer, meta)
+            if cfg.async_save:
+                self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, self._commit)
+                return final
+            digests = checkpoint.write_files(files)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self._commit(stage, digests)
+        except OSError as err:
+            raise self._write_error(err, final) from err
         acc.wait_for_everyone()
         return final
 
@@ -80,9 +104,25 @@ class Checkpointer:
 
     def wait(self, raise_error: bool = True) -> None:
         """Block until a background save has committed; re-raise its error (or print it, with raise_error=False)."""
-        error = self.writer.wait(raise_error)
+        error = self.writer.wait(raise_error=False)
+        if isinstance(error, OSError):
+            error = self._write_error(error, self.last_path)
+        if error is not None and raise_error:
+            raise error
         if error is not None and self.accelerator.is_main_process:
             print(f"warning: the background save to {self.last_path} failed: {error!r}")
+
+    def _write_error(self, err: OSError, final: Path) -> checkpoint.CheckpointError:
+        """A failed write, named: the checkpoint, its directory, the cause, and the previous checkpoint (intact)."""
+        latest = checkpoint.latest_checkpoint(self.config.output_dir)
+        kept = (f"the previous checkpoint {latest.name} is intact (resume=auto continues from it)"
+                if latest is not None and latest.is_dir() and latest != final else "no earlier checkpoint was touched")
+        named = checkpoint.CheckpointError(
+            f"could not write checkpoint {final.name} in {final.parent}: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}; {kept}; free disk space or make the directory "
+            "writable, then run again")
+        named.__cause__ = err
+        return named
 
     def _files(self, stage: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                meta: dict[str, Any]) -> dict[Path, Any]:
@@ -98,13 +138,21 @@ class Checkpointer:
                 files[stage / "model.safetensors"] = acc.unwrap_model(model).state_dict()
                 files[stage / "optimizer.safetensors"] = opt_tensors
                 files[stage / "optimizer.json"] = opt_meta
-            files[stage / "trainer_state.json"] = meta
+            state, tensors = trainer_state(meta, optimizer)
+            files[stage / "trainer_state.json"] = state
+            if tensors:
+                files[stage / "callbacks.safetensors"] = tensors
         return files
 
     def _commit(self, stage: Path, digests: dict[Path, str]) -> None:
         cfg = self.config
-        checkpoint.commit(stage, digests)
-        checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode)
+        final = checkpoint.commit(stage, digests)
+        try:
+            checkpoint.rotate(cfg.output_dir, cfg.keep_last, cfg.keep_best, cfg.keep_best_mode, newest=final)
+        except OSError as err:  # the new checkpoint is complete; an old one left over is no reason to stop
+            message = f"could not delete old checkpoints in {final.parent}: {err}"
+            warnings.warn(message)
+            print(f"warning: {message}")
 
     # ------------------------------------------------------------------------------------ resuming
 
@@ -140,10 +188,12 @@ class Checkpointer:
         """Load weights and optimizer state from `path` in place; return its meta and this rank's RNG state.
 
         `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's, and so
-        are the job's `settings` (e.g. `model.*`), before any weight is loaded.
+        are the job's `settings` (e.g. `model.*`) and the format version, before any weight is loaded; the
+        optimizer's class and param groups before its state is. Callbacks' tensors come back inside `meta`.
         The RNG state is None for a rank the checkpointed run did not have (more processes now).
         """
         acc = self.accelerator
+        check_format(path)
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"], plan)
         check_settings(meta.get("settings", {}), settings, path)
@@ -154,14 +204,17 @@ class Checkpointer:
                 "FSDP; resume with the same fsdp setting, or `acctrain export` the weights and start afresh."
             )
         if sharded.is_fsdp(acc):
+            check_optimizer(meta.get("optimizer"), optimizer, path)
             sharded.load_sharded(acc, model, optimizer, path)
-        else:
+        else:  # the model's mismatches first: they name every key
             load_model_state(acc.unwrap_model(model), checkpoint.read_tensors(path / "model.safetensors"), path)
+            check_optimizer(meta.get("optimizer"), optimizer, path)
             optimizer.load_state_dict(optimizer_from_files(
                 checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")))
         rng = path / f"rng-rank{acc.process_index}.safetensors"
         rng_state = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
-        return meta, rng_state
+        self.loaded = path
+        return callbacks_with_tensors(meta, path), rng_state
 
     def _check_plan(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
         """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
@@ -172,6 +225,79 @@ class Checkpointer:
         if saved.get("world_size") != now["world_size"] and self.accelerator.is_main_process:
             print(f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
                   f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step")
+
+
+def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict]:
+    """trainer_state.json's content: `meta` with the callbacks' tensors split out (returned apart, for
+    callbacks.safetensors), and what this module checks on load: the versions and the optimizer's record."""
+    import accelerate
+
+    import acctrain
+
+    state, tensors = dict(meta), {}
+    if "callbacks" in meta:
+        state["callbacks"] = []
+        for i, saved in enumerate(meta["callbacks"]):
+            plain, found = tensors_to_files(saved["state"], str(i))
+            state["callbacks"].append({**saved, "state": plain})
+            tensors.update(found)
+    state["versions"] = {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__}
+    state["optimizer"] = optimizer_record(optimizer)
+    return state, tensors
+
+
+def callbacks_with_tensors(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`meta` with the callbacks' tensors (callbacks.safetensors) back in place of their placeholders."""
+    stored = path / "callbacks.safetensors"
+    tensors = checkpoint.read_tensors(stored) if stored.is_file() else {}
+    try:
+        return {**meta, "callbacks": tensors_from_files(meta.get("callbacks", []), tensors)}
+    except ValueError as err:
+        raise checkpoint.CheckpointError(f"{stored}: {err}, which trainer_state.json's callbacks name") from None
+
+
+def check_format(path: Path) -> None:
+    """Refuse a checkpoint format this acctrain cannot read, saying which versions it reads and what to do."""
+    import acctrain
+
+    version, readable = checkpoint.format_version(path), checkpoint.READABLE_VERSIONS
+    if type(version) is int and version in readable:
+        return
+    newer = type(version) is int and version > max(readable)
+    writer = (checkpoint.read_json(path / "trainer_state.json").get("versions", {}).get("acctrain", "unknown")
+              if newer else "")
+    hint = (f"it was written by a newer acctrain ({writer}): upgrade acctrain to resume it" if newer else
+            "it is no format acctrain ever wrote (edited or damaged manifest.json)")
+    raise checkpoint.CheckpointError(
+        f"{path}: checkpoint format version {version!r}; this acctrain ({acctrain.__version__}) reads versions "
+        f"{min(readable)} to {max(readable)}; {hint}, or resume another checkpoint (resume=PATH)")
+
+
+def check_optimizer(saved: dict[str, Any] | None, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Refuse optimizer state that does not fit this run's optimizer: its class, param groups, their shapes
+    (`saved` is None for format 1, which did not record them)."""
+    if saved is None:
+        return
+    now = optimizer_record(optimizer)
+    fix = "; resume=none (or another output_dir) starts afresh"
+    if saved["class"] != now["class"]:
+        raise checkpoint.CheckpointError(f"{path} holds the state of a {saved['class']} optimizer, this run uses "
+                                         f"{now['class']}; build the optimizer the checkpoint was trained with{fix}")
+    groups = ("restore the param_groups setting (or the optimizer factory) the checkpoint was trained with, "
+              "with the parameters in the same order" + fix)
+    old, new = saved["param_groups"], now["param_groups"]
+    if len(old) != len(new):
+        raise checkpoint.CheckpointError(
+            f"{path}: the checkpoint's optimizer has {len(old)} param groups of {[len(g) for g in old]} params, "
+            f"this run has {len(new)} of {[len(g) for g in new]}; {groups}")
+    for i, (a, b) in enumerate(zip(old, new)):
+        if len(a) != len(b):
+            raise checkpoint.CheckpointError(f"{path}: param group {i} has {len(a)} params in the checkpoint, "
+                                             f"{len(b)} in this run; {groups}")
+        for j, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                raise checkpoint.CheckpointError(f"{path}: param group {i}, param {j}: shape {x} in the checkpoint, "
+                                                 f"{y} in this run; {groups}")
 
 
 def check_settings(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:

@@ -3,6 +3,7 @@
     tensors, meta = optimizer_to_files(optimizer.state_dict())
     optimizer.load_state_dict(optimizer_from_files(tensors, meta))
     tensors, meta = rng_to_files();  rng_from_files(tensors, meta)
+    plain, tensors = tensors_to_files(state, "0");  state = tensors_from_files(plain, tensors)
 
 No pickle anywhere: tensors go to safetensors under flat names, everything else to JSON.
 """
@@ -73,6 +74,51 @@ def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = meta["numpy"]
     np.random.set_state((n["kind"], tensors["numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> dict:
+    """What a checkpoint's optimizer state fits: the optimizer's class and each param group's parameter shapes
+    (a DTensor's shape is the full one, so the record is the same at any world size)."""
+    return {"class": type(optimizer).__name__,
+            "param_groups": [[list(p.shape) for p in group["params"]] for group in optimizer.param_groups]}
+
+
+TENSOR = "__tensor__"
+"""The JSON placeholder of a tensor stored in safetensors: {"__tensor__": its name}."""
+
+
+def tensors_to_files(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split the tensors out of nested dicts and lists (e.g. a callback's state): the JSON-able rest, with
+    each tensor replaced by a placeholder, and the tensors, named by their path (`0.ema.embed.weight`)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(value: Any, name: str) -> Any:
+        if torch.is_tensor(value):
+            unique, i = name, 1
+            while unique in tensors:  # keys with dots can make two paths alike: "a.b" and "a" -> "b"
+                unique, i = f"{name}#{i}", i + 1
+            tensors[unique] = value
+            return {TENSOR: unique}
+        if isinstance(value, dict):
+            return {k: split(v, f"{name}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [split(v, f"{name}.{i}") for i, v in enumerate(value)]
+        return value
+
+    return split(obj, prefix), tensors
+
+
+def tensors_from_files(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `tensors_to_files`: placeholders replaced by their tensors (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if obj.keys() == {TENSOR}:
+            if obj[TENSOR] not in tensors:
+                raise ValueError(f"no tensor {obj[TENSOR]!r} among the {len(tensors)} stored")
+            return tensors[obj[TENSOR]]
+        return {k: tensors_from_files(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tensors_from_files(v, tensors) for v in obj]
+    return obj
 
 
 def jsonable(obj: Any) -> Any:

@@ -287,11 +287,12 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(two_checkpoints, damage)
         verify(newest)
     path, skipped = find_resumable(out)
     assert path == older and len(skipped) == 1 and "optimizer.safetensors" in skipped[0]
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        resume_run.run(str(out), steps=8, resume=str(newest))
     with pytest.warns(UserWarning, match="optimizer.safetensors"):
         resumed = resume_run.run(str(out), steps=6, save_every=3)
     assert resumed["resumed_from"] == str(older) and resumed["steps"] == [4, 5, 6]
-    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
-        resume_run.run(str(out), steps=8, resume=str(newest))
+    verify(newest)  # replaced by the retrained step 6
 
 
 def test_model_that_does_not_fit_lists_every_mismatch(two_checkpoints):
