@@ -33,18 +33,20 @@ class Requests:
     """A SIGTERM/SIGUSR1 arrived: save after this step and exit."""
     cancel: type[Cancel] | None = None
     """The strongest cancel a callback raised during the step (CancelStep, CancelEpoch or CancelFit)."""
+    save: bool = False
+    """This rank's save clock ran out (TrainConfig.save_every_minutes): save after this step."""
 
     def flags(self) -> list[float]:
-        """[stop, CancelStep, CancelEpoch, CancelFit] as 0/1: summed over ranks by the step's all-reduce."""
-        return [float(self.stop)] + [float(self.cancel is kind) for kind in CANCELS]
+        """[stop, CancelStep, CancelEpoch, CancelFit, save] as 0/1: summed over ranks by the step's all-reduce."""
+        return [float(self.stop)] + [float(self.cancel is kind) for kind in CANCELS] + [float(self.save)]
 
     @staticmethod
     def agreed(flags: list[float]) -> Requests:
-        """The requests of all ranks from their summed flags: a stop if any rank stops, the strongest cancel."""
+        """The requests of all ranks from their summed flags: a stop or a save if any rank asks, the strongest cancel."""
         if not any(flags):  # the common case, every step: nothing asked
             return NO_REQUESTS
         cancels = [kind for kind, n in zip(CANCELS, flags[1:]) if n > 0]
-        return Requests(stop=flags[0] > 0, cancel=cancels[-1] if cancels else None)
+        return Requests(stop=flags[0] > 0, cancel=cancels[-1] if cancels else None, save=flags[1 + len(CANCELS)] > 0)
 
 
 NO_REQUESTS = Requests()

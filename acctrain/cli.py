@@ -3,17 +3,22 @@
     acctrain train [CONFIG] [key=value ...]   # train the embedded byte-level LM (or what CONFIG says)
     acctrain plan  [CONFIG] [key=value ...]   # print the run plan for WORLD_SIZE (or world_size=N) and exit
     acctrain plot-schedule [CONFIG] [key=value ...] [out=PATH]   # PNG of lr and momentum per optimizer step
-    acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names
+    acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names, settings in its metadata
     acctrain lr-find [CONFIG] [key=value ...] [num_it=N]   # LR range test: suggestions and lr_find.png
     acctrain summary [CONFIG] [key=value ...]   # parameter counts per module, trainable and frozen
     acctrain --help                           # commands and every config field with its sentence
+    acctrain COMMAND --help                   # that command's usage
 
-Keys `model.*` and `data.*` set the embedded job's model and data (acctrain.bytelm).
+Keys `model.*` and `data.*` set the embedded job's model and data (acctrain.bytelm); they are recorded with
+each checkpoint (a resume with other values is refused) and in the metadata of an exported file.
+`acctrain export` also takes a run's output_dir, and exports its newest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -34,7 +39,8 @@ def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> d
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     train_set, eval_set = stdlib_datasets(data_cfg, model_cfg.context_len)
-    engine = Engine(ByteLM(model_cfg), cfg, train_set, eval_set, loss_fn=lm_loss)
+    engine = Engine(ByteLM(model_cfg), cfg, train_set, eval_set, loss_fn=lm_loss,
+                    settings=job_settings({"model": model_cfg, "data": data_cfg}))
     try:
         result = engine.fit()
         engine.print(
@@ -48,6 +54,12 @@ def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> d
         engine.close()
 
 
+def job_settings(sections: dict) -> dict:
+    """The embedded job's `model.*` and `data.*` values, flat (what a checkpoint and an export record)."""
+    return {f"{name}.{key}": value for name, section in sections.items()
+            for key, value in dataclasses.asdict(section).items()}
+
+
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     path = None
     if args and "=" not in args[0]:
@@ -57,7 +69,10 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python train.py [CONFIG] [key=value ...]`."""
-    path, overrides = _split_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if _wants_help(argv):
+        return _print_usage("train")
+    path, overrides = _split_args(argv)
     try:
         cfg, sections = load_config(path, overrides, sections=SECTIONS)
         run_job(cfg, sections["model"], sections["data"])
@@ -126,6 +141,8 @@ def plot_schedule_main(args: list[str]) -> int:
     """Write a PNG of the run's lr and momentum over its optimizer steps (`out=PATH`, default schedule.png)."""
     from acctrain.schedules import build_schedule, plot_schedule
 
+    if not _has_matplotlib("plot-schedule"):
+        return 1
     try:
         cfg, plan, extra = _job_plan(args)
         schedule = build_schedule(cfg.scheduler, plan.total_steps, warmup_steps=cfg.warmup_steps,
@@ -139,29 +156,65 @@ def plot_schedule_main(args: list[str]) -> int:
     return 0
 
 
+def _has_matplotlib(command: str) -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        print(f"error: {command} draws with matplotlib, which cannot be imported ({err}): pip install matplotlib "
+              '(in a checkout of acctrain: pip install -e ".[plot]")', file=sys.stderr)
+        return False
+    return True
+
+
 def export_main(args: list[str]) -> int:
-    """`acctrain export CHECKPOINT OUT.safetensors`: the model weights as one file with plain names."""
-    import shutil
+    """`acctrain export CHECKPOINT OUT.safetensors`: the model weights as one file with plain names, and the
+    job's settings (`model.*`, ...) as JSON under the file's metadata key "acctrain.settings".
+
+    CHECKPOINT may also be a run's output_dir: its newest complete checkpoint is exported (and named).
+    """
     from pathlib import Path
 
+    from safetensors.torch import load_file, save_file
+
     from acctrain import checkpoint, sharded
+    from acctrain.checkpointer import check_format
 
     if len(args) != 2:
-        print("usage: acctrain export CHECKPOINT_DIR OUT.safetensors", file=sys.stderr)
+        print("usage: acctrain export CHECKPOINT_DIR|RUN_DIR OUT.safetensors", file=sys.stderr)
         return 2
     source, out = Path(args[0]), Path(args[1])
     try:
+        if not (source / "trainer_state.json").is_file() and checkpoint.checkpoints_root(source).is_dir():
+            source = _newest_checkpoint(source)
         checkpoint.verify(source)
+        check_format(source)  # a newer acctrain's checkpoint: say so, rather than export what may not fit
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    settings = checkpoint.read_json(source / "trainer_state.json").get("settings", {})
     if sharded.is_sharded_checkpoint(source):
         sharded.consolidate(source, out)  # offline: joins the FSDP shards, no process group needed
+        tensors = load_file(out)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / "model.safetensors", out)
-    print(f"wrote {out}")
+        tensors = load_file(source / "model.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"acctrain.settings": json.dumps(settings, sort_keys=True)})
+    print(f"wrote {out} (from {source})")
     return 0
+
+
+def _newest_checkpoint(run_dir):
+    """The newest complete checkpoint of a run's output_dir, printed so that the export names what it took."""
+    from acctrain import checkpoint
+
+    found, skipped = checkpoint.find_resumable(run_dir)
+    for message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
+    if found is None:
+        raise CheckpointError(f"{run_dir} is a run directory without a complete checkpoint under "
+                              f"{checkpoint.checkpoints_root(run_dir)}; nothing to export.")
+    print(f"{run_dir} is a run directory: exporting its newest complete checkpoint, {found}")
+    return found
 
 
 def _job_engine(args: list[str]):
@@ -174,7 +227,8 @@ def _job_engine(args: list[str]):
     cfg, sections = load_config(path, overrides, sections=SECTIONS)
     torch.manual_seed(cfg.seed)
     train_set, eval_set = stdlib_datasets(sections["data"], sections["model"].context_len)
-    return Engine(ByteLM(sections["model"]), cfg, train_set, eval_set, loss_fn=lm_loss)
+    return Engine(ByteLM(sections["model"]), cfg, train_set, eval_set, loss_fn=lm_loss,
+                  settings=job_settings(sections))
 
 
 def lr_find_main(args: list[str]) -> int:
@@ -226,6 +280,18 @@ def _help() -> str:
     return "\n".join(lines)
 
 
+def _wants_help(args: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in args)
+
+
+def _print_usage(command: str) -> int:
+    """Print `command`'s usage line from this module's docstring; exit status 0."""
+    usage = [line.strip() for line in __doc__.splitlines() if line.strip().startswith(f"acctrain {command} ")]
+    print("usage: " + (usage[0] if usage else f"acctrain {command}"))
+    print("Config fields and their defaults: acctrain --help")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export", "lr-find", "summary"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
+    if _wants_help(ns.args):  # before the arguments are read as a config file
+        return _print_usage(ns.command)
     commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main,
                 "lr-find": lr_find_main, "summary": summary_main}
     return commands[ns.command](ns.args)

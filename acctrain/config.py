@@ -3,8 +3,9 @@
     cfg = TrainConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4)
     cfg, sections = load_config("run.yaml", ["lr=1e-3", "model.d_model=256"], sections={"model": ModelCfg})
 
-Every error is a `ConfigError` that names the field and the fix. Validation only reads values, so a bad
-config fails before anything is written to `output_dir`.
+Every error is a `ConfigError` that names the field and the fix. Validation only reads (the values, the
+filesystem above `output_dir`, the launcher's ACCELERATE_MIXED_PRECISION), so a bad config fails before
+anything is written to `output_dir`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -51,8 +53,8 @@ class TrainConfig:
     """Learning-rate multipliers by parameter-name pattern (module prefix or glob), e.g. {'backbone': 0.1}; first match wins."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this once per optimizer step; 0 disables clipping (the norm is still logged)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision: 'no' (fp32), 'bf16', or 'fp16' (CUDA only, with dynamic loss scaling)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Autocast precision: 'no' (fp32), 'bf16', or 'fp16' (CUDA only, with dynamic loss scaling); unset: the launcher's (accelerate launch --mixed_precision or its config file), else 'no'."""
     scheduler: str = "warmup_linear"
     """Learning-rate schedule by name, counted in optimizer steps (see acctrain.schedules.SCHEDULES)."""
     warmup_steps: int = 0
@@ -68,7 +70,9 @@ class TrainConfig:
     log_every: int = 10
     """Print progress and flush logged metrics every this many optimizer steps (every step is logged)."""
     save_every: int = 0
-    """Save a checkpoint every this many optimizer steps; 0 means only at the end of fit()."""
+    """Save a checkpoint every this many optimizer steps; 0: only at the end of fit() (and by `save_every_minutes`)."""
+    save_every_minutes: float = 30.0
+    """Also save when this many minutes of training have passed since the last save (at the next step boundary, agreed by all ranks), so a crash loses at most that much; 0 turns it off."""
     async_save: bool = False
     """Copy checkpoint tensors to CPU buffers kept for the run and write them in the background (same crash safety), so training pauses only for the copy."""
     keep_last: int = 2
@@ -96,7 +100,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (an Accelerate FSDP launch config also enables it)."""
     cpu_threads: int = 0
-    """Torch threads per process when training on CPU; 0 means available cores / processes on this node."""
+    """Torch threads per process when training on CPU; 0 means $OMP_NUM_THREADS if set (torchrun and accelerate launch set 1 unless you do), else available cores / processes on this node."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -122,6 +126,8 @@ class TrainConfig:
         for pattern, mult in self.param_groups.items():
             if not (isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0):
                 raise ConfigError(f"param_groups.{pattern}", f"the lr multiplier must be a number > 0, got {mult!r}.")
+        if not (self.save_every_minutes >= 0 and math.isfinite(self.save_every_minutes)):
+            raise ConfigError("save_every_minutes", f"must be a number >= 0 (0 turns it off), got {self.save_every_minutes}.")
         if not self.max_grad_norm >= 0:
             raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.max_skipped_steps < 1:
@@ -131,9 +137,11 @@ class TrainConfig:
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError("resume", f"{self.resume} is not a checkpoint directory; use 'auto', 'none' or a path "
                               "like runs/x/checkpoints/step-00001000.")
+        if not 0 <= self.seed < 2**32:  # seeds.py derives per-epoch and per-rank seeds that torch must accept
+            raise ConfigError("seed", f"must be an int in [0, 2**32), got {self.seed}.")
         _check_trackers(self.log_with)
-        if not self.output_dir:
-            raise ConfigError("output_dir", "must be a directory path, got an empty string.")
+        _check_output_dir(self.output_dir)
+        self.mixed_precision = _resolve_precision(self.mixed_precision)
         check_schedule_config(self.scheduler, self.warmup_steps, self.warmup_ratio, self.schedule_args)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,13 +150,55 @@ class TrainConfig:
 
 
 def _check_trackers(log_with: str) -> None:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    """Refuse an unknown tracker, and one whose package is missing (Accelerate would drop it without a word)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     for name in (n.strip() for n in log_with.split(",") if n.strip()):
         if name not in LOGGER_TYPE_TO_CLASS:
             close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
             raise ConfigError("log_with", f"unknown tracker {name!r}.{hint} Known: {', '.join(LOGGER_TYPE_TO_CLASS)}.")
+        if name not in available:
+            raise ConfigError("log_with", f"the {name} tracker is not installed: pip install {name} "
+                              f"(or leave {name} out of log_with).")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse an output_dir that cannot be a writable directory, before anything is written (the launch would
+    otherwise fail later with a traceback from whichever part writes first)."""
+    if not output_dir:
+        raise ConfigError("output_dir", "must be a directory path, got an empty string.")
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("output_dir", f"{output_dir} is an existing file, not a directory; choose another path.")
+    existing = path
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError("output_dir", f"{output_dir} cannot be created: {existing} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("output_dir", f"{output_dir} cannot be written: {existing} is not writable by this user "
+                          "(or is on a read-only filesystem); choose a writable path.")
+
+
+def _resolve_precision(chosen: str | None) -> str:
+    """The precision to train in: the config's, else the launcher's (ACCELERATE_MIXED_PRECISION), else 'no'.
+
+    `accelerate launch` always passes one, 'no' when told nothing, so only another value is the launcher's
+    choice; one that contradicts the config is refused rather than silently overridden either way.
+    """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if launcher == "no" or launcher == chosen:
+        return chosen or "no"
+    source = "the launcher's precision (accelerate launch --mixed_precision, or mixed_precision in its config file)"
+    if chosen is None and launcher not in ("bf16", "fp16"):
+        raise ConfigError("mixed_precision", f"{source} is {launcher!r}, which acctrain does not support; "
+                          "launch with bf16, fp16 or no.")
+    if chosen is None:
+        return launcher
+    raise ConfigError("mixed_precision", f"this config says {chosen!r} but {source} is {launcher!r}; set one of "
+                      "them, or the same value in both.")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -176,6 +226,11 @@ def _coerce_types(cfg: Any) -> None:
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own message (e.g. the choices of a Literal)
+            return _coerce(name, value, options[0])
         for option in typing.get_args(hint):
             try:
                 return _coerce(name, value, option)
@@ -183,6 +238,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 pass
         raise ConfigError(name, f"expected {hint}, got {value!r}.")
     if origin is typing.Literal:  # a choice field: its values are its type
+        if value is False and "no" in typing.get_args(hint):  # YAML 1.1 reads `mixed_precision: no` as False
+            return "no"
         if value in typing.get_args(hint):
             return value
         raise ConfigError(name, f"must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}.")
@@ -274,11 +331,19 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"file {path} does not exist; pass a .yaml, .yml or .toml file.")
     text = path.read_text()
     if path.suffix == ".toml":
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:  # its message ends "(at line L, column C)"
+            raise ConfigError("config", f"{path}: invalid TOML: {err}.") from None
     elif path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError("config", f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}.") from None
     else:
         raise ConfigError("config", f"{path} must end in .yaml, .yml or .toml.")
     if not isinstance(data, dict):

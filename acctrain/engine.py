@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -100,7 +101,8 @@ class Engine:
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._signals = runtime.StopSignals()
-        self._stop = self._fitting = self._summarised = False
+        self._fitting = self._summarised = False
+        self._asked, self._saved_at = agreement.NO_REQUESTS, 0.0  # the last step's agreed requests; the save clock
         self._frozen: list[torch.nn.Parameter] = []
         self._lr_readout = LrReadout()
         self._verdict_on_device, self._pending, self._readback = False, None, Readback()
@@ -132,7 +134,7 @@ class Engine:
         return dict(self._saved_metrics)
 
     def _fit(self) -> dict[str, float]:
-        self._fitting, self._stop = True, False
+        self._fitting, self._asked, self._saved_at = True, agreement.NO_REQUESTS, time.monotonic()
         # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
         # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
         self._verdict_on_device = self.step_ops.skips_on_device and not any(
@@ -182,7 +184,8 @@ class Engine:
     def _after_step(self) -> None:
         """Between optimizer steps: stop on a signal, log, evaluate and save as configured."""
         cfg, state = self.config, self.state
-        if self._stop:
+        asked, self._asked = self._asked, agreement.NO_REQUESTS
+        if asked.stop:
             self._flush()
             self.save()
             self.checkpointer.wait()
@@ -196,7 +199,8 @@ class Engine:
             self.evaluate()
         if cfg.async_save and state.schedule_step:  # once, in the background, now that the optimizer state exists
             self.checkpointer.reserve(self.model, self.torch_optimizer)
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.plan.total_steps:
+        periodic = cfg.save_every and state.step % cfg.save_every == 0
+        if (asked.save or periodic) and state.step < self.plan.total_steps:  # the end of fit saves anyway
             self.save()
 
     def _train_step(self, window: Window, batches: Iterator) -> None:
@@ -224,7 +228,7 @@ class Engine:
         verdict = verdict.cancelled(self._fire("before_optimizer_step"))
         ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
         ops.zero_grad()
-        self._stop = verdict.requests.stop
+        self._asked = verdict.requests
         verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
         state.consume(window.global_samples)
         state.count(verdict)
@@ -289,8 +293,8 @@ class Engine:
         self.state.consume(window.global_samples)
         flags = totals.requests
         values = [self.step_loss, self.grad_norm, *(flags if torch.is_tensor(flags) else ())]
-        if not torch.is_tensor(flags):  # one process: the stop flag is on the host already
-            self._stop = flags[0] > 0
+        if not torch.is_tensor(flags):  # one process: the requests are on the host already
+            self._asked = Requests.agreed(flags)
         ticket = self._readback.start(torch.stack([v.to(self._item_dtype) for v in values]))
         self._pending = (self.state.step, self.state.samples_seen, ticket, self.step_loss, self.grad_norm,
                          self._lr_metrics, items)
@@ -310,7 +314,8 @@ class Engine:
         self.state.count(dataclasses.replace(verdict, apply=verdict.finite))  # no cancel on this path
         if self.lr_scheduler is not None and verdict.finite:
             self.lr_scheduler.step()
-        self._stop = self._stop or verdict.requests.stop
+        if verdict.requests is not agreement.NO_REQUESTS:  # several processes: a step late
+            self._asked = verdict.requests
         self._log_step(step, loss, grad_norm, lr_metrics, items, samples_seen)
 
     def _halt_if(self, verdict: Verdict) -> None:
@@ -341,9 +346,12 @@ class Engine:
         return Policy(self.config.nan_policy, self.config.max_skipped_steps)
 
     def _requests(self) -> Requests:
-        """This rank's requests for the step: a stop (a signal arrived) and a cancel from the step's callbacks."""
+        """This rank's requests for the step: a stop (a signal arrived), a cancel from the step's callbacks, and a
+        save when `save_every_minutes` have passed since the last one (each rank's clock; any rank's counts)."""
         stop, cancel = self._signals.received is not None, self.callbacks.take()
-        return Requests(stop, cancel) if stop or cancel else agreement.NO_REQUESTS
+        minutes = self.config.save_every_minutes
+        save = bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes
+        return Requests(stop, cancel, save) if stop or cancel or save else agreement.NO_REQUESTS
 
     def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
         out = self.loss_fn(self.model, batch) if self.loss_fn is not None else loss_scaling.model_loss(self.model, batch)
@@ -414,6 +422,7 @@ class Engine:
     def save(self) -> None:
         """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
         self._settle()  # the counters and the schedule of every step taken
+        self._saved_at = time.monotonic()
         self.checkpointer.config = self.config
         self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,
                                                       self.state_dict())
@@ -478,7 +487,7 @@ class Engine:
         scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
         self._settle()  # a step left pending by the fit is counted in the real state first
         saved = Snapshot(self.unwrapped_model, self.torch_optimizer, self.step_ops.scaler)
-        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_stop")
+        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_asked")
         loop = {name: getattr(self, name) for name in names}
         try:
             yield self

@@ -123,7 +123,7 @@ def _plot(lrs, losses, suggestions, points, path: Path) -> None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print("lr_find: no plot (pip install acctrain[plot] for matplotlib)")
+        print('lr_find: no plot: pip install matplotlib (in a checkout of acctrain: pip install -e ".[plot]")')
         return
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()

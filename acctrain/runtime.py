@@ -1,7 +1,7 @@
 """Start-up, apart from the loop: the Accelerator and its process group, the trackers, the stop signals.
 
     accelerator = make_accelerator(config)      # refuses what would fail or silently differ, before anything is written
-    with StopSignals() as signals: ...          # SIGTERM/SIGUSR1 -> signals.received, read at step boundaries
+    with StopSignals() as signals: ...          # SIGTERM/SIGUSR1/SIGINT -> signals.received, read at step boundaries
 """
 
 from __future__ import annotations
@@ -53,16 +53,30 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         sharded.use_fsdp2_on_cpu(accelerator, plugin)  # Accelerate drops the FSDP plugin on CPU otherwise
+    if fsdp and not sharded.is_fsdp(accelerator):  # one process without a launcher: Accelerate ignores the plugin
+        raise ConfigError("fsdp", "fsdp=true needs a distributed launch, but this run is one process without a "
+                          "process group, where FSDP would silently be off. Launch it with `torchrun --nproc_per_node "
+                          "N train.py ...` (N = 1 works too) or `accelerate launch --num_processes N train.py ...`, "
+                          "or set fsdp=false.")
     if accelerator.device.type == "cpu":
-        # Launchers set OMP_NUM_THREADS=1 (accelerate launch even for one process), leaving cores idle.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+        torch.set_num_threads(cpu_threads(config.cpu_threads))
     if accelerator.num_processes != world_size:
         raise RuntimeError(
             f"launched {world_size} processes but the process group has {accelerator.num_processes}: "
             "they would train as independent jobs. Check the launcher and the accelerate config."
         )
     return accelerator
+
+
+def cpu_threads(configured: int) -> int:
+    """Torch threads per CPU process: `cpu_threads`, else $OMP_NUM_THREADS (set by you, or by the launcher:
+    torchrun and accelerate launch set 1 when you do not), else this node's cores / its processes."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured:
+        return configured
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def check_gpus_per_node(local_processes: int, gpus: int) -> None:
@@ -102,13 +116,14 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, set
 
 
 class StopSignals:
-    """While fitting, SIGTERM and SIGUSR1 set `received` (their name); the loop saves and stops at a step boundary.
+    """While fitting, SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set `received` (their name); the loop saves and stops at
+    a step boundary. A second Ctrl-C interrupts at once (KeyboardInterrupt), as without a handler.
 
     Only the main thread can install signal handlers; elsewhere (an Engine driven from a thread) nothing is
     installed and `received` stays None.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: str | None = None
@@ -126,6 +141,8 @@ class StopSignals:
 
     def _request(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C is Python's own again
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def backend() -> str:

@@ -14,7 +14,7 @@ never hands a scheduler to `accelerator.prepare`, which would step it once per p
         ...                                   # forward/backward over the window, optimizer.step()
     sched.on_evaluate(val_loss)               # only reduce_on_plateau reacts
     json.dumps(sched.state_dict())            # resume with sched.load_state_dict(...)
-    plot_schedule(sched, 1000, "lr.png")      # needs `pip install acctrain[plot]`
+    plot_schedule(sched, 1000, "lr.png")      # needs matplotlib (`pip install -e ".[plot]"`)
 
 Schedules and their `schedule_args` (defaults):
 - constant: factor 1.
@@ -329,7 +329,7 @@ def plot_schedule(schedule: Schedule, total_steps: int, path, base_lr: float = 1
     try:
         from matplotlib.figure import Figure  # lazy: plotting is an optional extra
     except ImportError as e:
-        raise ImportError("plot_schedule needs matplotlib: pip install acctrain[plot]") from e
+        raise ImportError('plot_schedule needs matplotlib: pip install matplotlib (in a checkout of acctrain: pip install -e ".[plot]")') from e
     steps = list(range(total_steps))
     moms = [schedule.momentum(k) for k in steps]
     fig = Figure(figsize=(10, 3.5))

@@ -6,16 +6,25 @@ import math
 
 import pytest
 
-from acctrain.agreement import MIN_LOSS_SCALE, Policy, Requests, decide
+from acctrain.agreement import MIN_LOSS_SCALE, NO_REQUESTS, Policy, Requests, decide
 from acctrain.callbacks import CancelEpoch, CancelFit, CancelStep
 
 NAN, INF = math.nan, math.inf
-NONE = [0.0, 0.0, 0.0, 0.0]
+NONE = [0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_a_finite_step_is_applied_unless_cancelled():
     assert decide(2.0, 1.0, NONE, Policy(), step=3).apply
-    assert not decide(2.0, 1.0, [0.0, 1.0, 0.0, 0.0], Policy(), step=3).apply  # CancelStep on a rank
+    assert not decide(2.0, 1.0, [0.0, 1.0, 0.0, 0.0, 0.0], Policy(), step=3).apply  # CancelStep on a rank
+
+
+def test_requests_survive_the_sum_over_ranks():
+    """Each rank's flags summed (the all-reduce) give back what any rank asked, and the strongest cancel."""
+    ranks = [Requests(save=True), Requests(cancel=CancelStep), Requests(stop=True, cancel=CancelEpoch), Requests()]
+    summed = [sum(column) for column in zip(*(r.flags() for r in ranks))]
+    assert Requests.agreed(summed) == Requests(stop=True, cancel=CancelEpoch, save=True)
+    assert Requests.agreed(Requests(save=True).flags()) == Requests(save=True)
+    assert Requests.agreed(Requests().flags()) is NO_REQUESTS
 
 
 @pytest.mark.parametrize("loss,norm", [(NAN, NAN), (INF, 1.0), (2.0, INF)])

@@ -30,6 +30,8 @@ BAD_VALUES = [
     ("lr", "fast", "float"),
     ("epochs", 1.5, "int"),
     ("cpu", "yes", "bool"),
+    ("seed", -1, "[0, 2**32)"),
+    ("seed", 2**70, "[0, 2**32)"),
 ]
 
 
@@ -57,6 +59,14 @@ def test_yaml_file_with_overrides(tmp_path):
     assert cfg.lr == 3e-4 and cfg.global_batch_size == 64 and cfg.adam_betas == (0.9, 0.95)
     assert (sections["model"].d_model, sections["model"].n_layers) == (64, 2)
     assert sections["data"] == DataConfig()
+
+
+def test_mixed_precision_no_unquoted_in_yaml_and_on_the_command_line(tmp_path):
+    """YAML 1.1 reads a bare `no` as False: the choice 'no' is still meant."""
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(path)[0].mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"])[0].mixed_precision == "no"
 
 
 def test_toml_file(tmp_path):
@@ -157,3 +167,23 @@ def test_more_processes_per_node_than_gpus_is_refused_naming_counts_and_fixes():
         assert fix in message, message
     check_gpus_per_node(local_processes=2, gpus=2)
     check_gpus_per_node(local_processes=1, gpus=8)
+
+
+@pytest.mark.parametrize("config,launcher,used", [
+    (None, None, "no"), (None, "no", "no"), (None, "bf16", "bf16"), ("bf16", None, "bf16"), ("bf16", "no", "bf16"),
+    ("bf16", "bf16", "bf16"), ("no", "bf16", None), ("fp16", "bf16", None), (None, "fp8", None),
+])
+def test_precision_is_the_configs_else_the_launchers_and_a_conflict_is_refused(monkeypatch, config, launcher, used):
+    """ACCELERATE_MIXED_PRECISION is how `accelerate launch` passes its precision ('no' when told nothing)."""
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    if used is None:
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(mixed_precision=config)
+        assert err.value.field == "mixed_precision" and repr(launcher) in str(err.value)
+        assert config is None or repr(config) in str(err.value)
+    else:
+        assert TrainConfig(mixed_precision=config).mixed_precision == used
+        assert TrainConfig(mixed_precision=config).to_dict()["mixed_precision"] == used  # what checkpoints record

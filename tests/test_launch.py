@@ -108,9 +108,9 @@ def two_node_commands(launcher: str, rank: int, port: int, out: Path) -> tuple[l
                "--rdzv_backend", "static", "--same_network", "--multi_gpu", "--mixed_precision", "no",
                "--dynamo_backend", "no", *args]
         return cmd, job_env()
-    if launcher == "multi_node.yaml":  # the template, its placeholders given on the command line
+    if launcher == "multi_node.yaml":  # the template, its placeholders (and fp32 for the CPU) on the command line
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/multi_node.yaml",
-               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--mixed_precision", "no", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                "--main_process_port", str(port), *args]
         return cmd, job_env()
     if launcher == "torchrun_multinode.sh":
@@ -189,10 +189,11 @@ def test_cpu_multiprocess_config_starts_one_two_process_group(base, reference):
 
 
 def test_fsdp2_config_shards_and_matches_the_reference(base, reference):
-    """launch/fsdp2.yaml on 2 CPU processes: a sharded checkpoint whose exported weights are the DDP run's."""
+    """launch/fsdp2.yaml on 2 CPU processes (in fp32, like the reference: the file says bf16): a sharded
+    checkpoint whose exported weights are the DDP run's."""
     out = base / "fsdp2"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/fsdp2.yaml",
-           "--num_processes", "2", "--main_process_port", str(free_port()), "train.py", f"output_dir={out}", *TINY]
+           "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(free_port()), "train.py", f"output_dir={out}", *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     plans = plan_lines(proc.stdout)
@@ -249,7 +250,7 @@ def test_sbatch_commands_for_four_gpu_nodes(tmp_path, procid):
 
 
 def test_sbatch_commands_for_cpu_nodes_and_overrides(tmp_path):
-    srun, argv = sbatch_dry_run(tmp_path, 2, MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="12345",
+    srun, argv = sbatch_dry_run(tmp_path, 2, ACCTRAIN_CPU="1", MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="12345",
                                 SRUN_ARGS="--container-image=reg#acctrain --container-mounts=/shared:/shared")
     assert shlex.split(srun)[4:6] == ["--container-image=reg#acctrain", "--container-mounts=/shared:/shared"]
     assert option(argv, "--num_processes") == "4"  # no GPUs: one process per node
@@ -261,6 +262,19 @@ def test_sbatch_commands_for_cpu_nodes_and_overrides(tmp_path):
     assert option(argv, "--config_file") == "launch/fsdp2.yaml" and "--multi_gpu" not in argv
     assert option(argv, "--num_processes") == "16" and option(argv, "--num_machines") == "4"
     assert argv[argv.index("my_train.py") + 1] == "my_run.yaml"
+
+
+@pytest.mark.parametrize("gpus", ["", "0"])
+def test_sbatch_without_gpus_is_refused_unless_the_job_asks_for_the_cpu(tmp_path, gpus):
+    """A forgotten --gpus-per-node (SLURM_GPUS_ON_NODE unset, or 0) must not train on the CPU without a word."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "GPUS_PER_NODE", "ACCTRAIN_"))}
+    full.update(ACCTRAIN_DRY_RUN="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="cpu[1-2]",
+                MAIN_PROCESS_IP="10.1.2.3", SRUN="echo srun", SLURM_GPUS_ON_NODE=gpus)
+    proc = subprocess.run(["bash", str(SBATCH), "output_dir=/shared/runs/a"], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "this job has no GPUs" in proc.stderr and "--gpus-per-node=N" in proc.stderr and "ACCTRAIN_CPU=1" in proc.stderr
+    assert "srun" not in proc.stdout and "task " not in proc.stdout  # refused before any step is started
 
 
 @pytest.mark.parametrize("rc,usr1,term,requeued", [(75, 0, 0, True), (1, 1, 0, True), (0, 0, 0, False),
@@ -296,7 +310,7 @@ def slurm():
 
 def submit(slurm: SlurmCluster, tmp: Path, train_args: list[str]) -> tuple[str, Path]:
     """Submit launch/slurm.sbatch as a 2-task job on the one node (2 machine ranks, CPU)."""
-    env = job_env(slurm.env, MAIN_PROCESS_PORT=str(free_port()))
+    env = job_env(slurm.env, MAIN_PROCESS_PORT=str(free_port()), ACCTRAIN_CPU="1")  # CPU tasks, asked for
     try:  # the script's rendezvous host is the node's name; where that does not resolve, use loopback
         socket.gethostbyname(slurm.node)
     except OSError:

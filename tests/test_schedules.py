@@ -402,6 +402,6 @@ def test_plot_writes_png(tmp_path):
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail, as when missing
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install acctrain\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib \(in a checkout of acctrain: pip install -e \"\.\[plot\]\"\)"):
         plot_schedule(build_schedule("constant", 5), 5, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

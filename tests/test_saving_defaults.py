@@ -1,0 +1,73 @@
+"""What a crash or a Ctrl-C keeps by default: a checkpoint by the clock, and SIGINT saves like SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from acctrain import Engine, TrainConfig
+from acctrain.errors import PREEMPTED_EXIT_CODE
+from tests.support.processes import ROOT
+from tests.support.runs import ckpts
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+
+
+def test_default_config_saves_by_the_clock():
+    assert TrainConfig().save_every_minutes == 30 and TrainConfig().save_every == 0
+
+
+def test_the_save_clock_saves_at_the_next_step_boundary(tmp_path):
+    for name, minutes in (("clock", 1e-9), ("off", 0)):  # 1e-9 minutes: due at every step
+        cfg = TrainConfig(output_dir=str(tmp_path / name), global_batch_size=8, micro_batch_size=4, max_steps=4,
+                          keep_last=0, save_every_minutes=minutes, cpu=True)
+        e = Engine(make_model(), cfg, VarLenTokens(32), loss_fn=token_loss, collate_fn=collate)
+        e.fit()
+        e.close()
+    assert ckpts(tmp_path / "clock") == [f"step-{k:08d}" for k in (1, 2, 3, 4)]
+    assert ckpts(tmp_path / "off") == ["step-00000004"]
+
+
+RUN = """
+import os, signal, sys
+from acctrain import Callback, Engine, TrainConfig
+from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+
+class CtrlC(Callback):
+    def after_step(self, engine):
+        if engine.state.step == 2 and {interrupts}:
+            for _ in range({interrupts}):
+                os.kill(os.getpid(), signal.SIGINT)
+
+cfg = TrainConfig(output_dir=sys.argv[1], global_batch_size=8, micro_batch_size=4, max_steps=4, seed=3, cpu=True)
+e = Engine(make_model(), cfg, VarLenTokens(32), loss_fn=token_loss, collate_fn=collate, callbacks=[CtrlC()])
+try:
+    e.fit()
+finally:
+    e.close()
+"""
+
+
+def run(out: Path, interrupts: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN.format(interrupts=interrupts), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ctrl_c_saves_and_exits_like_sigterm_and_the_run_resumes_exactly(tmp_path):
+    stopped = run(tmp_path / "stopped", interrupts=1)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr
+    assert "stopped by SIGINT after optimizer step 3" in stopped.stdout
+    assert ckpts(tmp_path / "stopped") == ["step-00000003"]  # the signal rides on step 3's all-reduce
+    assert run(tmp_path / "stopped", interrupts=0).returncode == 0  # resumes at step 3
+    assert run(tmp_path / "whole", interrupts=0).returncode == 0
+    final = [load_file(tmp_path / d / "checkpoints" / "step-00000004" / "model.safetensors") for d in ("stopped", "whole")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    aborted = run(tmp_path, interrupts=2)
+    assert aborted.returncode not in (0, PREEMPTED_EXIT_CODE) and "KeyboardInterrupt" in aborted.stderr
+    assert not (tmp_path / "checkpoints").exists() or ckpts(tmp_path) == []
