@@ -80,7 +80,9 @@ def staging_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def prepare_staging(stage: Path) -> None:
-    """Main process, before any rank writes: an empty staging directory; what crashes left is removed."""
+    """Main process, before any rank writes: an empty staging directory; what crashes left is removed (after a
+    commit that a kill interrupted is finished: `recover`)."""
+    recover(stage.parent)
     for stale in [*stage.parent.glob("step-*.tmp"), *stage.parent.glob(f"step-*{DISCARD}")]:
         with contextlib.suppress(OSError):  # garbage: failing to remove it must not stop this save
             _remove(stale)
@@ -217,6 +219,12 @@ def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: st
     if newest is not None:
         complete = [p for p in complete if _step_of(p) <= _step_of(newest)]
     keep = set(complete[:keep_last])
+    if keep_best and newest is not None:  # a misspelt metric would protect nothing: delete nothing
+        saved = _metrics(newest)
+        if any(k.startswith("eval/") for k in saved) and keep_best not in saved:
+            print(f"warning: keep_best={keep_best!r} is none of {newest.name}'s metrics {sorted(saved)}: no "
+                  "checkpoint is deleted (the Engine refuses this keep_best after the evaluation)")
+            return []
     if keep_best:
         scored = [(m, p) for p in complete if (m := _metric(p, keep_best)) is not None]
         if scored:
@@ -273,6 +281,9 @@ def read_manifest(path: Path) -> dict:
                                   "and a sha256 in hex)")
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{manifest_path}: entry {name!r} lies outside the checkpoint")
+    version = manifest.get("format_version", 1)
+    if type(version) is not int or version < 1:  # a newer acctrain's (an int above ours) is refused on load
+        raise CheckpointError(f"{manifest_path}: malformed format_version {version!r} (an edited or damaged manifest)")
     kind = "sharded" if "sharded.json" in files else "full"
     missing = [p for p in REQUIRED[kind] if not any(fnmatch.fnmatchcase(name, p) for name in files)]
     if missing:
@@ -286,13 +297,33 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def recover(root: Path) -> Path | None:
+    """Finish a commit that a kill interrupted between moving the old `step-N` aside and renaming the new one
+    in: a staged `step-N.tmp` holding its manifest (written last, after every file) whose `step-N` is missing
+    is renamed into place and named in `latest`, and what it replaced removed. Returns it, if any. (A lone `step-N.discard` is a deletion
+    in progress, never brought back.)"""
+    for stage in sorted(Path(root).glob("step-*.tmp")):
+        final = stage.with_name(stage.name.removesuffix(".tmp"))
+        if (stage / MANIFEST).is_file() and not (final.exists() or final.is_symlink()):
+            os.replace(stage, final)
+            _fsync_dir(root)
+            _write_atomic(Path(root) / LATEST, final.name + "\n")
+            with contextlib.suppress(OSError):  # what the commit replaced, as it would have removed it
+                _remove(final.with_name(final.name + DISCARD))
+            return final
+    return None
+
+
 def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     """The checkpoint `latest` names if it verifies, else the newest that does; a warning for each skipped.
+    A commit that a kill interrupted is finished first (`recover`).
 
     `latest` first: after a roll-back (resume=PATH) it names the new trajectory's newest checkpoint, while
     the rolled-back run's higher-numbered ones may still exist (until this trajectory replaces them).
     """
     warnings = []
+    if checkpoints_root(output_dir).is_dir():
+        recover(checkpoints_root(output_dir))
     named = latest_checkpoint(output_dir)
     candidates = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
     if named in candidates:
@@ -342,10 +373,14 @@ def _step_of(path: Path) -> int:
 
 
 def _metric(path: Path, name: str) -> float | None:
+    return _metrics(path).get(name)
+
+
+def _metrics(path: Path) -> dict[str, float]:
     try:
-        return read_json(path / "trainer_state.json")["metrics"].get(name)
-    except (OSError, ValueError, KeyError):
-        return None
+        return dict(read_json(path / "trainer_state.json")["metrics"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _move_aside(path: Path) -> Path:

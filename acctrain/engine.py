@@ -220,7 +220,7 @@ class Engine:
         items = totals.items if token_weighted else None
         if self._verdict_on_device:
             return self._step_on_device(window, totals, items)
-        verdict = self._decide(totals)  # note: the step's one host-device sync
+        verdict, loss, norm, items = self._decide(totals, items)  # note: the step's one host-device sync
         if verdict.halt:  # the NaN policy stops the run: no update, but the GradScaler's update() still runs
             ops.step(False)
             ops.zero_grad()
@@ -234,7 +234,7 @@ class Engine:
         state.count(verdict)
         if self.lr_scheduler is not None and verdict.apply:
             self.lr_scheduler.step()
-        self._log_step(state.step, self.step_loss, self.grad_norm, self._lr_metrics, items)
+        self._log_step(state.step, loss, norm, self._lr_metrics, items)
         self._fire("after_step")
 
     def _accumulate_gradients(self, window: Window, batches: Iterator) -> tuple[torch.Tensor, Any, bool]:
@@ -258,16 +258,16 @@ class Engine:
             token_weighted |= weighted
         return loss_sum, num_items, token_weighted
 
-    def _decide(self, totals: agreement.StepTotals) -> Verdict:
-        """The step's verdict from its reduced numbers, read to the host at once (the synchronous path)."""
-        values = [self.step_loss, self.grad_norm, *(totals.requests if torch.is_tensor(totals.requests) else ())]
-        loss, norm, *flags = torch.stack([v.to(self.grad_norm.dtype) for v in values]).tolist()
+    def _decide(self, totals: agreement.StepTotals, items: torch.Tensor | None) -> tuple[Verdict, float, float, Any]:
+        """The step's verdict from its reduced numbers, read to the host at once (the synchronous path), and the
+        loss, norm and item count (of a token-weighted loss) it read: host numbers for the log."""
+        loss, norm, items, flags = self._read(torch.stack(self._step_values(totals, items)).tolist(), items)
         scaler = self.step_ops.scaler
         # only on a step whose gradients overflowed: the loss scale before this step's update (a sync)
         scale = scaler.get_scale() if scaler is not None and not math.isfinite(norm) else None
         verdict = agreement.decide(loss, norm, flags or totals.requests, self._policy(), self.state.step + 1,
                                    self.state.skipped_in_a_row, scale)
-        if not verdict.finite and torch.is_tensor(totals.items) and totals.items.item() == 0:  # note: sync, rare
+        if not verdict.finite and items == 0:
             empty = " (the step has 0 items: loss_fn's num_items summed over all ranks is 0)"
             verdict = dataclasses.replace(verdict, reason=verdict.reason and verdict.reason + empty,
                                           halt=verdict.halt and verdict.halt + empty)
@@ -276,7 +276,18 @@ class Engine:
                        f"{scale * scaler.get_backoff_factor():g}")
         elif verdict.refused:
             self.print(f"skipping the update of step {self.state.step + 1}: {verdict.reason} (nan_policy=skip)")
-        return verdict
+        return verdict, loss, norm, items
+
+    def _step_values(self, totals: agreement.StepTotals, items: torch.Tensor | None) -> list[torch.Tensor]:
+        """What the host reads of a step, as one vector: loss, norm, the item count if counted, the requests."""
+        flags = totals.requests if torch.is_tensor(totals.requests) else ()
+        return [v.to(self.grad_norm.dtype) for v in (self.step_loss, self.grad_norm, *(() if items is None else (items,)),
+                                                     *flags)]
+
+    @staticmethod
+    def _read(host: list[float], items: Any) -> tuple[float, float, float | None, list[float]]:
+        loss, norm, *rest = host
+        return loss, norm, (rest.pop(0) if items is not None else None), rest
 
     def _step_on_device(self, window: Window, totals: agreement.StepTotals, items) -> None:
         """The end of a step that does not wait for the GPU (see `fit`: a fused optimizer, no callback in the step).
@@ -291,22 +302,20 @@ class Engine:
         self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
         self.step_ops.zero_grad()
         self.state.consume(window.global_samples)
-        flags = totals.requests
-        values = [self.step_loss, self.grad_norm, *(flags if torch.is_tensor(flags) else ())]
-        if not torch.is_tensor(flags):  # one process: the requests are on the host already
-            self._asked = Requests.agreed(flags)
-        ticket = self._readback.start(torch.stack([v.to(self._item_dtype) for v in values]))
-        self._pending = (self.state.step, self.state.samples_seen, ticket, self.step_loss, self.grad_norm,
-                         self._lr_metrics, items)
+        if not torch.is_tensor(totals.requests):  # one process: the requests are on the host already
+            self._asked = Requests.agreed(totals.requests)
+        ticket = self._readback.start(torch.stack(self._step_values(totals, items)))
+        self._pending = (self.state.step, self.state.samples_seen, ticket, self._lr_metrics, items)
         self._fire("after_step")
 
     def _settle(self) -> None:
         """Count the step left pending by `_step_on_device`: skipped or applied, the NaN policy, its log row."""
         if self._pending is None:
             return
-        (step, samples_seen, ticket, loss, grad_norm, lr_metrics, items), self._pending = self._pending, None
-        loss_value, norm_value, *flags = ticket.read()  # note: host-device sync on numbers a step old: no wait
-        verdict = agreement.decide(loss_value, norm_value, flags or agreement.NO_FLAGS, self._policy(), step,
+        (step, samples_seen, ticket, lr_metrics, items), self._pending = self._pending, None
+        # note: host-device sync on numbers a step old: no wait
+        loss, norm, items, flags = self._read(ticket.read(), items)
+        verdict = agreement.decide(loss, norm, flags or agreement.NO_FLAGS, self._policy(), step,
                                    self.state.skipped_in_a_row)
         if verdict.refused:
             self.print(f"skipping the update of step {step}: {verdict.reason} (nan_policy=skip)")
@@ -316,7 +325,7 @@ class Engine:
             self.lr_scheduler.step()
         if verdict.requests is not agreement.NO_REQUESTS:  # several processes: a step late
             self._asked = verdict.requests
-        self._log_step(step, loss, grad_norm, lr_metrics, items, samples_seen)
+        self._log_step(step, loss, norm, lr_metrics, items, samples_seen)
 
     def _halt_if(self, verdict: Verdict) -> None:
         """Stop the run on the NaN policy's halt, naming the step and the last good checkpoint."""
@@ -412,10 +421,15 @@ class Engine:
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
         self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
         self._fire("after_evaluate")
-        if self.config.keep_best and self.config.keep_best not in self.last_eval:  # before rotation deletes the best
-            raise ConfigError("keep_best", f"no evaluation gives {self.config.keep_best!r}; this run's metrics are "
-                              f"{sorted(self.last_eval)}: use one of them, or a callback that adds it in after_evaluate.")
+        self._check_keep_best(self.last_eval)
         return self.last_eval
+
+    def _check_keep_best(self, metrics: dict[str, float]) -> None:
+        """Refuse a keep_best that evaluation does not give (rotation would protect nothing and delete the best)."""
+        keep = self.config.keep_best
+        if keep and any(k.startswith("eval/") for k in metrics) and keep not in metrics:
+            raise ConfigError("keep_best", f"no evaluation gives {keep!r}; the metrics are {sorted(metrics)}: use "
+                              "one of them, or a callback that adds it in after_evaluate.")
 
     # ------------------------------------------------------------------------------------ state
 
@@ -440,6 +454,7 @@ class Engine:
                                                               {**self.plan.describe(), "seed": self.plan.seed},
                                                               self.settings)
             self.load_state_dict(meta)
+            self._check_keep_best(self._saved_metrics)  # before this run's first save rotates anything
             self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
             changed = optim.reapply(self.torch_optimizer.param_groups, wanted, self.schedule.momentum(0) is not None)
             if changed:

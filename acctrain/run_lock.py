@@ -69,6 +69,9 @@ def owned(accelerator: Accelerator, output_dir: str | Path):
         refusal = [None]
     except RunLocked as err:
         refusal = [str(err).removeprefix("output_dir: ")]
+    except OSError as err:  # e.g. no flock on this filesystem, or a .lock that is not ours: every rank hears it
+        refusal = [f"cannot lock {Path(output_dir) / '.lock'} ({err}); make output_dir a writable directory on a "
+                   "filesystem with file locks"]
     if accelerator.num_processes > 1:
         refusal = broadcast_object_list(refusal)
     if refusal[0] is not None:

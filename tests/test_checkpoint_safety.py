@@ -164,12 +164,27 @@ def test_kill_9_while_replacing_a_checkpoint_moves_the_old_one_aside_first(six, 
     assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == damaged  # moved whole, nothing deleted
     assert ckpts(out) == [STEP3]
     verify(out / "checkpoints" / (STEP6 + ".tmp"))  # the new one, complete, not yet renamed
-    assert find_resumable(out) == (out / "checkpoints" / STEP3, [])
-    again = resume_run.run(str(out), steps=6, save_every=3)
-    assert again["resumed_from"].endswith(STEP3)
-    verify(old)
+    assert find_resumable(out) == (old, [])  # the interrupted commit is finished: the new step 6 is put in place
+    assert (out / "checkpoints" / "latest").read_text().strip() == STEP6
     assert_bitwise(load_file(old / "model.safetensors"), params(six[1]["tensors"]))
+    again = resume_run.run(str(out), steps=6, save_every=3)
+    assert again["resumed_from"].endswith(STEP6) and again["steps"] == []
     assert ckpts(out) == [STEP3, STEP6] and leftovers(out) == []
+
+
+def test_a_kill_while_replacing_a_valid_checkpoint_of_the_same_step_loses_nothing(six, tmp_path):
+    """The state a kill leaves when a step is saved twice (SaveBest, then fit's final save): the valid step-6
+    moved aside, its complete replacement staged. The next run finishes that commit and resumes step 6."""
+    out = copy_of(six, tmp_path)
+    root = out / "checkpoints"
+    shutil.copytree(root / STEP6, root / (STEP6 + ".tmp"))  # the second save of step 6, staged and complete
+    os.replace(root / STEP6, root / (STEP6 + ".discard"))  # commit moved the first one aside, then the kill
+    for name in ("latest",):
+        assert (root / name).read_text().strip() == STEP6
+    again = resume_run.run(str(out), steps=6, save_every=3)
+    assert again["resumed_from"].endswith(STEP6) and again["steps"] == []
+    assert_bitwise(load_file(root / STEP6 / "model.safetensors"), params(six[1]["tensors"]))
+    assert ckpts(out) == [STEP3, STEP6]
 
 
 # ------------------------------------------------------------------------- 3. rotation
@@ -262,11 +277,16 @@ def test_the_format_version_is_written_and_others_are_refused(six, tmp_path):
     assert manifest["format_version"] == 2
     assert set(state["versions"]) == {"acctrain", "torch", "accelerate"}
     assert state["optimizer"]["class"] == "AdamW" and len(state["optimizer"]["param_groups"]) == 2
-    for version in (0, 3, "2"):
-        (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
-        with pytest.raises(CheckpointError, match=f"format version {version!r}") as err:
-            resume_run.run(str(out), steps=8)
-        assert str(newest) in str(err.value) and "reads versions 1 to 2" in str(err.value)
+    (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))  # a newer acctrain's
+    with pytest.raises(CheckpointError, match="format version 3") as err:
+        resume_run.run(str(out), steps=8)
+    assert str(newest) in str(err.value) and "reads versions 1 to 2" in str(err.value)
+    for damaged in (0, "2", None):  # no version acctrain ever wrote: a damaged manifest, skipped for step 3
+        (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": damaged}))
+        assert find_resumable(out) == (out / "checkpoints" / STEP3,
+                                       [f"skipping checkpoint {STEP6}: {newest / 'manifest.json'}: malformed "
+                                        f"format_version {damaged!r} (an edited or damaged manifest)"])
+    (newest / "manifest.json").write_text(json.dumps(manifest))
     # Without a version: the format from before versioning (1), which loads as it did.
     (newest / "manifest.json").write_text(json.dumps({"files": manifest["files"]}))
     rewrite(newest, "trainer_state.json", json.dumps({k: v for k, v in state.items() if k != "optimizer"}).encode())

@@ -84,3 +84,22 @@ def test_a_killed_run_leaves_no_lock(tmp_path):
     (tmp_path / "b" / "go").touch()
     second = start(out, tmp_path / "b")
     assert second.wait(timeout=120) == 0, second.communicate()
+
+
+def test_an_output_dir_that_cannot_be_locked_is_a_message(tmp_path):
+    from acctrain.errors import ConfigError
+    from acctrain.run_lock import RunLock, owned  # noqa: F401
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+    from acctrain import Engine, TrainConfig
+
+    (tmp_path / ".lock").mkdir()  # not a file: open() fails (a directory, or a filesystem without locks)
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4, max_steps=1, cpu=True)
+    e = Engine(make_model(), cfg, VarLenTokens(16), loss_fn=token_loss, collate_fn=collate)
+    try:
+        e.fit()
+        raise AssertionError("fit() ran without its lock")
+    except ConfigError as err:
+        assert err.field == "output_dir" and "cannot lock" in str(err) and str(tmp_path / ".lock") in str(err)
+    finally:
+        e.close()
+    assert not (tmp_path / "checkpoints").exists()

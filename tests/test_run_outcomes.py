@@ -111,6 +111,26 @@ def test_a_mistyped_keep_best_is_refused_at_the_first_evaluation(tmp_path):
     assert err.value.field == "keep_best" and not (tmp_path / "no_eval").exists()
 
 
+def test_a_mistyped_keep_best_is_refused_on_resume_before_the_best_is_deleted(tmp_path):
+    fit(tmp_path, max_steps=2, keep_best="eval/loss")  # step-2 records eval/loss
+    with pytest.raises(ConfigError, match=r"'eval/los'.*eval/loss") as err:
+        fit(tmp_path, max_steps=6, keep_best="eval/los", save_every=1, keep_last=1, eval_every=4)
+    assert err.value.field == "keep_best"
+    assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_rotation_deletes_nothing_for_a_keep_best_that_no_evaluation_gives(tmp_path, capsys):
+    """The Engine refuses it after the evaluation; SaveBest's save inside that evaluation rotates first."""
+    from acctrain.callbacks import SaveBest
+
+    with pytest.raises(ConfigError):
+        fit(tmp_path, callbacks=[SaveBest()], max_steps=4, save_every=1, keep_last=1, eval_every=4,
+            keep_best="eval/los")
+    assert "no checkpoint is deleted" in capsys.readouterr().out
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == [
+        "step-00000003", "step-00000004"]  # keep_last=1 kept step 4; step 3 survived the rotation after SaveBest
+
+
 class Accuracy(Callback):
     """A custom metric, added to last_eval after each evaluation: it never improves."""
 
