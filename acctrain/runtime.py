@@ -111,7 +111,10 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, set
     accelerator.trackers = []
     project.project_dir, project.logging_dir = config.output_dir, logging_dir
     everything = {**config.to_dict(), **settings}
-    accelerator.init_trackers("acctrain", config=flat_config(everything) if step == 0 else None)
+    # a deep queue, so that the loop does not wait for the writer thread; what is queued is on disk in 30 s
+    tensorboard = {"max_queue": 10_000, "flush_secs": 30}
+    accelerator.init_trackers("acctrain", config=flat_config(everything) if step == 0 else None,
+                              init_kwargs={"tensorboard": tensorboard})
     accelerator.log({"config": "```\n" + json.dumps(everything, indent=2) + "\n```"}, step=step)
 
 

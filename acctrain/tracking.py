@@ -19,6 +19,9 @@ import time
 from typing import Any
 
 import torch
+from accelerate.tracking import TensorBoardTracker
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard.summary import scalar
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s per GPU, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -81,16 +84,29 @@ class MetricLog:
         ]
         self.pending = []
         items = sum(values.pop("_items", 0.0) for _, values in rows)
-        for step, values in rows:
-            self.accelerator.log(values, step=step)
         step = rows[-1][0]
         throughput = self._throughput(step, samples_seen, items)
-        self.accelerator.log(throughput, step=step)
+        self._write(rows + [(step, throughput)])
         # what the progress line shows: the loss averaged over the steps since the last flush
         loss = sum(values["train/loss"] for _, values in rows) / len(rows)
         self.last = dict(rows[-1][1], step=step, **throughput, **{"train/loss": loss})
         self._report(step, self.last)
         return rows
+
+    def _write(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Give the rows to the trackers (main process). TensorBoard gets one event per step (not one per value)
+        and no file flush (`Accelerator.log` flushes per row, and a flush waits for the writer thread to drain
+        its queue): its thread writes in the background and flushes every 30 s and at the end of fit."""
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if isinstance(tracker, TensorBoardTracker):  # one event per step, holding all of its values
+                for step, values in rows:
+                    summary = Summary(value=[v for name, x in values.items() for v in scalar(name, x).value])
+                    tracker.writer.file_writer.add_summary(summary, step)
+            else:
+                for step, values in rows:
+                    tracker.log(values, step=step)
 
     def print(self, text: str) -> None:
         """Print a line (main process only), above the progress bar when there is one."""
@@ -100,6 +116,10 @@ class MetricLog:
             print(text, flush=True)
 
     def close(self) -> None:
+        """End of a fit: the TensorBoard file is flushed (between fits its writer thread flushes it every 30 s)."""
+        for tracker in self.accelerator.trackers if self.accelerator.is_main_process else ():
+            if isinstance(tracker, TensorBoardTracker):
+                tracker.writer.flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
