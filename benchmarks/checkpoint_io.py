@@ -8,17 +8,19 @@ The model is an MLP of `--layers` Linear(4096, 4096) layers (8: 134M fp32 parame
 state (exp_avg, exp_avg_sq: twice that), created by one optimizer step. Variants, alternating in each round:
 
 - save, acctrain: `Engine.save()` as fit() calls it: RNG state, model.safetensors, optimizer.safetensors and
-  .json, trainer_state.json (`checkpoint.write_files`: written, fsync'd, sha256 computed from memory),
+  .json, trainer_state.json (`checkpoint.write_files`: written, fsync'd, digests computed from memory),
   then `checkpoint.commit` (manifest, fsync of the directory, rename, `latest`). keep_last=0, so no rotation work is timed; the directory is deleted after.
 - save, raw: `safetensors.torch.save_file` of the same tensors (model.state_dict(), and the optimizer's
   state tensors under flat names) into two files, then fsync of both.
-- load, acctrain: what a resume reads: `checkpoint.verify` (sizes and sha256 of every file), then
+- load, acctrain: what a resume reads: `checkpoint.verify` (sizes and digest of every file), then
   `read_tensors` of the model, optimizer and RNG files and `read_json` of the JSON files.
 - load, raw: `safetensors.torch.load_file` of the raw save's two files.
 Both loads end by copying every loaded tensor into the live model and optimizer state (`copy_`), so every
 byte is really read: `load_file` maps the file and reads nothing until a tensor is touched. Loads run
 "cold" (every file evicted from the page cache with posix_fadvise(DONTNEED) first) and "hot" (files in the
-page cache). Throughput is the bytes of the tensors (the same for both) per second.
+page cache). Throughput is the bytes of the tensors (the same for both) per second. Each part runs a second
+raw variant as an A/A control (its ratio to the first shows the noise floor), and the async part a second
+synchronous save.
 
 Before each timed save the previous files are deleted, `os.sync()` is called and `--settle` seconds
 pass (untimed), so that their writeback and the file system's discards do not land in the next timing.
@@ -240,10 +242,11 @@ def main() -> None:
 
 def save_part(bench: Bench, args, out: dict) -> None:
     print("\nsave (durable: fsync)")
-    variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw}
+    variants = {"acctrain save": bench.save_acctrain, "raw save_file+fsync": bench.save_raw,
+                "raw save_file+fsync (A/A)": bench.save_raw}
     saves = alternate(variants, args.rounds)
     rows = throughput_rows(saves, bench.bytes, [("raw save_file+fsync", "raw save_file+fsync")]
-                           + [(name, "raw save_file+fsync") for name in variants if name.startswith("acctrain")])
+                           + [(name, "raw save_file+fsync") for name in variants if name != "raw save_file+fsync"])
     print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
     out["save_seconds"] = saves
 
@@ -258,36 +261,61 @@ def load_part(bench: Bench, args, out: dict) -> None:
         "raw load_file, cold": lambda: bench.load_raw(cold=True),
         "acctrain load, hot": lambda: bench.load_acctrain(cold=False),
         "raw load_file, hot": lambda: bench.load_raw(cold=False),
+        "raw load_file, cold (A/A)": lambda: bench.load_raw(cold=True),
+        "raw load_file, hot (A/A)": lambda: bench.load_raw(cold=False),
     }, args.rounds)
     rows = throughput_rows(loads, bench.bytes, [
         ("raw load_file, cold", "raw load_file, cold"), ("acctrain load, cold", "raw load_file, cold"),
-        ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot")])
+        ("raw load_file, cold (A/A)", "raw load_file, cold"),
+        ("raw load_file, hot", "raw load_file, hot"), ("acctrain load, hot", "raw load_file, hot"),
+        ("raw load_file, hot (A/A)", "raw load_file, hot")])
     print(table(["variant", "seconds (median)", "MB/s", "throughput ratio vs raw"], rows))
     out["load_seconds"] = loads
 
 
-def hash_speeds(mb: int = 256) -> dict[str, float]:
-    """MB/s of the checksums a manifest could use, on an in-memory buffer (what verify and commit pay per byte)."""
+def hash_speeds(mb: int = 512) -> dict[str, float]:
+    """MB/s of the checksums a manifest could use, on an in-memory buffer (what verify and commit pay per byte):
+    one thread, and two threads hashing one half each (every candidate releases the GIL). Median of 5."""
     import hashlib
+    import statistics
     import threading
     import zlib
 
-    data = bytes(memoryview(torch.randint(0, 256, (mb << 20,), dtype=torch.uint8).numpy()))
+    import xxhash
+
+    data = memoryview(torch.randint(0, 256, (mb << 20,), dtype=torch.uint8).numpy())
+    halves = [data[: len(data) // 2], data[len(data) // 2:]]
+    candidates = {"sha256": lambda b: hashlib.sha256(b).digest(), "blake2b": lambda b: hashlib.blake2b(b).digest(),
+                  "zlib.crc32": zlib.crc32, "xxh3_128 (xxhash)": xxhash.xxh3_128_digest}
+    with contextlib.suppress(ImportError):  # not a dependency: measured when installed
+        import blake3
+
+        candidates["blake3"] = lambda b: blake3.blake3(b).digest()
+
+    def timed(run) -> float:
+        seconds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return mb / statistics.median(seconds)
+
+    def two_threads(fn):
+        def run():
+            threads = [threading.Thread(target=fn, args=(half,)) for half in halves]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        return run
+
     speeds = {}
-    for name, fn in [("sha256", lambda b: hashlib.sha256(b).digest()), ("sha1", lambda b: hashlib.sha1(b).digest()),
-                     ("blake2b", lambda b: hashlib.blake2b(b).digest()), ("zlib.crc32", zlib.crc32)]:
-        start = time.perf_counter()
-        fn(data)
-        speeds[name] = mb / (time.perf_counter() - start)
-    # two files hashed at once: hashlib releases the GIL, so threads use both cores
-    threads = [threading.Thread(target=lambda: hashlib.sha256(data).digest()) for _ in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    speeds["sha256, 2 threads (aggregate)"] = 2 * mb / (time.perf_counter() - start)
-    print(f"\nchecksum throughput on {mb} MB in memory (MB/s)")
+    for name, fn in candidates.items():
+        speeds[name] = timed(lambda: fn(data))
+        speeds[f"{name}, 2 threads (aggregate)"] = timed(two_threads(fn))
+    if "blake3" in candidates:
+        speeds["blake3, max_threads=2 (its own threads)"] = timed(lambda: blake3.blake3(data, max_threads=2).digest())
+    print(f"\nchecksum throughput on {mb} MB in memory (MB/s, median of 5)")
     print(table(["checksum", "MB/s"], [[k, f"{v:.0f}"] for k, v in speeds.items()]))
     return speeds
 
@@ -329,10 +357,13 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     reserving = time.perf_counter() - start
     first = pause()
     first_completion = completion.pop()
-    results = alternate({"sync save": bench.save_acctrain, "async save pause": pause}, rounds)
+    results = alternate({"sync save": bench.save_acctrain, "async save pause": pause,
+                         "sync save (A/A)": bench.save_acctrain}, rounds)
     ratio = paired_ratios(results, "async save pause", "sync save")
+    aa = paired_ratios(results, "sync save (A/A)", "sync save")
     sync = median(results["sync save"])
     rows = [["sync save", f"{sync:.2f}", "1 (reference)"],
+            ["sync save (A/A)", f"{median(results['sync save (A/A)']):.2f}", f"{median(aa):.3f} ({spread(aa)})"],
             ["async save: pause (buffers from the previous save)", f"{median(results['async save pause']):.3f}",
              f"{median(ratio):.3f} ({spread(ratio)})"],
             ["async save: pause, the run's first (buffers reserved in the background)", f"{first:.3f}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import signal
@@ -18,9 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from acctrain import ConfigError
-from acctrain.checkpoint import CheckpointError, find_resumable, verify, write_files
+from acctrain.checkpoint import HASH, CheckpointError, find_resumable, verify, write_files
 from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 from tests.support import ROOT, assert_same_run, ckpts, launch, load_result, logged
+from tests.test_checkpoint_hash import reference_digest
 from tests.workers import resume_run
 
 WORKER = ["-m", "tests.workers.resume_run"]  # run from ROOT as a module (torchrun -m, python -m)
@@ -44,10 +44,12 @@ def test_checkpoint_contents_and_no_pickle(tmp_path):
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
                      "rng-rank0.json", "rng-rank0.safetensors", "trainer_state.json"]
-    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["hash"] == HASH == "xxh3_128_64mib"
+    manifest = manifest["files"]
     assert sorted(manifest) == [n for n in names if n != "manifest.json"]
     for name, entry in manifest.items():
-        assert entry["size"] == (ckpt / name).stat().st_size and len(entry["sha256"]) == 64
+        assert entry == {"size": (ckpt / name).stat().st_size, HASH: reference_digest((ckpt / name).read_bytes())}
     for path in (tmp_path / "checkpoints").rglob("*"):
         if path.is_file():
             head = path.read_bytes()[:16]
@@ -65,7 +67,7 @@ def test_checkpoint_contents_and_no_pickle(tmp_path):
     assert state["config"]["save_every"] == 3 and state["schedule"]["name"] == "warmup_linear"
 
 
-def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
+def test_written_files_are_safetensors_and_json_with_their_own_digest(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     tensors = {
         "f32": base, "bf16": base.to(torch.bfloat16), "f16": base.half(), "i64": torch.arange(5),
@@ -81,7 +83,7 @@ def test_written_files_are_safetensors_and_json_with_their_own_sha256(tmp_path):
     digests = write_files(files)
     assert set(digests) == set(files)
     for path, digest in digests.items():
-        assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path.name
+        assert digest == reference_digest(path.read_bytes()), path.name
     loaded = load_file(tmp_path / "t.safetensors")
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
@@ -109,11 +111,11 @@ def test_commit_puts_the_writers_digests_in_the_manifest_without_reading_the_fil
     stage.mkdir(parents=True)
     digests = write_files({stage / "a.safetensors": {"x": torch.ones(3)}, stage / "b.json": {"k": 1}})
     (stage / "rng-rank1.json").write_text("{}")  # another rank's file: read back
-    claimed = {stage / "a.safetensors": "f" * 64, stage / "b.json": digests[stage / "b.json"]}
+    claimed = {stage / "a.safetensors": "f" * 32, stage / "b.json": digests[stage / "b.json"]}
     manifest = json.loads((commit(stage, claimed) / "manifest.json").read_text())["files"]
-    assert manifest["a.safetensors"]["sha256"] == "f" * 64  # taken as given: the file was not read again
-    assert manifest["b.json"]["sha256"] == digests[stage / "b.json"]
-    assert manifest["rng-rank1.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
+    assert manifest["a.safetensors"][HASH] == "f" * 32  # taken as given: the file was not read again
+    assert manifest["b.json"][HASH] == digests[stage / "b.json"]
+    assert manifest["rng-rank1.json"][HASH] == reference_digest(b"{}")
 
 
 def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
@@ -152,7 +154,7 @@ def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses
     assert torch.equal(snapshot[tmp_path / "model.safetensors"]["big"], big)
     digests = write_files({tmp_path / "model.safetensors": snapshot[tmp_path / "model.safetensors"]})
     assert torch.equal(load_file(tmp_path / "model.safetensors")["big"], big)
-    assert digests[tmp_path / "model.safetensors"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert digests[tmp_path / "model.safetensors"] == reference_digest((tmp_path / "model.safetensors").read_bytes())
 
 
 def test_rotation_keeps_last_and_best(tmp_path):

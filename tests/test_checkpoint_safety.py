@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from acctrain import Callback, Engine, TrainConfig
-from acctrain.checkpoint import CheckpointError, find_resumable, verify
+from acctrain.checkpoint import FORMAT_VERSION, CheckpointError, find_resumable, manifest_hash, verify
 from acctrain.errors import Preempted
 from tests.support import ROOT, ckpts
 from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
+from tests.test_checkpoint_hash import reference_digest
 from tests.workers import resume_run
 
 WORKER = ["-m", "tests.workers.resume_run"]
@@ -62,7 +63,9 @@ def rewrite(ckpt: Path, name: str, content: bytes) -> None:
     """Replace a file of a checkpoint and its manifest entry, so that the checkpoint still verifies."""
     (ckpt / name).write_bytes(content)
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    algorithm = manifest_hash(manifest)
+    digest = hashlib.sha256(content).hexdigest() if algorithm == "sha256" else reference_digest(content)
+    manifest["files"][name] = {"size": len(content), algorithm: digest}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -274,21 +277,23 @@ def test_the_format_version_is_written_and_others_are_refused(six, tmp_path):
     newest = out / "checkpoints" / STEP6
     manifest = json.loads((newest / "manifest.json").read_text())
     state = json.loads((newest / "trainer_state.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     assert set(state["versions"]) == {"acctrain", "torch", "accelerate"}
     assert state["optimizer"]["class"] == "AdamW" and len(state["optimizer"]["param_groups"]) == 2
-    (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))  # a newer acctrain's
-    with pytest.raises(CheckpointError, match="format version 3") as err:
+    (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))  # a newer acctrain's
+    with pytest.raises(CheckpointError, match="format version 4") as err:
         resume_run.run(str(out), steps=8)
-    assert str(newest) in str(err.value) and "reads versions 1 to 2" in str(err.value)
+    assert str(newest) in str(err.value) and "reads versions 1 to 3" in str(err.value)
     for damaged in (0, "2", None):  # no version acctrain ever wrote: a damaged manifest, skipped for step 3
         (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": damaged}))
         assert find_resumable(out) == (out / "checkpoints" / STEP3,
                                        [f"skipping checkpoint {STEP6}: {newest / 'manifest.json'}: malformed "
                                         f"format_version {damaged!r} (an edited or damaged manifest)"])
     (newest / "manifest.json").write_text(json.dumps(manifest))
-    # Without a version: the format from before versioning (1), which loads as it did.
-    (newest / "manifest.json").write_text(json.dumps({"files": manifest["files"]}))
+    # Without a version: the format from before versioning (1, sha256 digests), which loads as it did.
+    sha256 = {name: {"size": e["size"], "sha256": hashlib.sha256((newest / name).read_bytes()).hexdigest()}
+              for name, e in manifest["files"].items()}
+    (newest / "manifest.json").write_text(json.dumps({"files": sha256}))
     rewrite(newest, "trainer_state.json", json.dumps({k: v for k, v in state.items() if k != "optimizer"}).encode())
     unversioned = resume_run.run(str(out), steps=8)
     shutil.rmtree(out)
