@@ -159,9 +159,9 @@ class Engine:
             self.metrics.start(self.state.step, self.state.samples_seen)
             while self.state.step < plan.total_steps:
                 epoch, first = divmod(self.state.step, plan.steps_per_epoch)
-                windows = plan.rank_windows(epoch, self.accelerator.process_index, first,
-                                            first + plan.total_steps - self.state.step)
-                batches = self._batches(epoch, windows)
+                last = first + plan.total_steps - self.state.step
+                windows = plan.rank_windows(epoch, self.accelerator.process_index, first, last)
+                batches = self._batches(epoch, plan.rank_windows(epoch, self.accelerator.process_index, first, last))
                 try:
                     self._fire("before_epoch")
                     for window in windows:
@@ -243,7 +243,7 @@ class Engine:
         Returns this rank's summed loss and item count, and whether the loss is token-weighted.
         """
         scale = loss_scaling.micro_scale(self.accelerator.num_processes, window.global_samples)
-        loss_sum, num_items, token_weighted = 0.0, 0, False  # num_items stays a host int for per-sample means
+        loss_sum, num_items, token_weighted = None, 0, False  # num_items stays a host int for per-sample means
         last = len(window.micro_batches) - 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
@@ -253,7 +253,7 @@ class Engine:
                 self._fire("after_loss")
                 self.step_ops.backward(self.micro_loss * scale)
             self._fire("after_backward")
-            loss_sum = loss_sum + self.micro_loss.detach()
+            loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
             num_items = num_items + items
             token_weighted |= weighted
         return loss_sum, num_items, token_weighted
@@ -386,7 +386,7 @@ class Engine:
             raise cancel()
         return cancel
 
-    def _batches(self, epoch: int, windows: list[Window]) -> Iterator:
+    def _batches(self, epoch: int, windows: Iterator[Window]) -> Iterator:
         """The training batches of these windows, in order (pinned on CUDA)."""
         return micro_batch_loader(self.train_data, windows, self.collate_fn, self.config.num_workers,
                                   seed=seeds.loader_seed(self.config.seed, epoch),
@@ -526,8 +526,9 @@ class Engine:
         self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
         plan, rank, i = self.plan, self.accelerator.process_index, 0
         for epoch in range(math.ceil(num_steps / plan.steps_per_epoch)):
-            windows = plan.rank_windows(epoch, rank, 0, min(plan.steps_per_epoch, num_steps - i))
-            batches = self._batches(epoch, windows)
+            stop = min(plan.steps_per_epoch, num_steps - i)
+            windows = plan.rank_windows(epoch, rank, 0, stop)
+            batches = self._batches(epoch, plan.rank_windows(epoch, rank, 0, stop))
             for window in windows:
                 self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
                 self._train_step(window, batches)

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from accelerate.tracking import TensorBoardTracker
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard.summary import scalar
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s per GPU, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -102,7 +101,7 @@ class MetricLog:
         for tracker in self.accelerator.trackers:
             if isinstance(tracker, TensorBoardTracker):  # one event per step, holding all of its values
                 for step, values in rows:
-                    summary = Summary(value=[v for name, x in values.items() for v in scalar(name, x).value])
+                    summary = Summary(value=[Summary.Value(tag=name, simple_value=x) for name, x in values.items()])
                     tracker.writer.file_writer.add_summary(summary, step)
             else:
                 for step, values in rows:
