@@ -131,6 +131,7 @@ class Engine:
         self.print(f"the run is complete: {path} holds all {total} optimizer steps, so nothing was trained. To train "
                    "longer raise max_steps or epochs (the schedule then stretches to the new length); to start "
                    "over use resume=none overwrite=true, or another output_dir.")
+        self.checkpoint_path = path  # the run's last checkpoint, as after a fit that trained
         return dict(self._saved_metrics)
 
     def _fit(self) -> dict[str, float]:

@@ -55,7 +55,10 @@ def test_relaunching_a_finished_run_says_it_is_complete_and_writes_nothing(tmp_p
     first = fit(tmp_path, max_steps=2)
     before = listing(tmp_path)
     capsys.readouterr()
-    again = fit(tmp_path, max_steps=2, lr=5.0)
+    e = engine(tmp_path, max_steps=2, lr=5.0)
+    again = e.fit()
+    e.close()
+    assert e.checkpoint_path == tmp_path / "checkpoints" / "step-00000002"  # what `train.py` prints
     said = capsys.readouterr().out
     assert "the run is complete" in said and "step-00000002" in said and "raise max_steps or epochs" in said
     assert again["train/loss"] == pytest.approx(first["train/loss"]) and again["eval/loss"] == first["eval/loss"]
