@@ -128,8 +128,9 @@ class DataPlan:
     def rank_windows(self, epoch: int, rank: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[Window]:
         """This rank's windows for steps [start_step, stop_step) of an epoch, made one at a time.
 
-        Lazily: an epoch's windows held at once are millions of small objects that the garbage collector
-        walks again and again while training (measured: about 10% of a tiny model's step).
+        Lazily: an epoch's windows held at once are many small long-lived objects that the garbage collector
+        walks again and again while training (measured on a 2,200-step tiny run: young collections took
+        114 ms with the list, 90 ms lazily, as the raw PyTorch loop's 88 ms).
         """
         order = self.order(epoch).tolist()
         stop = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import shutil
 import time
@@ -161,8 +162,7 @@ class Engine:
             while self.state.step < plan.total_steps:
                 epoch, first = divmod(self.state.step, plan.steps_per_epoch)
                 last = first + plan.total_steps - self.state.step
-                windows = plan.rank_windows(epoch, self.accelerator.process_index, first, last)
-                batches = self._batches(epoch, plan.rank_windows(epoch, self.accelerator.process_index, first, last))
+                windows, batches = self._windows_and_batches(epoch, first, last)
                 try:
                     self._fire("before_epoch")
                     for window in windows:
@@ -387,11 +387,13 @@ class Engine:
             raise cancel()
         return cancel
 
-    def _batches(self, epoch: int, windows: Iterator[Window]) -> Iterator:
-        """The training batches of these windows, in order (pinned on CUDA)."""
-        return micro_batch_loader(self.train_data, windows, self.collate_fn, self.config.num_workers,
-                                  seed=seeds.loader_seed(self.config.seed, epoch),
-                                  pin_memory=self.accelerator.device.type == "cuda")
+    def _windows_and_batches(self, epoch: int, start: int, stop: int) -> tuple[Iterator[Window], Iterator]:
+        """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader
+        that yields their training batches in order (pinned on CUDA)."""
+        windows, loaded = itertools.tee(self.plan.rank_windows(epoch, self.accelerator.process_index, start, stop))
+        return windows, micro_batch_loader(self.train_data, loaded, self.collate_fn, self.config.num_workers,
+                                           seed=seeds.loader_seed(self.config.seed, epoch),
+                                           pin_memory=self.accelerator.device.type == "cuda")
 
     def _build_schedule(self, schedule: str | Callable[[int], float]):
         cfg = self.config
@@ -525,11 +527,10 @@ class Engine:
         self._verdict_on_device = False  # each step's loss is read at once anyway
         self.metrics = MetricLog(self.accelerator, num_steps)  # never flushed
         self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
-        plan, rank, i = self.plan, self.accelerator.process_index, 0
+        plan, i = self.plan, 0
         for epoch in range(math.ceil(num_steps / plan.steps_per_epoch)):
             stop = min(plan.steps_per_epoch, num_steps - i)
-            windows = plan.rank_windows(epoch, rank, 0, stop)
-            batches = self._batches(epoch, plan.rank_windows(epoch, rank, 0, stop))
+            windows, batches = self._windows_and_batches(epoch, 0, stop)
             for window in windows:
                 self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
                 self._train_step(window, batches)

@@ -197,19 +197,26 @@ def test_step_multistep_exponential_match_torch():
     assert factors(build_schedule("constant", 5), 5) == [1.0] * 5
 
 
-def test_reduce_on_plateau_matches_torch():
-    metrics = [5.0, 4.0, 4.0, 3.9999, 4.1, 3.0, 3.0, 3.0, 3.0, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, float("nan")]
+def plateau_factors(metrics, torch_args: dict, our_args: dict):
+    """Our reduce_on_plateau's factor and torch's ReduceLROnPlateau's lr after each metric (one group at lr 1,
+    so torch's eps acts on the factor), and our schedule."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=2, threshold=1e-3,
-                                                     min_lr=0.2, eps=0.0)
-    sched = build_schedule("reduce_on_plateau", 100, args={"factor": 0.5, "patience": 2, "threshold": 1e-3,
-                                                           "min_factor": 0.2})
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **torch_args)
+    sched = build_schedule("reduce_on_plateau", 100, args=our_args)
     ours, theirs = [], []
     for m in metrics:
         sched.on_evaluate(m)
         ref.step(m)
         ours.append(sched.lr_factor(37))
         theirs.append(opt.param_groups[0]["lr"])
+    return ours, theirs, sched
+
+
+def test_reduce_on_plateau_matches_torch():
+    metrics = [5.0, 4.0, 4.0, 3.9999, 4.1, 3.0, 3.0, 3.0, 3.0, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, 2.5, float("nan")]
+    ours, theirs, sched = plateau_factors(
+        metrics, {"mode": "min", "factor": 0.5, "patience": 2, "threshold": 1e-3, "min_lr": 0.2, "eps": 0.0},
+        {"factor": 0.5, "patience": 2, "threshold": 1e-3, "min_factor": 0.2})
     close(ours, theirs)
     assert min(ours) == 0.2 and ours[0] == 1.0 and sched.momentum(0) is None
 
@@ -227,15 +234,8 @@ PLATEAU_CASES = {  # metric sequences where a plain "best - threshold*|best|" ru
 @pytest.mark.parametrize("case", list(PLATEAU_CASES))
 def test_reduce_on_plateau_edge_cases_match_torch(case):
     mode, metrics = PLATEAU_CASES[case]
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # lr 1: torch's eps acts on the factor
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.1, patience=1, threshold=1e-4)
-    sched = build_schedule("reduce_on_plateau", 100, args={"mode": mode, "factor": 0.1, "patience": 1})
-    ours, theirs = [], []
-    for m in metrics:
-        sched.on_evaluate(m)
-        ref.step(m)
-        ours.append(sched.lr_factor(0))
-        theirs.append(opt.param_groups[0]["lr"])
+    ours, theirs, sched = plateau_factors(metrics, {"mode": mode, "factor": 0.1, "patience": 1, "threshold": 1e-4},
+                                          {"mode": mode, "factor": 0.1, "patience": 1})
     assert ours == pytest.approx(theirs, rel=REL)
     json.dumps(sched.state_dict())  # still JSON (an infinite best is written as Infinity)
 
