@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from acctrain import checkpoint, sharded
+from acctrain import barrier, checkpoint, sharded
 from acctrain.async_save import AsyncWriter
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -79,7 +79,7 @@ class Checkpointer:
         try:
             if acc.is_main_process:
                 checkpoint.prepare_staging(stage)
-            acc.wait_for_everyone()
+            barrier.wait_for_everyone(acc)
             if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
                 sharded.save_sharded(acc, model, optimizer, stage)
             files = self._files(stage, model, optimizer, meta)
@@ -87,12 +87,12 @@ class Checkpointer:
                 self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, self._commit)
                 return final
             digests = checkpoint.write_files(files)
-            acc.wait_for_everyone()
+            barrier.wait_for_everyone(acc)
             if acc.is_main_process:
                 self._commit(stage, digests)
         except OSError as err:
             raise self._write_error(err, final) from err
-        acc.wait_for_everyone()
+        barrier.wait_for_everyone(acc)
         return final
 
     def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

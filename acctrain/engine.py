@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, loss_scaling, optim, run_lock, runtime, seeds, sharded
+from acctrain import agreement, barrier, checkpoint, loss_scaling, optim, run_lock, runtime, seeds, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -542,7 +542,7 @@ class Engine:
         acc, cfg = self.accelerator, self.config
         if cfg.resume == "none" and cfg.overwrite and acc.is_main_process:
             shutil.rmtree(checkpoint.checkpoints_root(cfg.output_dir), ignore_errors=True)
-        acc.wait_for_everyone()
+        barrier.wait_for_everyone(acc)
         runtime.start_trackers(acc, cfg, self.state.step, self.settings)
         self.model.train()
         if self._restored_rng is not None:

@@ -45,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from acctrain import barrier
+
 FORMAT = "acctrain-sharded-1"
 MANIFEST = "sharded.json"
 # Flat keys ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): tensors go to DCP, the rest to JSON.
@@ -110,7 +112,7 @@ def save_sharded(accelerator, model, optimizer, directory) -> None:
         # Shards left over from an earlier save at another world size would be read back as part of this one.
         if (directory / part).exists():
             raise FileExistsError(f"{directory / part} exists; save_sharded writes only into a new directory")
-    accelerator.wait_for_everyone()  # every rank has checked before any rank writes
+    barrier.wait_for_everyone(accelerator)  # every rank has checked before any rank writes
     model_sd, optim_tensors, optim_others = _state(model, optimizer)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,7 @@ def save_sharded(accelerator, model, optimizer, directory) -> None:
         dcp.save(model_sd, storage_writer=HuggingFaceStorageWriter(str(directory / "model"), save_distributed=True))
         if optimizer is not None:
             dcp.save(optim_tensors, storage_writer=HuggingFaceStorageWriter(str(directory / "optim"), save_distributed=True))
-    accelerator.wait_for_everyone()
+    barrier.wait_for_everyone(accelerator)
 
 
 def is_sharded_checkpoint(directory) -> bool:

@@ -7,6 +7,7 @@ test_precision (a CPU GradScaler) and test_speed_options; this file is what only
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from acctrain import Engine, TrainConfig
 from acctrain.errors import Preempted
 from acctrain.tracking import peak_flops
-from tests.support import ROOT, TINY, Recorder, assert_same_run, ckpts, free_port, overflow_at, scalars
+from tests.support import ROOT, TINY, Recorder, assert_same_run, ckpts, free_port, launch, load_result, overflow_at, scalars
 from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
 from tests.workers import resume_run, verdict_run
 
@@ -145,6 +146,23 @@ def test_one_process_ddp_over_nccl_matches_the_plain_gpu_run(tmp_path):
     weights = {name: load_file(tmp_path / name / "checkpoints" / "step-00000006" / "model.safetensors")
                for name in ("plain", "ddp")}
     assert rel_diff(weights["ddp"], weights["plain"]) < 1e-6
+
+
+def test_gloo_processes_beside_fewer_gpus_train_save_and_resume(tmp_path):
+    """cpu=true with more processes than GPUs: every barrier stays on the CPU. Accelerate's wait_for_everyone
+    put rank 1's barrier tensor on cuda:1, which a one-GPU machine does not have: rank 1 crashed at the
+    first checkpoint while rank 0 waited (the suite's 2-process tests on an H100, benchmarks/gpu_check.sh)."""
+    n = torch.cuda.device_count() + 1
+    worker = ["-m", "tests.workers.resume_run"]
+    launch([*worker, json.dumps({"out_dir": str(tmp_path / "ref"), "cpu": True})], nproc=n)
+    proc = launch([*worker, json.dumps({"out_dir": str(tmp_path / "run"), "cpu": True, "stop_at": 5})], nproc=n,
+                  check=False)
+    assert proc.returncode != 0 and ckpts(tmp_path / "run") == ["step-00000005"], proc.stderr[:3000]
+    launch([*worker, json.dumps({"out_dir": str(tmp_path / "run"), "cpu": True})], nproc=n)
+    ref, resumed = load_result(tmp_path / "ref"), load_result(tmp_path / "run")
+    assert ref["num_processes"] == resumed["num_processes"] == n
+    assert resumed["steps"] == list(range(6, 11))
+    assert_same_run(resumed, ref)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 4, reason="launches one process more than there are GPUs")

@@ -63,5 +63,12 @@ def launch(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout:
     else:
         raise ValueError(launcher)
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0 or not check, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 or not check, (f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                                               f"{first_and_last(proc.stderr)}")
     return proc
+
+
+def first_and_last(text: str, chars: int = 4000) -> str:
+    """The start and the end of a launch's stderr: the rank that failed first writes its traceback first, and
+    the other ranks' tracebacks and the launcher's summary that follow would push it out of the tail alone."""
+    return text if len(text) <= 2 * chars else f"{text[:chars]}\n[... {len(text) - 2 * chars} characters ...]\n{text[-chars:]}"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from acctrain.barrier import wait_for_everyone
 from acctrain.cli import free_before_exit
 from acctrain.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu
 
@@ -137,7 +138,7 @@ def main(mode: str, ckpt: str, ref_dir: str):
         write(accelerator, ref, f"loaded-{world}", model, optimizer)
         train(accelerator, model, optimizer, range(STEPS, STEPS + CONTINUE))
         write(accelerator, ref, f"resumed-{world}", model, optimizer, with_optim=False)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     dist.destroy_process_group()
 
 
