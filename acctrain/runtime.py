@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 from typing import Any
@@ -17,9 +18,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import sharded
+from acctrain import barrier, checkpoint, seeds, sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
+from acctrain.state import rng_from_files
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -93,6 +95,20 @@ def flat_config(values: dict[str, Any]) -> dict[str, Any]:
     """Config values as TensorBoard hparams accept them (scalars and strings)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
+
+def start_run(accelerator: Accelerator, config: TrainConfig, step: int, settings: dict[str, Any],
+              restored_rng: tuple | None, resumed: bool) -> None:
+    """The start of a fit on every rank: `overwrite` clears the old checkpoints (resume=none), then the
+    trackers, and the global RNG (dropout): the checkpoint's, else seeded per rank, reproducibly; a rank that
+    the resumed run did not have gets a seed of its own."""
+    if config.resume == "none" and config.overwrite and accelerator.is_main_process:
+        shutil.rmtree(checkpoint.checkpoints_root(config.output_dir), ignore_errors=True)
+    barrier.wait_for_everyone(accelerator)
+    start_trackers(accelerator, config, step, settings)
+    if restored_rng is not None:
+        rng_from_files(*restored_rng)
+    else:
+        torch.manual_seed(seeds.rank_seed(config.seed, accelerator.process_index, step if resumed else None))
 
 def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, settings: dict[str, Any] = {}) -> None:
     """Trackers (TensorBoard by default) under `{output_dir}/logs`, with the config (and the job's other

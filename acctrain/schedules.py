@@ -324,6 +324,17 @@ class Schedule:
         self.__dict__.update(fresh.__dict__, state=dict(d["state"]))
 
 
+    def continue_from(self, saved: dict) -> list[str]:
+        """Resume from a checkpoint's `state_dict()`: all of it where it is this schedule, else this run's
+        schedule with the saved counters (reduce_on_plateau's) where it is the same kind. Returns the changes."""
+        now = self.state_dict()
+        if saved == {**saved, **now, "state": saved.get("state")}:
+            self.load_state_dict(saved)
+            return []
+        if saved.get("name") == self.name:
+            self.state = dict(saved.get("state", {}))
+        return [f"{k} {saved.get(k)} -> {now[k]}" for k in now if k != "state" and saved.get(k) != now[k]]
+
 def plot_schedule(schedule: Schedule, total_steps: int, path, base_lr: float = 1.0):
     """Write a PNG of the lr (base_lr x factor) and the momentum over steps 0..total_steps-1; returns `path`."""
     try:

@@ -1,0 +1,525 @@
+"""The training loop under the Engine: fit, one optimizer step, evaluation, and the loop's own state.
+
+One optimizer step (`_train_step`) reads top to bottom: lr, micro-batches with the gradient all-reduce on
+the last one only, one reduction, normalise, clip, decide, step, count. The parts it calls own their
+concerns: the data plan (acctrain.data) which samples each step sees, the schedule (acctrain.schedules)
+the lr, acctrain.loss_scaling the exact scaling, acctrain.step_ops the gradient operations of this setup,
+acctrain.agreement what all ranks decide, acctrain.checkpointer the checkpoints (given `state_dict()`),
+acctrain.runtime the start-up. `acctrain.engine.Engine` is this loop with the toolkit on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate.utils import send_to_device
+
+from acctrain import agreement, checkpoint, loss_scaling, optim, run_lock, runtime, seeds, sharded
+from acctrain.agreement import Policy, Requests, Verdict
+from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
+from acctrain.checkpointer import Checkpointer
+from acctrain.config import TrainConfig
+from acctrain.data import DataPlan, Window, micro_batch_loader
+from acctrain.evaluation import eval_loss
+from acctrain.errors import ConfigError, NonFiniteError, Preempted
+from acctrain.optim import LrReadout, apply_schedule, build_optimizer
+from acctrain.readback import Readback
+from acctrain.schedules import build_schedule
+from acctrain.state import TrainState, jsonable
+from acctrain.step_ops import step_ops_for
+from acctrain.summary import model_summary
+from acctrain.tracking import MetricLog
+
+
+class Loop:
+    """The training loop of `Engine`: trains `model` on `train_data` with the batch geometry, schedule and
+    precision of `config`. Engine (acctrain.engine), its one subclass, adds the toolkit and uses the loop's
+    underscored members (the step, the pending verdict, the phase counters); nothing else does."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        train_data: Sequence,
+        eval_data: Sequence | None = None,
+        loss_fn: Callable | None = None,
+        optimizer: torch.optim.Optimizer | Callable | None = None,
+        callbacks: Sequence = (),
+        collate_fn: Callable | None = None,
+        schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
+        self.config = config
+        self.settings = dict(settings or {})
+        """The job's other settings (e.g. `model.d_model`): recorded with each checkpoint and in the trackers'
+        config; a resume from a checkpoint whose settings differ is refused, naming them."""
+        self.accelerator = runtime.make_accelerator(config)
+        self.plan = DataPlan(dataset_len=len(train_data), global_batch=config.global_batch_size,
+                             micro_batch=config.micro_batch_size, world_size=self.accelerator.num_processes,
+                             seed=config.seed, epochs=config.epochs, max_steps=config.max_steps)
+        # A torch LR scheduler is stepped once per applied optimizer step and sets the lr itself;
+        # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
+        self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
+        self.schedule = self._build_schedule("constant" if self.lr_scheduler else schedule or config.scheduler)
+        if config.keep_best and eval_data is None:
+            raise ConfigError("keep_best", f"{config.keep_best!r} needs evaluations: pass eval_data to the Engine.")
+        if self.schedule.name == "reduce_on_plateau" and eval_data is None:
+            raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
+        self.train_data, self.eval_data = train_data, eval_data
+        self.loss_fn, self.collate_fn = loss_fn, collate_fn
+        self.callbacks = Callbacks(callbacks)
+        self.state = TrainState()
+        if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
+            model.compile()
+        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
+        self.torch_optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
+                                               config.param_groups, fused=fused)
+        """The torch optimizer itself (`self.optimizer` is Accelerate's wrapper): its param groups and state."""
+        self.model, self.optimizer = self.accelerator.prepare(model, self.torch_optimizer)
+        self.step_ops = self._step_ops()
+        self.checkpointer = Checkpointer(self.accelerator, config)
+        self.metrics = self._metric_log()
+        device = self.accelerator.device
+        self._item_dtype = torch.float32 if device.type == "mps" else torch.float64
+        # CPU batches are already where they must be; pinned host batches go to the GPU without blocking
+        self._to_device = (lambda batch: batch) if device.type == "cpu" else (
+            lambda batch: send_to_device(batch, device, non_blocking=True))
+        self.last_eval: dict[str, float] = {}
+        self._eval_step = -1
+        self._signals = runtime.StopSignals()
+        self._fitting = self._summarised = False
+        self._asked, self._saved_at = agreement.NO_REQUESTS, 0.0  # the last step's agreed requests; the save clock
+        self.frozen_params: list[torch.nn.Parameter] = []
+        """Parameters that `freeze` keeps unchanged: their gradients are dropped before clipping and the step."""
+        self._lr_readout = LrReadout()
+        self._verdict_on_device, self._pending, self._readback = False, None, Readback()
+        self.resumed_from: Path | None = None
+        self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
+        self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
+        with run_lock.owned(self.accelerator, self.config.output_dir):
+            self.resume()
+            self._fits += 1
+            if self.state.step >= self.plan.total_steps:
+                return self._complete()
+            return self._fit()
+
+    def _complete(self) -> dict[str, float]:
+        """A fit with nothing left to train: say so, and how to train on; returns the checkpoint's metrics."""
+        step, total, path = self.state.step, self.plan.total_steps, self.resumed_from
+        if step > total:
+            raise ConfigError("max_steps", f"{path} is at optimizer step {step}, past this run's {total} steps; "
+                              "raise max_steps (or epochs) to train on from it, or start afresh (resume=none, or "
+                              "another output_dir).")
+        self.print(f"the run is complete: {path} holds all {total} optimizer steps, so nothing was trained. To train "
+                   "longer raise max_steps or epochs (the schedule then stretches to the new length); to start "
+                   "over use resume=none overwrite=true, or another output_dir.")
+        self.checkpoint_path = path  # the run's last checkpoint, as after a fit that trained
+        return dict(self._saved_metrics)
+
+    def _fit(self) -> dict[str, float]:
+        self._fitting, self._asked, self._saved_at = True, agreement.NO_REQUESTS, time.monotonic()
+        # The step's verdict is read a step late, without stalling the GPU, where nothing needs it sooner: a
+        # fused optimizer that skips a non-finite update on the device, and no callback inside the step.
+        self._verdict_on_device = self.step_ops.skips_on_device and not any(
+            self.callbacks.has(event) for event in (*IN_STEP_EVENTS, "before_optimizer_step", "after_step"))
+        try:
+            with self._signals:
+                return self._run()
+        except BaseException:  # an error, Ctrl-C: count the step in flight; a background save still completes
+            with contextlib.suppress(Exception):
+                self._settle()
+            self.checkpointer.wait(raise_error=False)
+            raise
+        finally:
+            self._fitting, self._verdict_on_device, self._pending = False, False, None
+            self.metrics.close()
+
+    def _run(self) -> dict[str, float]:
+        cfg, plan = self.config, self.plan
+        self._start_run()
+        try:
+            self._fire("before_fit")
+            self.metrics.start(self.state.step, self.state.samples_seen)
+            while self.state.step < plan.total_steps:
+                epoch, first = divmod(self.state.step, plan.steps_per_epoch)
+                last = first + plan.total_steps - self.state.step
+                windows, batches = self._windows_and_batches(epoch, first, last)
+                try:
+                    self._fire("before_epoch")
+                    for window in windows:
+                        self._train_step(window, batches)
+                        self._after_step()
+                except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
+                    self.state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
+                self._flush()
+                # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
+                if (not cfg.eval_every or self.state.step == plan.total_steps) and self._eval_step != self.state.step:
+                    self.evaluate()
+                self._fire("after_epoch")
+        except CancelFit:  # agreed by all ranks; the last applied step is saved below
+            self._flush()
+        self.save()
+        self.checkpointer.wait()  # fit returns with its last checkpoint committed
+        self._fire("after_fit")
+        return dict(self.metrics.last, **self.last_eval)
+
+    def _after_step(self) -> None:
+        """Between optimizer steps: stop on a signal, log, evaluate and save as configured."""
+        cfg, state = self.config, self.state
+        asked, self._asked = self._asked, agreement.NO_REQUESTS
+        if asked.stop:
+            self._flush()
+            self.save()
+            self.checkpointer.wait()
+            stop = Preempted(f"stopped by {self._signals.received or 'a signal on another rank'} after optimizer "
+                             f"step {state.step}; saved {self.checkpoint_path}; resume=auto continues from it")
+            self.print(stop.message)
+            raise stop
+        if state.step % cfg.log_every == 0:
+            self._flush()
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            self.evaluate()
+        if cfg.async_save and state.schedule_step:  # once, in the background, now that the optimizer state exists
+            self.checkpointer.reserve(self.model, self.torch_optimizer)
+        periodic = cfg.save_every and state.step % cfg.save_every == 0
+        if (asked.save or periodic) and state.step < self.plan.total_steps:  # the end of fit saves anyway
+            self.save()
+
+    def _train_step(self, window: Window, batches: Iterator) -> None:
+        """One optimizer step over this rank's micro-batches of `window`."""
+        state, ops = self.state, self.step_ops
+        if not self._verdict_on_device:  # there, set once the previous step is counted
+            self._set_lr_and_momentum(state.schedule_step)
+        self._fire("before_step")  # its cancel requests travel with this step's all-reduce
+        local_loss, local_items, token_weighted = self._accumulate_gradients(window, batches)
+        totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
+        self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
+        if token_weighted:  # rescaled to the step's true item count, summed over micro-batches and ranks
+            loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
+        for param in self.frozen_params:
+            param.grad = None  # frozen: no update, no weight decay, no momentum drift
+        self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
+        items = totals.items if token_weighted else None
+        if self._verdict_on_device:
+            return self._step_on_device(window, totals, items)
+        verdict, loss, norm, items = self._decide(totals, items)  # note: the step's one host-device sync
+        if verdict.halt:  # the NaN policy stops the run: no update, but the GradScaler's update() still runs
+            ops.step(False)
+            ops.zero_grad()
+            self._halt_if(verdict)
+        verdict = verdict.cancelled(self._fire("before_optimizer_step"))
+        ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
+        ops.zero_grad()
+        self._asked = verdict.requests
+        verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
+        state.consume(window.global_samples)
+        state.count(verdict)
+        if self.lr_scheduler is not None and verdict.apply:
+            self.lr_scheduler.step()
+        self._log_step(state.step, loss, norm, self._lr_metrics, items)
+        self._fire("after_step")
+
+    def _accumulate_gradients(self, window: Window, batches: Iterator) -> tuple[torch.Tensor, Any, bool]:
+        """Forward and backward over this rank's micro-batches; DDP's all-reduce on the last one only.
+
+        Returns this rank's summed loss and item count, and whether the loss is token-weighted.
+        """
+        scale = loss_scaling.micro_scale(self.accelerator.num_processes, window.global_samples)
+        loss_sum, num_items, token_weighted = None, 0, False  # num_items stays a host int for per-sample means
+        last = len(window.micro_batches) - 1
+        for self.micro_index, micro in enumerate(window.micro_batches):
+            self.is_last_micro = self.micro_index == last
+            batch = self._to_device(next(batches))
+            with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
+                self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
+                self._fire("after_loss")
+                self.step_ops.backward(self.micro_loss * scale)
+            self._fire("after_backward")
+            loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
+            num_items = num_items + items
+            token_weighted |= weighted
+        return loss_sum, num_items, token_weighted
+
+    def _decide(self, totals: agreement.StepTotals, items: torch.Tensor | None) -> tuple[Verdict, float, float, Any]:
+        """The step's verdict from its reduced numbers, read to the host at once (the synchronous path), and the
+        loss, norm and item count (of a token-weighted loss) it read: host numbers for the log."""
+        loss, norm, items, flags = self._read(torch.stack(self._step_values(totals, items)).tolist(), items)
+        scaler = self.step_ops.scaler
+        # only on a step whose gradients overflowed: the loss scale before this step's update (a sync)
+        scale = scaler.get_scale() if scaler is not None and not math.isfinite(norm) else None
+        verdict = agreement.decide(loss, norm, flags or totals.requests, self._policy(), self.state.step + 1,
+                                   self.state.skipped_in_a_row, scale)
+        if not verdict.finite and items == 0:
+            empty = " (the step has 0 items: loss_fn's num_items summed over all ranks is 0)"
+            verdict = dataclasses.replace(verdict, reason=verdict.reason and verdict.reason + empty,
+                                          halt=verdict.halt and verdict.halt + empty)
+        if verdict.overflow:
+            self.print(f"{verdict.reason}: update skipped, loss scale {scale:g} -> "
+                       f"{scale * scaler.get_backoff_factor():g}")
+        elif verdict.refused:
+            self.print(f"skipping the update of step {self.state.step + 1}: {verdict.reason} (nan_policy=skip)")
+        return verdict, loss, norm, items
+
+    def _step_values(self, totals: agreement.StepTotals, items: torch.Tensor | None) -> list[torch.Tensor]:
+        """What the host reads of a step, as one vector: loss, norm, the item count if counted, the requests."""
+        flags = totals.requests if torch.is_tensor(totals.requests) else ()
+        return [v.to(self.grad_norm.dtype) for v in (self.step_loss, self.grad_norm, *(() if items is None else (items,)),
+                                                     *flags)]
+
+    @staticmethod
+    def _read(host: list[float], items: Any) -> tuple[float, float, float | None, list[float]]:
+        loss, norm, *rest = host
+        return loss, norm, (rest.pop(0) if items is not None else None), rest
+
+    def _step_on_device(self, window: Window, totals: agreement.StepTotals, items) -> None:
+        """The end of a step that does not wait for the GPU (see `fit`: a fused optimizer, no callback in the step).
+
+        The update is skipped on the device when the loss or the gradient norm is not finite. The host reads
+        this step's loss, norm and stop flag a step later, when the GPU is long past them (acctrain.readback),
+        and only then counts the step, applies the NaN policy and logs it (`_settle`). The previous step is
+        counted before this one's lr is set, so the schedule sees every applied step, as when it is read at once.
+        """
+        self._settle()  # the previous step; nan_policy=halt raises here, before this step's update
+        self._set_lr_and_momentum(self.state.schedule_step)
+        self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
+        self.step_ops.zero_grad()
+        self.state.consume(window.global_samples)
+        if not torch.is_tensor(totals.requests):  # one process: the requests are on the host already
+            self._asked = Requests.agreed(totals.requests)
+        ticket = self._readback.start(torch.stack(self._step_values(totals, items)))
+        self._pending = (self.state.step, self.state.samples_seen, ticket, self._lr_metrics, items)
+        self._fire("after_step")
+
+    def _settle(self) -> None:
+        """Count the step left pending by `_step_on_device`: skipped or applied, the NaN policy, its log row."""
+        if self._pending is None:
+            return
+        (step, samples_seen, ticket, lr_metrics, items), self._pending = self._pending, None
+        # note: host-device sync on numbers a step old: no wait
+        loss, norm, items, flags = self._read(ticket.read(), items)
+        verdict = agreement.decide(loss, norm, flags or agreement.NO_FLAGS, self._policy(), step,
+                                   self.state.skipped_in_a_row)
+        if verdict.refused:
+            self.print(f"skipping the update of step {step}: {verdict.reason} (nan_policy=skip)")
+        self._halt_if(verdict)
+        self.state.count(dataclasses.replace(verdict, apply=verdict.finite))  # no cancel on this path
+        if self.lr_scheduler is not None and verdict.finite:
+            self.lr_scheduler.step()
+        if verdict.requests is not agreement.NO_REQUESTS:  # several processes: a step late
+            self._asked = verdict.requests
+        self._log_step(step, loss, norm, lr_metrics, items, samples_seen)
+
+    def _halt_if(self, verdict: Verdict) -> None:
+        """Stop the run on the NaN policy's halt, naming the step and the last good checkpoint."""
+        if verdict.halt:
+            latest = checkpoint.latest_checkpoint(self.config.output_dir)
+            kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
+            raise NonFiniteError(verdict.halt + kept)
+
+    def _log_step(self, step: int, loss, grad_norm, lr_metrics: dict, items, samples_seen: int | None = None) -> None:
+        samples_seen = self.state.samples_seen if samples_seen is None else samples_seen
+        self.metrics.add(step, {"train/loss": loss, "train/grad_norm": grad_norm,
+                                "train/skipped_steps": self.state.skipped_steps,
+                                "train/epoch": samples_seen / self.plan.dataset_len, **lr_metrics}, items=items)
+
+    def _flush(self) -> None:
+        """Write the logged steps (counting a pending one first)."""
+        self._settle()
+        self.metrics.flush(self.state.samples_seen)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _step_ops(self):
+        """The step's gradient operations for this setup (acctrain.step_ops), chosen once."""
+        return step_ops_for(self.accelerator, self.model, self.torch_optimizer, self.optimizer)
+
+    def _policy(self) -> Policy:
+        return Policy(self.config.nan_policy, self.config.max_skipped_steps)
+
+    def _requests(self) -> Requests:
+        """This rank's requests for the step: a stop (a signal arrived), a cancel from the step's callbacks, and a
+        save when `save_every_minutes` have passed since the last one (each rank's clock; any rank's counts)."""
+        stop, cancel = self._signals.received is not None, self.callbacks.take()
+        minutes = self.config.save_every_minutes
+        save = bool(minutes) and time.monotonic() - self._saved_at >= 60 * minutes
+        return Requests(stop, cancel, save) if stop or cancel or save else agreement.NO_REQUESTS
+
+    def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
+        out = self.loss_fn(self.model, batch) if self.loss_fn is not None else loss_scaling.model_loss(self.model, batch)
+        return loss_scaling.normalise(out, num_samples, self._item_dtype)
+
+    def _fire(self, event: str):
+        """Run an event's callbacks: the one dispatcher.
+
+        Cancels raised in the step's first events (before_step, after_loss, after_backward) travel with the
+        step's all-reduce (`_requests`). After any other event that has a handler, all ranks agree here on
+        the strongest cancel any of them raised (one small all-reduce); inside fit an agreed CancelEpoch or
+        CancelFit is raised at once, except after before_optimizer_step, whose cancel is returned.
+        """
+        self.callbacks(event, self)
+        if event in IN_STEP_EVENTS or not self.callbacks.has(event):
+            return None
+        cancel = self.callbacks.take()
+        if self.accelerator.num_processes > 1:
+            # note: host-device sync and a collective, only after events that have callbacks
+            flags = torch.tensor(Requests(cancel=cancel).flags(), device=self.accelerator.device)
+            cancel = Requests.agreed(self.accelerator.reduce(flags, reduction="sum").tolist()).cancel
+        if cancel in (CancelEpoch, CancelFit) and event != "before_optimizer_step" and self._fitting:
+            raise cancel()
+        return cancel
+
+    def _windows_and_batches(self, epoch: int, start: int, stop: int) -> tuple[Iterator[Window], Iterator]:
+        """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader
+        that yields their training batches in order (pinned on CUDA)."""
+        windows, loaded = itertools.tee(self.plan.rank_windows(epoch, self.accelerator.process_index, start, stop))
+        return windows, micro_batch_loader(self.train_data, loaded, self.collate_fn, self.config.num_workers,
+                                           seed=seeds.loader_seed(self.config.seed, epoch),
+                                           pin_memory=self.accelerator.device.type == "cuda")
+
+    def _build_schedule(self, schedule: str | Callable[[int], float]):
+        cfg = self.config
+        return build_schedule(schedule, self.plan.total_steps, warmup_steps=cfg.warmup_steps,
+                              warmup_ratio=cfg.warmup_ratio, steps_per_epoch=self.plan.steps_per_epoch,
+                              args=cfg.schedule_args)
+
+    def _set_lr_and_momentum(self, step: int) -> None:
+        """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
+        groups = self.torch_optimizer.param_groups
+        if self.lr_scheduler is None:  # a torch LR scheduler sets the lr itself
+            apply_schedule(groups, self.schedule.lr_factor(step), self.schedule.momentum(step))
+        self._lr_metrics = self._lr_readout(groups)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once)."""
+        self.resume()  # outside fit too: the weights a fit would continue from
+        self._settle()  # the counters of every step taken, for after_evaluate
+        self.last_eval = {}
+        if self.eval_data is None:
+            return {}
+        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.config.micro_batch_size,
+                         self.collate_fn, self._loss, self._item_dtype)
+        self.last_eval = {"eval/loss": loss}
+        self.accelerator.log(self.last_eval, step=self.state.step)
+        self._eval_step = self.state.step
+        self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
+        self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
+        self._fire("after_evaluate")
+        self._check_keep_best(self.last_eval)
+        return self.last_eval
+
+    def _check_keep_best(self, metrics: dict[str, float]) -> None:
+        """Refuse a keep_best that evaluation does not give (rotation would protect nothing and delete the best)."""
+        keep = self.config.keep_best
+        if keep and any(k.startswith("eval/") for k in metrics) and keep not in metrics:
+            raise ConfigError("keep_best", f"no evaluation gives {keep!r}; the metrics are {sorted(metrics)}: use "
+                              "one of them, or a callback that adds it in after_evaluate.")
+
+    # ------------------------------------------------------------------------------------ state
+
+    def save(self) -> None:
+        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
+        self._settle()  # the counters and the schedule of every step taken
+        self._saved_at = time.monotonic()
+        self.checkpointer.config = self.config
+        self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,
+                                                      self.state_dict())
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint that `config.resume` selects, once (fit and lr_find call it first); returns its path."""
+        if self._resumed:
+            return self.resumed_from
+        self._resumed = True
+        self.checkpointer.config = self.config
+        self.resumed_from = self.checkpointer.find()
+        if self.resumed_from is not None:
+            wanted = optim.settings(self.torch_optimizer.param_groups)  # this run's, which the checkpoint replaces
+            meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
+                                                              {**self.plan.describe(), "seed": self.plan.seed},
+                                                              self.settings)
+            self.load_state_dict(meta)
+            self._check_keep_best(self._saved_metrics)  # before this run's first save rotates anything
+            self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
+            changed = optim.reapply(self.torch_optimizer.param_groups, wanted, self.schedule.momentum(0) is not None)
+            if changed:
+                self.print("this run's optimizer settings replace the checkpoint's: " + ", ".join(changed))
+        return self.resumed_from
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state as JSON (trainer_state.json): counters, plan, config, schedule, scaler, callbacks."""
+        plan, scaler = self.plan, self.step_ops.scaler
+        return {
+            "state": dataclasses.asdict(self.state),
+            "epoch": self.state.step // plan.steps_per_epoch,
+            "plan": {**plan.describe(), "seed": plan.seed},
+            "config": self.config.to_dict(),
+            "settings": self.settings,
+            "schedule": self.schedule.state_dict(),
+            "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
+            "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
+            "callbacks": self.callbacks.state_dict(),
+            "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
+                        **(self.last_eval if self._eval_step == self.state.step else {})},
+        }
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output: counters, schedule position, scaler and callbacks."""
+        self.state, self._saved_metrics = TrainState(**meta["state"]), meta.get("metrics", {})
+        changes = self.schedule.continue_from(meta["schedule"])
+        if changes:
+            self.print(f"the schedule differs from the checkpoint's ({', '.join(changes)}): from optimizer step "
+                       f"{self.state.schedule_step} the lr follows this run's")
+        if self.lr_scheduler is not None and meta["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+        if self.step_ops.scaler is not None and meta["scaler"]:
+            self.step_ops.scaler.load_state_dict(meta["scaler"])
+        self.callbacks.load_state_dict(meta["callbacks"])
+
+    def _start_run(self) -> None:
+        """Clear, synchronise, start trackers and RNGs (runtime.start_run), print the plan (nothing is written before)."""
+        cfg = self.config
+        runtime.start_run(self.accelerator, cfg, self.state.step, self.settings, self._restored_rng,
+                          resumed=self.resumed_from is not None)
+        self.model.train()
+        if not self._summarised:
+            self.print(model_summary(self.unwrapped_model, self.is_frozen))
+            self._summarised = True
+        self.print("run plan: " + ", ".join(f"{k}={v}" for k, v in self.plan.describe().items())
+                   + f", precision={cfg.mixed_precision}, schedule={self._schedule_name()}"
+                   + f", backend={runtime.backend()}, devices={runtime.local_devices(self.accelerator)}, "
+                   + f"output_dir={cfg.output_dir}")
+
+    def _metric_log(self) -> MetricLog:
+        flops = getattr(self.unwrapped_model, "flops_per_token", None)
+        flops = flops() if callable(flops) else flops
+        return MetricLog(self.accelerator, self.plan.total_steps, flops, self.config.mixed_precision)
+
+    def _schedule_name(self) -> str:
+        return type(self.lr_scheduler).__name__ if self.lr_scheduler is not None else self.schedule.name
+
+    def print(self, *args) -> None:
+        """Print once per job, from the main process (Accelerate's print is once per node), above a progress bar."""
+        if self.accelerator.is_main_process:
+            self.metrics.print(" ".join(map(str, args)))
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def close(self) -> None:
+        """Wait for a background save, finish trackers and destroy the process group (gloo can abort at exit otherwise)."""
+        self.checkpointer.wait()
+        self.accelerator.end_training()
