@@ -246,7 +246,7 @@ class Loop:
             with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
                 self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self._fire("after_loss")
-                self.step_ops.backward(self.micro_loss * scale)
+                self.step_ops.backward(self.micro_loss, scale)
             self._fire("after_backward")
             loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
             num_items = num_items + items
@@ -369,8 +369,10 @@ class Loop:
         the strongest cancel any of them raised (one small all-reduce); inside fit an agreed CancelEpoch or
         CancelFit is raised at once, except after before_optimizer_step, whose cancel is returned.
         """
+        if not self.callbacks.has(event):  # most events of most runs: nothing to run, nothing to agree on
+            return None
         self.callbacks(event, self)
-        if event in IN_STEP_EVENTS or not self.callbacks.has(event):
+        if event in IN_STEP_EVENTS:
             return None
         cancel = self.callbacks.take()
         if self.accelerator.num_processes > 1:

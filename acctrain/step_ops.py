@@ -2,7 +2,7 @@
 
     ops = step_ops_for(accelerator, model, torch_optimizer, prepared_optimizer)
     with ops.no_sync(is_last):
-        ops.backward(loss)
+        ops.backward(loss, scale)          # the gradient of loss x scale
     norm = ops.clip(max_norm)              # the global norm of the true (unscaled) gradients
     ops.step(apply=finite_and_not_cancelled)
     ops.zero_grad()
@@ -39,13 +39,21 @@ class TorchStep:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.params = list(model.parameters())
         self._ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self._seeds: dict[tuple, torch.Tensor] = {}  # backward's initial gradient, per scale (a step has one or two)
 
     def no_sync(self, is_last: bool):
         """Hold back DDP's gradient all-reduce on all but the window's last micro-batch."""
         return self.model.no_sync() if self._ddp and not is_last else contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+    def backward(self, loss: torch.Tensor, scale: float) -> None:
+        """The gradient of `loss x scale`: the factor is backward's initial gradient, so the step adds no
+        multiplication, and no node to the graph, for it (the same numbers: the node would multiply 1 by it)."""
+        loss = loss if self.scaler is None else self.scaler.scale(loss)
+        key = (scale, loss.shape, loss.dtype, loss.device)
+        seed = self._seeds.get(key)
+        if seed is None:
+            seed = self._seeds[key] = torch.full(loss.shape, scale, dtype=loss.dtype, device=loss.device)
+        loss.backward(seed)
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` (inf: only measure); returns the global norm, still on the device."""
@@ -93,8 +101,8 @@ class AccelerateStep:
     def no_sync(self, is_last: bool):
         return contextlib.nullcontext() if is_last else self.accelerator.no_sync(self.model)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)  # Accelerate's accumulation is 1: the Engine scales the loss itself
+    def backward(self, loss: torch.Tensor, scale: float) -> None:
+        self.accelerator.backward(loss * scale)  # Accelerate's accumulation is 1: the Engine scales the loss itself
 
     def clip(self, max_norm: float) -> torch.Tensor:
         # unscales fp16 gradients first; FSDP's norm spans the shards
