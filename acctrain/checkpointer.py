@@ -46,7 +46,7 @@ from acctrain.state import (
     tensors_to_files,
 )
 
-PLAN_KEYS = ("global_batch", "dataset_len", "seed")
+PLAN_KEYS = ("global_batch", "dataset_len", "seed", "order")
 """What decides which samples each optimizer step sees: a resume that changes them is refused unless allowed."""
 
 
@@ -218,6 +218,7 @@ class Checkpointer:
 
     def _check_plan(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
         """Refuse a resume that would change which samples each optimizer step sees, unless allowed."""
+        saved = {"order": "randperm", **saved}  # written before the Feistel order existed: randperm's
         diff = [f"{k}: {saved.get(k)} -> {now[k]}" for k in PLAN_KEYS if saved.get(k) != now[k]]
         if diff and not self.config.allow_plan_change:
             raise ConfigError("resume", "the checkpoint's run plan differs from this run's (" + "; ".join(diff) + "); "

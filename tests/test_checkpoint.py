@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from acctrain import ConfigError
 from acctrain.checkpoint import HASH, CheckpointError, find_resumable, verify, write_files
 from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
+from acctrain.permutation import EAGER_MAX
 from tests.support import ROOT, assert_same_run, ckpts, launch, load_result, logged
 from tests.test_checkpoint_hash import reference_digest
 from tests.workers import resume_run
@@ -215,6 +216,21 @@ def test_resume_two_processes_on_one(tmp_path, reference):
     assert resumed["steps"] == list(range(7, 11))
     assert_same_run(resumed, reference[0.0], exact=False)
     assert resumed["lrs"] == reference[0.0]["lrs"][6:]
+
+
+def test_a_dataset_beyond_eager_max_resumes_exactly_on_another_world_size(tmp_path):
+    """The Feistel order (a dataset of 4.2M samples and more, made per window): 2 processes stop after step 3
+    and 1 process resumes; the same run as 1 process uninterrupted."""
+    big = {"lazy_len": EAGER_MAX + 5, "steps": 5}
+    ref = resume_run.run(str(tmp_path / "ref"), **big)
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path / "run"), "stop_at": 3, **big})], nproc=2, check=False)
+    assert ckpts(tmp_path / "run") == ["step-00000003"]
+    plan = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())["plan"]
+    assert plan["order"] == "feistel" and plan["world_size"] == 2
+    resumed = resume_run.run(str(tmp_path / "run"), **big)
+    assert ref["num_processes"] == resumed["num_processes"] == 1 and resumed["steps"] == [4, 5]
+    assert_same_run(resumed, ref, exact=False)
+    assert resumed["losses"] == pytest.approx(ref["losses"][3:], rel=1e-5)
 
 
 def test_resume_one_process_on_two(tmp_path, reference):

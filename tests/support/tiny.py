@@ -57,6 +57,25 @@ class VarLenTokens(torch.utils.data.Dataset):
         return self.items[i]
 
 
+class LazyTokens(torch.utils.data.Dataset):
+    """VarLenTokens' kind of sample made from its index when asked: any length at no memory (a dataset beyond
+    acctrain.permutation.EAGER_MAX, whose order is the Feistel one)."""
+
+    def __init__(self, n: int, seed: int = 123):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        length = int(torch.randint(2, 13, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (length,), generator=g)
+        labels = torch.randint(0, VOCAB, (length,), generator=g)
+        labels[1:][torch.rand(length - 1, generator=g) < 0.25] = IGNORE  # the first label always counts
+        return ids, labels
+
+
 def collate(items):
     """Right-pad to the longest sequence; padding is ignored in the loss."""
     width = max(len(ids) for ids, _ in items)
