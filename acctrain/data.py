@@ -191,10 +191,24 @@ def micro_batch_loader(
 def eval_loader(dataset: Dataset, rank: int, world_size: int, micro_batch: int, collate_fn: Callable | None) -> DataLoader:
     """This rank's contiguous shard of `dataset` in micro-batches: every sample once over all ranks, none padded."""
     n = len(dataset)
-    shard = list(range(n * rank // world_size, n * (rank + 1) // world_size))
     return DataLoader(
         dataset,
-        batch_sampler=[shard[i : i + micro_batch] for i in range(0, len(shard), micro_batch)],
+        batch_sampler=ShardBatches(n * rank // world_size, n * (rank + 1) // world_size, micro_batch),
         collate_fn=collate_fn or torch.utils.data.default_collate,
         generator=torch.Generator(),  # creating the iterator must not draw from the global RNG
     )
+
+
+class ShardBatches:
+    """The index lists of a contiguous shard [start, stop) in micro-batches, made as they are asked for: no
+    list of the whole shard (an eval set of any size), and iterable again (evaluation reads them twice)."""
+
+    def __init__(self, start: int, stop: int, micro_batch: int):
+        self.start, self.stop, self.micro_batch = start, stop, micro_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(self.start, self.stop, self.micro_batch):
+            yield list(range(i, min(i + self.micro_batch, self.stop)))
+
+    def __len__(self) -> int:
+        return math.ceil((self.stop - self.start) / self.micro_batch)

@@ -2,10 +2,13 @@
 
     python benchmarks/peers.py                                   # CPU, 3 rounds, accumulation 1 and 4
     python benchmarks/peers.py --device cuda --rounds 3 --time-budget 150 --json out/peers-gpu.json
+    python benchmarks/peers.py --model 20m --warmup 3 --k1 3 --k2 13    # the 20M model: fewer, longer steps
     python benchmarks/peers.py --one acctrain --device cpu       # one framework, one process (what the driver runs)
 
 The same workload as `../shared/peers-bench/one.py` (whose CPU figures BENCHMARKS.md section 6 quotes): a tiny
-MLP (64 -> 128 -> 1), micro-batch 32, accumulation A, AdamW lr 1e-3, clip 1.0, constant lr, one CPU thread,
+MLP (64 -> 128 -> 1, micro-batch 32; `--model 20m`: 1024 -> 5 x 2048 -> 1, 18.9M parameters, micro-batch 16;
+`--model 100m`: 1024 -> 7 x 4096 -> 1, 105M, micro-batch 16), accumulation A, AdamW lr 1e-3, clip 1.0, constant
+lr, one CPU thread,
 per-sample dicts from a map-style Dataset through a DataLoader (the Engine's own loader for acctrain),
 TensorBoard on for acctrain with one.py's settings. Frameworks: raw (a plain PyTorch loop), raw_b (the same
 loop again: the A/A control, whose ratio to raw is the noise floor), fabric (Lightning Fabric, hand loop with
@@ -14,7 +17,7 @@ loop again: the A/A control, whose ratio to raw is the noise floor), fabric (Lig
 each batch with `.to(device)`), in fp32.
 
 Method: one process per framework and round (processes alternate, round r starting at framework r); in it,
-per accumulation, 10 steps untimed (first-call costs, CUDA's start-up), then K1, then K2 steps, each with fresh
+per accumulation, `--warmup` steps untimed (10; first-call costs, CUDA's start-up), then K1, then K2 steps, each with fresh
 objects, and the times of the two training calls; per-step cost = (T(K2) - T(K1)) / (K2 - K1), so set-up, start-up and an
 end-of-run save cancel. Reported: the median ms per optimizer step over rounds (min..max), the cost over
 the raw loop, and the paired ratio to acctrain. With only the K2 - K1 difference timed, a tiny model on a
@@ -32,10 +35,14 @@ import sys
 import time
 
 FRAMEWORKS = ["raw", "raw_b", "fabric", "hf_trainer", "lightning", "accelerate", "acctrain"]
-MB, D = 32, 64
+MODELS = {  # name -> (layer widths, micro-batch): ReLU MLPs regressing one value
+    "tiny": ([64, 128, 1], 32),  # 8.4K parameters: the step is all framework overhead
+    "20m": ([1024] + [2048] * 5 + [1], 16),  # 18.9M
+    "100m": ([1024] + [4096] * 7 + [1], 16),  # 105.0M
+}
 
 
-def one(fw: str, k: int, a: int, device: str) -> float:
+def one(fw: str, k: int, a: int, device: str, model: str = "tiny") -> float:
     """Train k optimizer steps with framework fw; the seconds of the training call alone."""
     import contextlib
     import io
@@ -51,12 +58,14 @@ def one(fw: str, k: int, a: int, device: str) -> float:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     cuda = device == "cuda"
+    widths, MB = MODELS[model]
     torch.manual_seed(0)
-    X, Y = torch.randn(MB * a * k, D), torch.randn(MB * a * k, 1)
+    X, Y = torch.randn(MB * a * k, widths[0]), torch.randn(MB * a * k, 1)
 
     def mlp():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(D, 128), nn.ReLU(), nn.Linear(128, 1))
+        layers = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.ReLU())]
+        return nn.Sequential(*layers[:-1])
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -187,6 +196,8 @@ def one(fw: str, k: int, a: int, device: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=list(MODELS), default="tiny")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before the two timed runs")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--accumulation", type=int, nargs="+", default=[1, 4])
     p.add_argument("--k1", type=int, default=100)
@@ -200,9 +211,9 @@ def main() -> None:
     args = p.parse_args()
     if args.one:  # one process, one framework: every accumulation, each after an untimed warm-up
         for a in args.accumulation:
-            one(args.one, 10, a, args.device)  # first-call costs (lazy init, CUDA's context) in neither length
-            print(f"{a} {one(args.one, args.k1, a, args.device):.6f} {one(args.one, args.k2, a, args.device):.6f}",
-                  flush=True)
+            one(args.one, args.warmup, a, args.device, args.model)  # first-call costs in neither length
+            t1, t2 = (one(args.one, k, a, args.device, args.model) for k in (args.k1, args.k2))
+            print(f"{a} {t1:.6f} {t2:.6f}", flush=True)
         return
     if args.device == "cuda":
         import torch
@@ -222,8 +233,9 @@ def main() -> None:
                 cut += 1
                 continue
             t0 = time.monotonic()
-            proc = subprocess.run([sys.executable, __file__, "--one", fw, "--device", args.device, "--k1", str(args.k1),
-                                   "--k2", str(args.k2), "--accumulation", *map(str, args.accumulation)],
+            proc = subprocess.run([sys.executable, __file__, "--one", fw, "--device", args.device, "--model", args.model,
+                                   "--warmup", str(args.warmup), "--k1", str(args.k1), "--k2", str(args.k2),
+                                   "--accumulation", *map(str, args.accumulation)],
                                   capture_output=True, text=True, env=env)
             took.append(time.monotonic() - t0)
             lines = [ln.split() for ln in proc.stdout.splitlines() if len(ln.split()) == 3]
@@ -233,7 +245,7 @@ def main() -> None:
                 per[int(a)][fw].append((float(t2) - float(t1)) / (args.k2 - args.k1) * 1e3)
         print(f"  round {r + 1}: " + "; ".join(f"A={a} " + ", ".join(f"{fw} {v[-1]:.3f}" for fw, v in per[a].items()
                                                                       if v) for a in per), flush=True)
-    print(f"\npeers on {args.device}: ms per optimizer step (median over rounds, min..max), cost over raw, "
+    print(f"\npeers on {args.device}, {args.model} model: ms per optimizer step (median over rounds, min..max), cost over raw, "
           f"paired ratio to acctrain; K1={args.k1}, K2={args.k2}; {args.rounds} rounds; "
           f"{time.monotonic() - started:.0f} s" + (f"; {cut} processes cut by the time budget" if cut else ""))
     for a in args.accumulation:
@@ -250,7 +262,7 @@ def main() -> None:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "k1": args.k1, "k2": args.k2, "rounds": args.rounds, "cut": cut,
+            json.dump({"device": args.device, "model": args.model, "warmup": args.warmup, "k1": args.k1, "k2": args.k2, "rounds": args.rounds, "cut": cut,
                        "ms_per_step": {str(a): per[a] for a in per}}, f, indent=1)
 
 

@@ -71,6 +71,7 @@ MAX_GRAD_NORM, LR, BETAS, WEIGHT_DECAY = 1.0, 1e-3, (0.9, 0.999), 0.01  # the En
 MODELS = {
     "tiny": ([32, 64, 64, 10], 8, 50, 300, 11, 1, [1, 4]),  # far below torch's parallel grain: 1 thread
     "20m": ([1024, 2048, 2048, 2048, 2048, 2048, 1000], 16, 3, 15, 7, 0, [1]),
+    "100m": ([1024] + [4096] * 7 + [1000], 16, 2, 8, 3, 0, [1]),  # 109M: the growth table's largest
 }
 
 

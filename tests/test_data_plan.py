@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from acctrain.data import DataPlan
+from acctrain.data import DataPlan, ShardBatches
 from acctrain.errors import ConfigError
 from acctrain.permutation import EAGER_MAX, FeistelPermutation, permutation
 
@@ -147,3 +147,16 @@ def test_feistel_windows_are_the_same_at_any_world_size_and_partition_exactly():
     # rank_windows gives the same windows as window(), lazily from any step
     rank0 = next(plans[3].rank_windows(0, rank=0, start_step=last))
     assert rank0.global_samples == n % 64 and rank0.step_in_epoch == last
+
+
+@pytest.mark.parametrize("n,world,micro", [(10, 1, 4), (10, 3, 2), (7, 4, 3), (2, 4, 8)])
+def test_eval_shards_cover_every_sample_once_in_micro_batches(n, world, micro):
+    shards = [ShardBatches(n * r // world, n * (r + 1) // world, micro) for r in range(world)]
+    batches = [b for shard in shards for b in shard]
+    assert sorted(i for b in batches for i in b) == list(range(n)) and all(0 < len(b) <= micro for b in batches)
+    assert [len(shard) for shard in shards] == [len(list(shard)) for shard in shards]  # and iterable again
+
+
+def test_an_eval_shard_of_any_size_is_made_as_it_is_read():
+    shard = ShardBatches(0, 10**12, 8)  # a list of it would not fit in memory
+    assert len(shard) == 10**12 // 8 and next(iter(shard)) == list(range(8))
