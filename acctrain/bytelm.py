@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class ModelConfig:
     """Attention heads per block; must divide d_model."""
     dropout: float = 0.0
     """Dropout probability on attention and MLP outputs."""
+    vocab_size: int | None = None
+    """Token vocabulary of the embedding and output layer; None: the data's (256 for bytes, a token file's from its sidecar)."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -50,6 +53,8 @@ class ModelConfig:
             raise ConfigError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}.")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError("vocab_size", f"must be >= 1, got {self.vocab_size}.")
 
 
 @dataclass
@@ -59,7 +64,11 @@ class DataConfig:
     max_bytes: int = 3_000_000
     """Bytes of stdlib source to read, in sorted file order (the first ones)."""
     eval_fraction: float = 0.05
-    """Fraction of those bytes, at the end of the stream, held out for evaluation."""
+    """Fraction of the data, at its end, held out for evaluation (of the bytes, or of a token file's windows)."""
+    path: str | None = None
+    """Token files to train on instead of the stdlib bytes: .bin (nanoGPT's layout) or .npy, comma-separated shards (`acctrain tokenize` writes them)."""
+    dtype: str | None = None
+    """Token width of a .bin without a sidecar .json: uint16 (nanoGPT's, the default) or uint32."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -89,11 +98,12 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    """A GPT-style decoder over bytes (vocabulary 256), with tied input and output embeddings."""
+    """A GPT-style decoder over bytes (vocabulary 256) or tokens (`vocab_size`), with tied input and output
+    embeddings."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed = nn.Embedding(256, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size or 256, cfg.d_model)
         self.pos = nn.Embedding(cfg.context_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -157,3 +167,27 @@ def stdlib_datasets(cfg: DataConfig, context_len: int) -> tuple[ByteChunks, Byte
     if split < context_len + 1 or len(data) - split < context_len + 1:
         raise ConfigError("data.max_bytes", f"too few bytes for context_len={context_len}; raise max_bytes.")
     return ByteChunks(data[:split], context_len), ByteChunks(data[split:], context_len)
+
+
+def job_data(data: DataConfig, model: ModelConfig) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, ModelConfig]:
+    """The embedded job's training and evaluation sets, and its model config with the vocabulary resolved:
+    the stdlib bytes, or the token files of `data.path` (acctrain.token_data) with the last `eval_fraction`
+    of their windows held out. A model vocabulary smaller than the data's is refused, naming both."""
+    from acctrain.token_data import TokenWindows
+
+    if data.path is None:
+        train, held_out = stdlib_datasets(data, model.context_len)
+        vocab, source = 256, "the stdlib bytes"
+    else:
+        windows = TokenWindows([p.strip() for p in data.path.split(",") if p.strip()], model.context_len,
+                               dtype=data.dtype)
+        if windows.vocab_size is None and model.vocab_size is None:
+            raise ConfigError("model.vocab_size", f"{data.path} has no sidecar .json naming its vocabulary; set "
+                              "model.vocab_size (token ids must be below it).")
+        windows.vocab_size = windows.vocab_size or model.vocab_size  # every window is checked against it
+        train, held_out = windows.split(data.eval_fraction)
+        vocab, source = windows.vocab_size, data.path
+    if model.vocab_size is not None and model.vocab_size < vocab:
+        raise ConfigError("model.vocab_size", f"{model.vocab_size} is smaller than the vocabulary of {source} "
+                          f"({vocab}); raise it to {vocab} or leave it unset (the data's).")
+    return train, held_out, dataclasses.replace(model, vocab_size=model.vocab_size or vocab)

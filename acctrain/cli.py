@@ -6,6 +6,7 @@
     acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names, settings in its metadata
     acctrain lr-find [CONFIG] [key=value ...] [num_it=N]   # LR range test: suggestions and lr_find.png
     acctrain summary [CONFIG] [key=value ...]   # parameter counts per module, trainable and frozen
+    acctrain tokenize FILE... --out OUT.bin [--tokenizer bytes|tiktoken:NAME|tokenizers:PATH]   # a token file for data.path
     acctrain --help                           # commands and every config field with its sentence
     acctrain COMMAND --help                   # that command's usage
 
@@ -22,7 +23,7 @@ import json
 import os
 import sys
 
-from acctrain.bytelm import ByteLM, DataConfig, ModelConfig, lm_loss, stdlib_datasets
+from acctrain.bytelm import ByteLM, DataConfig, ModelConfig, job_data, lm_loss
 from acctrain.config import TrainConfig, field_docs, load_config
 from acctrain.data import DataPlan
 from acctrain.checkpoint import CheckpointError
@@ -37,9 +38,9 @@ def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> d
 
     from acctrain.engine import Engine
 
+    train_set, eval_set, model = job_data(data_cfg, model_cfg)  # the config errors before anything is made
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    train_set, eval_set = stdlib_datasets(data_cfg, model_cfg.context_len)
-    engine = Engine(ByteLM(model_cfg), cfg, train_set, eval_set, loss_fn=lm_loss,
+    engine = Engine(ByteLM(model), cfg, train_set, eval_set, loss_fn=lm_loss,
                     settings=job_settings({"model": model_cfg, "data": data_cfg}))
     try:
         result = engine.fit()
@@ -117,7 +118,7 @@ def _job_plan(args: list[str]) -> tuple[TrainConfig, DataPlan, dict[str, str]]:
         else:
             rest.append(item)
     cfg, sections = load_config(path, rest, sections=SECTIONS)
-    train_set, _ = stdlib_datasets(sections["data"], sections["model"].context_len)
+    train_set, _, _ = job_data(sections["data"], sections["model"])
     if not extra["world_size"].isdigit() or int(extra["world_size"]) < 1:
         raise ConfigError("world_size", f"must be an int >= 1, got {extra['world_size']!r}.")
     plan = DataPlan(len(train_set), cfg.global_batch_size, cfg.micro_batch_size, int(extra["world_size"]),
@@ -225,10 +226,9 @@ def _job_engine(args: list[str]):
 
     path, overrides = _split_args(args)
     cfg, sections = load_config(path, overrides, sections=SECTIONS)
+    train_set, eval_set, model = job_data(sections["data"], sections["model"])
     torch.manual_seed(cfg.seed)
-    train_set, eval_set = stdlib_datasets(sections["data"], sections["model"].context_len)
-    return Engine(ByteLM(sections["model"]), cfg, train_set, eval_set, loss_fn=lm_loss,
-                  settings=job_settings(sections))
+    return Engine(ByteLM(model), cfg, train_set, eval_set, loss_fn=lm_loss, settings=job_settings(sections))
 
 
 def lr_find_main(args: list[str]) -> int:
@@ -269,6 +269,25 @@ def summary_main(args: list[str]) -> int:
     return 0
 
 
+def tokenize_main(args: list[str]) -> int:
+    """`acctrain tokenize FILE... --out OUT.bin [--tokenizer SPEC]`: write a token file and its sidecar."""
+    from acctrain.token_data import tokenize
+
+    parser = argparse.ArgumentParser(prog="acctrain tokenize")
+    parser.add_argument("inputs", nargs="*", help="text files, tokenized in this order")
+    parser.add_argument("--out", required=True, help="the token file to write (its sidecar: OUT.json)")
+    parser.add_argument("--tokenizer", default="bytes", help="bytes (default), tiktoken:NAME or tokenizers:PATH")
+    ns = parser.parse_args(args)
+    try:
+        meta = tokenize(ns.inputs, ns.out, ns.tokenizer)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {ns.out}: {meta['tokens']} tokens ({meta['tokenizer']}, vocabulary {meta['vocab_size']}, "
+          f"{meta['dtype']}); its sidecar {ns.out}.json. Train on it with data.path={ns.out}")
+    return 0
+
+
 def _help() -> str:
     lines = [__doc__.strip(), "", "Config fields (key=value, or in a YAML/TOML file):"]
     defaults = TrainConfig()
@@ -296,13 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export", "lr-find", "summary"])
+    parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export", "lr-find", "summary",
+                                            "tokenize"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
     if _wants_help(ns.args):  # before the arguments are read as a config file
         return _print_usage(ns.command)
     commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main,
-                "lr-find": lr_find_main, "summary": summary_main}
+                "lr-find": lr_find_main, "summary": summary_main, "tokenize": tokenize_main}
     return commands[ns.command](ns.args)
 
 
