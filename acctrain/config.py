@@ -94,7 +94,7 @@ class TrainConfig:
     compile: bool = False
     """Compile the model with torch.compile before training (the first steps compile); checkpoints keep plain parameter names."""
     num_workers: int = 0
-    """DataLoader worker processes per rank for loading training batches."""
+    """DataLoader worker processes per rank for loading training batches: one set for the whole fit, reading ahead across epochs."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present (multi-process runs without CUDA use CPU/gloo anyway)."""
     fsdp: bool = False

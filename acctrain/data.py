@@ -16,6 +16,7 @@ a run can resume on a different number of processes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -160,6 +161,33 @@ class DataPlan:
             "epochs": self.num_epochs,
             "order": self.order_kind,
         }
+
+
+class Feed:
+    """A rank's windows from `start_step` to the end of the run, handed out epoch by epoch, and one loader that
+    yields their batches in order across epoch boundaries: with `num_workers`, one set of workers for the
+    whole fit, each reading ahead (`prefetch_factor` batches) into the next epoch as into the next step."""
+
+    def __init__(self, plan: DataPlan, rank: int, start_step: int, dataset: Dataset, collate_fn: Callable | None,
+                 num_workers: int, pin_memory: bool = False):
+        self.plan = plan
+        windows, loaded = itertools.tee(self._windows(rank, start_step))  # made once, shared with the loader
+        self._windows_left = windows
+        epoch = start_step // plan.steps_per_epoch
+        self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
+                                          seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)
+
+    def _windows(self, rank: int, step: int) -> Iterator[Window]:
+        plan = self.plan
+        while step < plan.total_steps:
+            epoch, first = divmod(step, plan.steps_per_epoch)
+            last = min(plan.steps_per_epoch, first + plan.total_steps - step)
+            yield from plan.rank_windows(epoch, rank, first, last)
+            step += last - first
+
+    def epoch(self, num_steps: int) -> Iterator[Window]:
+        """The next `num_steps` windows: the rest of the current epoch."""
+        return itertools.islice(self._windows_left, num_steps)
 
 
 def micro_batch_loader(

@@ -27,7 +27,7 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Window, micro_batch_loader
+from acctrain.data import DataPlan, Feed, Window, micro_batch_loader
 from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
@@ -153,17 +153,17 @@ class Loop:
         try:
             self._fire("before_fit")
             self.metrics.start(self.state.step, self.state.samples_seen)
+            feed = self._feed()
             while self.state.step < plan.total_steps:
                 epoch, first = divmod(self.state.step, plan.steps_per_epoch)
-                last = first + plan.total_steps - self.state.step
-                windows, batches = self._windows_and_batches(epoch, first, last)
                 try:
                     self._fire("before_epoch")
-                    for window in windows:
-                        self._train_step(window, batches)
+                    for window in feed.epoch(min(plan.steps_per_epoch - first, plan.total_steps - self.state.step)):
+                        self._train_step(window, feed.batches)
                         self._after_step()
                 except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
                     self.state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
+                    feed = self._feed()  # the loader had read ahead into the skipped data
                 self._flush()
                 # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
                 if (not cfg.eval_every or self.state.step == plan.total_steps) and self._eval_step != self.state.step:
@@ -382,6 +382,11 @@ class Loop:
         if cancel in (CancelEpoch, CancelFit) and event != "before_optimizer_step" and self._fitting:
             raise cancel()
         return cancel
+
+    def _feed(self) -> Feed:
+        """This rank's windows from the current step to the end of the run, and their loader (pinned on CUDA)."""
+        return Feed(self.plan, self.accelerator.process_index, self.state.step, self.train_data, self.collate_fn,
+                    self.config.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     def _windows_and_batches(self, epoch: int, start: int, stop: int) -> tuple[Iterator[Window], Iterator]:
         """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader

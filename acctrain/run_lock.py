@@ -56,7 +56,10 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
-            self._file.close()  # closing drops the flock; the file stays (removing it would race a new holder)
+            # Unlocked explicitly, not only closed: DataLoader workers forked during the fit share the open file
+            # (an flock belongs to it, not to a process), and may outlive the fit until they are collected.
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()  # the file stays (removing it would race a new holder)
             self._file = None
 
 
