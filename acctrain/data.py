@@ -58,6 +58,9 @@ class DataPlan:
     seed: int
     epochs: int = 1
     max_steps: int = 0
+    stream: bool = False
+    """The samples come from a stream (an IterableDataset): the order is the stream's, step k takes its
+    samples [k x global_batch, (k+1) x global_batch); `dataset_len` is then max_steps x global_batch."""
 
     def __post_init__(self) -> None:
         if self.dataset_len < 1:
@@ -97,11 +100,11 @@ class DataPlan:
 
     @functools.lru_cache(maxsize=1)
     def _permutation(self, epoch: int):
-        return permutation(self.dataset_len, seeds.order_seed(self.seed, epoch))
+        return _Identity() if self.stream else permutation(self.dataset_len, seeds.order_seed(self.seed, epoch))
 
     @property
     def order_kind(self) -> str:
-        """How the order is made: 'randperm' (up to 4.2M samples) or 'feistel' (acctrain.permutation)."""
+        """How the order is made: 'randperm' (up to 4.2M samples), 'feistel' (acctrain.permutation) or 'stream'."""
         return self._permutation(0).kind
 
     def window(self, epoch: int, step_in_epoch: int) -> list[int]:
@@ -155,12 +158,74 @@ class DataPlan:
             "global_batch": self.global_batch,
             "micro_batch": self.micro_batch,
             "accumulation": self.accumulation,
-            "dataset_len": self.dataset_len,
+            "dataset_len": "stream" if self.stream else self.dataset_len,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "epochs": self.num_epochs,
             "order": self.order_kind,
         }
+
+
+class _Identity:
+    kind = "stream"
+
+    def take(self, start: int, stop: int) -> list[int]:
+        return list(range(start, stop))
+
+
+def is_stream(data: Any) -> bool:
+    """An IterableDataset, or any iterable without indexing: read in order, never by index."""
+    return isinstance(data, torch.utils.data.IterableDataset) or (
+        hasattr(data, "__iter__") and not hasattr(data, "__getitem__"))
+
+
+def stream_batches(stream: Iterable, windows: Iterable[Window], collate_fn: Callable | None) -> Iterator[Any]:
+    """This rank's micro-batches of `windows` from a stream: every rank reads the whole stream in order and keeps
+    the samples at its own positions (the window's slots, as for a map-style dataset). The stream is read again
+    from its start when it ends (calling its `set_epoch(k)` first, if it has one, as Hugging Face streaming
+    datasets shuffle by it), so the global stream is pass 0, then pass 1, ...; a resume reads past the samples
+    that the checkpoint consumed (a stream is never indexed)."""
+    collate = collate_fn or default_collate
+    samples, position = _passes(stream), 0
+    for window in windows:
+        for micro in window.micro_batches:  # a stream's windows are full: no padding micro-batch
+            first = micro.indices[0]
+            for _ in range(first - position):  # other ranks' samples, or those consumed before a resume
+                next(samples)
+            batch = [next(samples) for _ in micro.indices]
+            position = first + len(batch)
+            yield collate(batch)
+
+
+def stream_length(train_data: Any, eval_data: Any, config: Any) -> int:
+    """A stream's plan length (max_steps x global batch: it has no length of its own), else 0; what a stream
+    cannot do is refused here, naming the field."""
+    if eval_data is not None and is_stream(eval_data):
+        raise ConfigError("eval_data", "evaluation reads each sample once over all ranks by index; give eval_data as "
+                          "a map-style dataset (a list or a Dataset with __len__ and __getitem__), not a stream.")
+    if not is_stream(train_data):
+        return 0
+    if not config.max_steps:
+        raise ConfigError("max_steps", "train_data is a stream (an IterableDataset): it has no length, so epochs "
+                          "cannot be counted; set max_steps (step k takes the stream's next global_batch_size samples).")
+    if config.num_workers:
+        raise ConfigError("num_workers", "train_data is a stream, read in order by each rank's main process (each "
+                          "rank keeps its own positions); set num_workers=0, or give a map-style dataset.")
+    return config.max_steps * config.global_batch_size
+
+
+def _passes(stream: Iterable) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        if hasattr(stream, "set_epoch"):
+            stream.set_epoch(epoch)
+        empty = True
+        for sample in stream:
+            empty = False
+            yield sample
+        if empty:
+            raise ConfigError("train_data", "the stream yielded no sample; give it at least one.")
+        epoch += 1
 
 
 class Feed:
@@ -174,8 +239,11 @@ class Feed:
         windows, loaded = itertools.tee(self._windows(rank, start_step))  # made once, shared with the loader
         self._windows_left = windows
         epoch = start_step // plan.steps_per_epoch
-        self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
-                                          seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)
+        if plan.stream:
+            self.batches = stream_batches(dataset, loaded, collate_fn)
+        else:
+            self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
+                                              seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)
 
     def _windows(self, rank: int, step: int) -> Iterator[Window]:
         plan = self.plan

@@ -27,7 +27,7 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, Window, micro_batch_loader
+from acctrain.data import DataPlan, Feed, Window, is_stream, micro_batch_loader, stream_batches, stream_length
 from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
@@ -62,9 +62,10 @@ class Loop:
         """The job's other settings (e.g. `model.d_model`): recorded with each checkpoint and in the trackers'
         config; a resume from a checkpoint whose settings differ is refused, naming them."""
         self.accelerator = runtime.make_accelerator(config)
-        self.plan = DataPlan(dataset_len=len(train_data), global_batch=config.global_batch_size,
-                             micro_batch=config.micro_batch_size, world_size=self.accelerator.num_processes,
-                             seed=config.seed, epochs=config.epochs, max_steps=config.max_steps)
+        self.plan = DataPlan(dataset_len=stream_length(train_data, eval_data, config) or len(train_data),
+                             global_batch=config.global_batch_size, micro_batch=config.micro_batch_size,
+                             world_size=self.accelerator.num_processes, seed=config.seed, epochs=config.epochs,
+                             max_steps=config.max_steps, stream=is_stream(train_data))
         # A torch LR scheduler is stepped once per applied optimizer step and sets the lr itself;
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
@@ -392,6 +393,8 @@ class Loop:
         """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader
         that yields their training batches in order (pinned on CUDA)."""
         windows, loaded = itertools.tee(self.plan.rank_windows(epoch, self.accelerator.process_index, start, stop))
+        if self.plan.stream:
+            return windows, stream_batches(self.train_data, loaded, self.collate_fn)
         return windows, micro_batch_loader(self.train_data, loaded, self.collate_fn, self.config.num_workers,
                                            seed=seeds.loader_seed(self.config.seed, epoch),
                                            pin_memory=self.accelerator.device.type == "cuda")
@@ -530,3 +533,4 @@ class Loop:
         """Wait for a background save, finish trackers and destroy the process group (gloo can abort at exit otherwise)."""
         self.checkpointer.wait()
         self.accelerator.end_training()
+

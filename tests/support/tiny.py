@@ -76,6 +76,19 @@ class LazyTokens(torch.utils.data.Dataset):
         return ids, labels
 
 
+class StreamOf(torch.utils.data.IterableDataset):
+    """A stream of `items`, in order, pass after pass; records the epochs `set_epoch` announced."""
+
+    def __init__(self, items):
+        self.items, self.epochs = items, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return (self.items[i] for i in range(len(self.items)))
+
+
 def collate(items):
     """Right-pad to the longest sequence; padding is ignored in the loss."""
     width = max(len(ids) for ids, _ in items)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from acctrain.cli import free_before_exit
 from acctrain import Callback, Engine, TrainConfig
 from acctrain.state import optimizer_to_files
-from tests.support.tiny import RUN_ON_CPU, LazyTokens, VarLenTokens, collate, make_model, token_loss
+from tests.support.tiny import RUN_ON_CPU, LazyTokens, StreamOf, VarLenTokens, collate, make_model, token_loss
 
 DATASET_LEN, GLOBAL_BATCH = 26, 8  # 4 optimizer steps per epoch, the last one short (2 samples)
 
@@ -48,7 +48,7 @@ class Record(Callback):
 
 
 def run(out_dir: str, steps: int = 10, stop_at=None, signal_name="SIGTERM", signal_rank=0, kill_at=None,
-        dropout=0.0, save_every=0, nan_at=None, width=16, lazy_len=None, **config) -> dict:
+        dropout=0.0, save_every=0, nan_at=None, width=16, lazy_len=None, stream=False, **config) -> dict:
     calls = {"n": 0}
 
     def loss_fn(model, batch):
@@ -61,6 +61,7 @@ def run(out_dir: str, steps: int = 10, stop_at=None, signal_name="SIGTERM", sign
                       warmup_steps=2, **{"cpu": RUN_ON_CPU, **config})
     record = Record(stop_at, signal_name, signal_rank, kill_at)
     train = VarLenTokens(DATASET_LEN) if lazy_len is None else LazyTokens(lazy_len)  # lazy: a huge dataset
+    train = StreamOf(train) if stream else train  # the same samples, read in order pass after pass
     engine = Engine(make_model(0, width=width, dropout=dropout), cfg, train, VarLenTokens(6),
                     loss_fn=loss_fn, callbacks=[record], collate_fn=collate)
     engine.fit()
