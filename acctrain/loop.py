@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, loss_scaling, optim, run_lock, runtime, seeds, sharded
+from acctrain import agreement, checkpoint, hf_data, loss_scaling, optim, run_lock, runtime, seeds, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -57,6 +57,8 @@ class Loop:
         schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         settings: dict[str, Any] | None = None,
     ):
+        train_data, collate_fn = hf_data.adapt(train_data, model, collate_fn, loss_fn)  # a datasets.Dataset as is
+        eval_data = hf_data.adapt(eval_data, model, collate_fn, loss_fn)[0]
         self.config = config
         self.settings = dict(settings or {})
         """The job's other settings (e.g. `model.d_model`): recorded with each checkpoint and in the trackers'

@@ -75,12 +75,36 @@ def correct(params, factor: torch.Tensor) -> None:
             torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
 
-def model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """The model's own loss, as HF Transformers models return it when the batch holds labels."""
+def model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The model's own loss, as HF Transformers models return it when the batch holds labels.
+
+    With labels per token (2-D or more), that loss is the mean over the micro-batch's counted label tokens
+    (not -100; after the shift a causal LM makes inside), so it is returned as (that mean x their count,
+    their count): the token-weighted form, exact over micro-batches of different token counts. Labels per
+    sample (classification) leave it a per-sample mean.
+    """
     outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
     if loss is None:
         raise ValueError(
             "the model returned no loss: give the batch a 'labels' entry (HF models) or pass loss_fn=..."
         )
-    return loss
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not torch.is_tensor(labels) or labels.dim() < 2:
+        return loss
+    counted = (labels[..., 1:] if _shifts_labels(model) else labels) != -100
+    items = counted.sum()
+    return loss * items, items
+
+
+def _shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether the model's own loss predicts labels[1:] from the tokens before them (a causal LM)."""
+    model = getattr(model, "module", model)  # DDP wraps it
+    loss_function = getattr(model, "loss_function", None)  # Transformers >= 4.46: the loss it computes
+    if loss_function is not None:
+        return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
