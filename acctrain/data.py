@@ -73,6 +73,13 @@ class DataPlan:
                 f"{self.micro_batch * self.world_size}, or another micro_batch_size.",
             )
 
+    @classmethod
+    def for_run(cls, train_data: Any, eval_data: Any, config: Any, world_size: int) -> DataPlan:
+        """The plan of a run of `config` (a TrainConfig) on `train_data`, a map-style dataset or a stream."""
+        return cls(dataset_len=stream_length(train_data, eval_data, config) or len(train_data),
+                   global_batch=config.global_batch_size, micro_batch=config.micro_batch_size, world_size=world_size,
+                   seed=config.seed, epochs=config.epochs, max_steps=config.max_steps, stream=is_stream(train_data))
+
     @property
     def accumulation(self) -> int:
         """Micro-batches per rank in a full optimizer step."""

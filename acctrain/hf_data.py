@@ -28,14 +28,20 @@ def is_hf_dataset(data: Any) -> bool:
     return type(data).__module__.split(".")[0] == "datasets" and hasattr(data, "column_names")
 
 
-def adapt(data: Any, model: torch.nn.Module, collate_fn: Callable | None, loss_fn: Callable | None):
-    """`data` ready for the Engine's loaders, and the collate function to use with it."""
-    if not is_hf_dataset(data):
-        return data, collate_fn
-    if loss_fn is None and data.column_names:  # a streaming dataset may not know its columns yet
-        data = data.remove_columns(unused_columns(data.column_names, model))
+def adapt(model: torch.nn.Module, train_data: Any, eval_data: Any, collate_fn: Callable | None,
+          loss_fn: Callable | None) -> tuple[Any, Any, Callable | None]:
+    """The training and evaluation data ready for the Engine's loaders, and the collate function for them."""
+    if not any(is_hf_dataset(d) for d in (train_data, eval_data)):
+        return train_data, eval_data, collate_fn
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return data, collate_fn or PadCollator(pad if pad is not None else 0)
+    return (_pruned(train_data, model, loss_fn), _pruned(eval_data, model, loss_fn),
+            collate_fn or PadCollator(pad if pad is not None else 0))
+
+
+def _pruned(data: Any, model: torch.nn.Module, loss_fn: Callable | None) -> Any:
+    if not is_hf_dataset(data) or loss_fn is not None or not data.column_names:  # a stream may not know them yet
+        return data
+    return data.remove_columns(unused_columns(data.column_names, model))
 
 
 def unused_columns(columns: list[str], model: torch.nn.Module) -> list[str]:

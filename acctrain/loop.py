@@ -27,7 +27,7 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, Window, is_stream, micro_batch_loader, stream_batches, stream_length
+from acctrain.data import DataPlan, Feed, Window, micro_batch_loader, stream_batches
 from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
@@ -57,17 +57,13 @@ class Loop:
         schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         settings: dict[str, Any] | None = None,
     ):
-        train_data, collate_fn = hf_data.adapt(train_data, model, collate_fn, loss_fn)  # a datasets.Dataset as is
-        eval_data = hf_data.adapt(eval_data, model, collate_fn, loss_fn)[0]
+        train_data, eval_data, collate_fn = hf_data.adapt(model, train_data, eval_data, collate_fn, loss_fn)
         self.config = config
         self.settings = dict(settings or {})
         """The job's other settings (e.g. `model.d_model`): recorded with each checkpoint and in the trackers'
         config; a resume from a checkpoint whose settings differ is refused, naming them."""
         self.accelerator = runtime.make_accelerator(config)
-        self.plan = DataPlan(dataset_len=stream_length(train_data, eval_data, config) or len(train_data),
-                             global_batch=config.global_batch_size, micro_batch=config.micro_batch_size,
-                             world_size=self.accelerator.num_processes, seed=config.seed, epochs=config.epochs,
-                             max_steps=config.max_steps, stream=is_stream(train_data))
+        self.plan = DataPlan.for_run(train_data, eval_data, config, self.accelerator.num_processes)
         # A torch LR scheduler is stepped once per applied optimizer step and sets the lr itself;
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None

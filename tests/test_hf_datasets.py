@@ -32,9 +32,10 @@ def test_rows_are_padded_labels_with_minus_100_and_a_mask_is_made():
 def test_columns_the_model_does_not_take_are_dropped_unless_a_loss_fn_reads_them():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64))
     data = hf_run.dataset()
-    adapted, collate = adapt(data, model, None, None)
-    assert adapted.column_names == ["input_ids", "labels"] and isinstance(collate, PadCollator)
-    kept, mine = adapt(data, model, len, lambda m, b: 0)  # a loss_fn and a collate_fn of the user's: as given
+    adapted, held_out, collate = adapt(model, data, hf_run.dataset(4), None, None)
+    assert adapted.column_names == held_out.column_names == ["input_ids", "labels"]
+    assert isinstance(collate, PadCollator)
+    kept, _, mine = adapt(model, data, None, len, lambda m, b: 0)  # a loss_fn and a collate_fn of the user's: as given
     assert kept.column_names == ["input_ids", "labels", "text"] and mine is len
 
 
@@ -75,3 +76,11 @@ def test_a_streaming_dataset_is_a_stream_padded_and_pruned(tmp_path):
     engine = Engine(model, cfg, stream)
     assert engine.plan.stream and engine.fit()["train/loss"] > 0
     engine.close()
+
+
+def test_a_run_on_two_processes_continues_on_one_as_if_uninterrupted(tmp_path):
+    reference = hf_run.run(str(tmp_path / "ref"), 2)  # 6 steps on one process
+    launch(["-m", "tests.workers.hf_run", str(tmp_path / "run"), "2", "3"], nproc=2)  # 3 steps on two
+    resumed = hf_run.run(str(tmp_path / "run"), 2)  # resume=auto: steps 4..6 on one
+    assert resumed["losses"] == pytest.approx(reference["losses"][3:], rel=1e-5)
+    assert rel_diff(resumed["params"], reference["params"]) < 1e-5

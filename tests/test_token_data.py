@@ -147,3 +147,23 @@ def test_a_tokenizer_package_that_is_not_installed_is_named(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ConfigError, match="needs the tiktoken package: pip install tiktoken"):
         tokenize([tmp_path / "a.txt"], tmp_path / "a.bin", "tiktoken:gpt2")
+
+
+def test_the_main_job_on_a_token_file_resumes_on_another_world_size(tmp_path):
+    """2 processes train steps 1-2 and save; 1 process continues to step 4: the uninterrupted 1-process run."""
+    from safetensors.torch import load_file
+
+    from tests.support.tiny import rel_diff
+
+    (tmp_path / "readme.txt").write_bytes((ROOT / "README.md").read_bytes()[:20_000])
+    tokenize([tmp_path / "readme.txt"], tmp_path / "corpus.bin")
+    job = [f"data.path={tmp_path / 'corpus.bin'}", "model.context_len=32", "model.d_model=32", "model.n_layers=1",
+           "model.n_heads=2", "global_batch_size=8", "micro_batch_size=4", "scheduler=constant", *CPU_ARGS]
+    python = lambda out, steps: subprocess.run([sys.executable, "train.py", f"output_dir={out}", f"max_steps={steps}",  # noqa: E731
+                                                *job], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert python(tmp_path / "ref", 4).returncode == 0
+    launch(["train.py", f"output_dir={tmp_path / 'run'}", "max_steps=2", *job], nproc=2)
+    resumed = python(tmp_path / "run", 4)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    weights = [load_file(tmp_path / d / "checkpoints" / "step-00000004" / "model.safetensors") for d in ("ref", "run")]
+    assert rel_diff(weights[1], weights[0]) < 1e-5

@@ -1,7 +1,7 @@
 """A tiny GPT-2 (from a config: random weights, no download) trained on a `datasets.Dataset` as is: no
 collate_fn, no loss_fn. Writes {OUT}/result.json (losses, processes) and result.safetensors (weights) from rank 0.
 
-    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.hf_run OUT MICRO
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.hf_run OUT MICRO [MAX_STEPS]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def dataset(n: int = 24, vocab: int = 64, seed: int = 0):
     return datasets.Dataset.from_dict(rows)
 
 
-def run(out_dir: str, micro: int) -> dict:
+def run(out_dir: str, micro: int, max_steps: int = 6) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def run(out_dir: str, micro: int) -> dict:
                                      embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: geometries draw different masks
     model = transformers.GPT2LMHeadModel(config)
     losses = Losses()
-    cfg = TrainConfig(output_dir=out_dir, global_batch_size=8, micro_batch_size=micro, max_steps=6, lr=3e-3,
+    cfg = TrainConfig(output_dir=out_dir, global_batch_size=8, micro_batch_size=micro, max_steps=max_steps, lr=3e-3,
                       scheduler="constant", log_every=1, cpu=RUN_ON_CPU)
     engine = Engine(model, cfg, dataset(), dataset(10, seed=1), callbacks=[losses])
     result = {"losses": losses.values, "eval": engine.fit().get("eval/loss"), "num_processes": engine.accelerator.num_processes,
@@ -57,5 +57,5 @@ def run(out_dir: str, micro: int) -> dict:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], int(sys.argv[2]))
+    run(sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:]))
     free_before_exit()
