@@ -186,22 +186,60 @@ def is_stream(data: Any) -> bool:
         hasattr(data, "__iter__") and not hasattr(data, "__getitem__"))
 
 
-def stream_batches(stream: Iterable, windows: Iterable[Window], collate_fn: Callable | None) -> Iterator[Any]:
+def stream_batches(reader: StreamReader, windows: Iterable[Window], collate_fn: Callable | None) -> Iterator[Any]:
     """This rank's micro-batches of `windows` from a stream: every rank reads the whole stream in order and keeps
-    the samples at its own positions (the window's slots, as for a map-style dataset). The stream is read again
-    from its start when it ends (calling its `set_epoch(k)` first, if it has one, as Hugging Face streaming
-    datasets shuffle by it), so the global stream is pass 0, then pass 1, ...; a resume reads past the samples
-    that the checkpoint consumed (a stream is never indexed)."""
+    the samples at its own positions (the window's slots, as for a map-style dataset), skipping the others'."""
     collate = collate_fn or default_collate
-    samples, position = _passes(stream), 0
     for window in windows:
         for micro in window.micro_batches:  # a stream's windows are full: no padding micro-batch
-            first = micro.indices[0]
-            for _ in range(first - position):  # other ranks' samples, or those consumed before a resume
-                next(samples)
-            batch = [next(samples) for _ in micro.indices]
-            position = first + len(batch)
-            yield collate(batch)
+            reader.skip_to(micro.indices[0])  # other ranks' samples, or those consumed before a resume
+            yield collate([reader.next() for _ in micro.indices])
+
+
+class StreamReader:
+    """One rank's reading of a stream: its position (samples consumed), pass after pass.
+
+    The stream is read again from its start when it ends (`set_epoch(k)` first, if it has one, as Hugging
+    Face streaming datasets shuffle by it), so the global stream is pass 0, then pass 1, ... A resume starts
+    from `resume` (a `state_dict()` of the run that saved, any rank's: all read the same stream): through the
+    stream's own `load_state_dict` when it has one (Hugging Face IterableDataset, torchdata), so that only the
+    samples after it are read; otherwise by reading past everything consumed before.
+    """
+
+    def __init__(self, stream: Iterable, resume: dict | None = None):
+        self.stream, self.position, self.passes = stream, 0, 0
+        if resume and resume.get("state") is not None and hasattr(stream, "load_state_dict"):
+            self.position, self.passes = resume["position"], resume["pass"]
+            self._set_epoch()
+            stream.load_state_dict(resume["state"])
+        else:
+            self._set_epoch()
+        self._samples = iter(stream)
+
+    def _set_epoch(self) -> None:
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(self.passes)
+
+    def next(self) -> Any:
+        for _ in range(2):
+            try:
+                sample = next(self._samples)
+                self.position += 1
+                return sample
+            except StopIteration:  # the end of a pass: the next one
+                self.passes += 1
+                self._set_epoch()
+                self._samples = iter(self.stream)
+        raise ConfigError("train_data", "the stream yielded no sample; give it at least one.")
+
+    def skip_to(self, position: int) -> None:
+        while self.position < position:
+            self.next()
+
+    def state_dict(self) -> dict:
+        """JSON: the position, the pass, and the stream's own state there (None without `state_dict`)."""
+        state = self.stream.state_dict() if hasattr(self.stream, "state_dict") else None
+        return {"position": self.position, "pass": self.passes, "state": state}
 
 
 def stream_length(train_data: Any, eval_data: Any, config: Any) -> int:
@@ -221,33 +259,20 @@ def stream_length(train_data: Any, eval_data: Any, config: Any) -> int:
     return config.max_steps * config.global_batch_size
 
 
-def _passes(stream: Iterable) -> Iterator[Any]:
-    epoch = 0
-    while True:
-        if hasattr(stream, "set_epoch"):
-            stream.set_epoch(epoch)
-        empty = True
-        for sample in stream:
-            empty = False
-            yield sample
-        if empty:
-            raise ConfigError("train_data", "the stream yielded no sample; give it at least one.")
-        epoch += 1
-
-
 class Feed:
     """A rank's windows from `start_step` to the end of the run, handed out epoch by epoch, and one loader that
     yields their batches in order across epoch boundaries: with `num_workers`, one set of workers for the
     whole fit, each reading ahead (`prefetch_factor` batches) into the next epoch as into the next step."""
 
     def __init__(self, plan: DataPlan, rank: int, start_step: int, dataset: Dataset, collate_fn: Callable | None,
-                 num_workers: int, pin_memory: bool = False):
+                 num_workers: int, pin_memory: bool = False, stream_state: dict | None = None):
         self.plan = plan
         windows, loaded = itertools.tee(self._windows(rank, start_step))  # made once, shared with the loader
         self._windows_left = windows
         epoch = start_step // plan.steps_per_epoch
-        if plan.stream:
-            self.batches = stream_batches(dataset, loaded, collate_fn)
+        self.reader = StreamReader(dataset, stream_state) if plan.stream else None
+        if self.reader is not None:
+            self.batches = stream_batches(self.reader, loaded, collate_fn)
         else:
             self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
                                               seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)

@@ -27,7 +27,7 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, Window, micro_batch_loader, stream_batches
+from acctrain.data import DataPlan, Feed, StreamReader, Window, micro_batch_loader, stream_batches
 from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
@@ -103,6 +103,7 @@ class Loop:
         self.resumed_from: Path | None = None
         self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
         self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
+        self.feed, self._stream_state = None, None  # the run's data; a stream's position at the resumed step
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -384,15 +385,17 @@ class Loop:
 
     def _feed(self) -> Feed:
         """This rank's windows from the current step to the end of the run, and their loader (pinned on CUDA)."""
-        return Feed(self.plan, self.accelerator.process_index, self.state.step, self.train_data, self.collate_fn,
-                    self.config.num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        resumed = self._stream_state if self._stream_state and self._stream_state[0] == self.state.step else None
+        self.feed = Feed(self.plan, self.accelerator.process_index, self.state.step, self.train_data, self.collate_fn,
+                         self.config.num_workers, self.accelerator.device.type == "cuda", resumed and resumed[1])
+        return self.feed
 
     def _windows_and_batches(self, epoch: int, start: int, stop: int) -> tuple[Iterator[Window], Iterator]:
         """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader
         that yields their training batches in order (pinned on CUDA)."""
         windows, loaded = itertools.tee(self.plan.rank_windows(epoch, self.accelerator.process_index, start, stop))
         if self.plan.stream:
-            return windows, stream_batches(self.train_data, loaded, self.collate_fn)
+            return windows, stream_batches(StreamReader(self.train_data), loaded, self.collate_fn)
         return windows, micro_batch_loader(self.train_data, loaded, self.collate_fn, self.config.num_workers,
                                            seed=seeds.loader_seed(self.config.seed, epoch),
                                            pin_memory=self.accelerator.device.type == "cuda")
@@ -479,6 +482,7 @@ class Loop:
             "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
             "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
             "callbacks": self.callbacks.state_dict(),
+            "stream": self.feed.reader.state_dict() if self.plan.stream and self.feed else None,
             "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
                         **(self.last_eval if self._eval_step == self.state.step else {})},
         }
@@ -495,6 +499,7 @@ class Loop:
         if self.step_ops.scaler is not None and meta["scaler"]:
             self.step_ops.scaler.load_state_dict(meta["scaler"])
         self.callbacks.load_state_dict(meta["callbacks"])
+        self._stream_state = (self.state.step, meta["stream"]) if meta.get("stream") else None
 
     def _start_run(self) -> None:
         """Clear, synchronise, start trackers and RNGs (runtime.start_run), print the plan (nothing is written before)."""

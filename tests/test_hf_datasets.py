@@ -84,3 +84,26 @@ def test_a_run_on_two_processes_continues_on_one_as_if_uninterrupted(tmp_path):
     resumed = hf_run.run(str(tmp_path / "run"), 2)  # resume=auto: steps 4..6 on one
     assert resumed["losses"] == pytest.approx(reference["losses"][3:], rel=1e-5)
     assert rel_diff(resumed["params"], reference["params"]) < 1e-5
+
+
+def test_a_streaming_dataset_resumes_through_its_own_state(tmp_path):
+    """A Hugging Face IterableDataset has state_dict/load_state_dict: a resume starts there, and the run is the
+    uninterrupted one (passes of 24 rows end inside steps of 8 x 4)."""
+    from acctrain import Engine, TrainConfig
+
+    def run(steps, out):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = TrainConfig(output_dir=str(tmp_path / out), global_batch_size=20, micro_batch_size=4, max_steps=steps,
+                          lr=3e-3, scheduler="constant", log_every=1)
+        engine = Engine(transformers.GPT2LMHeadModel(config), cfg, hf_run.dataset().to_iterable_dataset())
+        engine.fit()
+        params = {n: p.detach().clone() for n, p in engine.unwrapped_model.named_parameters()}
+        engine.close()
+        return params
+
+    reference = run(4, "ref")
+    run(2, "run")
+    resumed = run(4, "run")
+    assert all(torch.equal(resumed[n], reference[n]) for n in reference)
