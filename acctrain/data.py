@@ -267,7 +267,7 @@ class Feed:
     def __init__(self, plan: DataPlan, rank: int, start_step: int, dataset: Dataset, collate_fn: Callable | None,
                  num_workers: int, pin_memory: bool = False, stream_state: dict | None = None):
         self.plan = plan
-        windows, loaded = itertools.tee(self._windows(rank, start_step))  # made once, shared with the loader
+        windows, loaded = itertools.tee(_run_windows(plan, rank, start_step))  # made once, shared with the loader
         self._windows_left = windows
         epoch = start_step // plan.steps_per_epoch
         self.reader = StreamReader(dataset, stream_state) if plan.stream else None
@@ -277,17 +277,20 @@ class Feed:
             self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
                                               seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)
 
-    def _windows(self, rank: int, step: int) -> Iterator[Window]:
-        plan = self.plan
-        while step < plan.total_steps:
-            epoch, first = divmod(step, plan.steps_per_epoch)
-            last = min(plan.steps_per_epoch, first + plan.total_steps - step)
-            yield from plan.rank_windows(epoch, rank, first, last)
-            step += last - first
-
     def epoch(self, num_steps: int) -> Iterator[Window]:
         """The next `num_steps` windows: the rest of the current epoch."""
         return itertools.islice(self._windows_left, num_steps)
+
+
+def _run_windows(plan: DataPlan, rank: int, step: int) -> Iterator[Window]:
+    """A rank's windows from `step` to the end of the run, across epochs. (A function, not a method of Feed: a
+    generator holding the Feed that holds it would be a cycle, and the loader's workers would outlive the fit
+    until the garbage collector found it.)"""
+    while step < plan.total_steps:
+        epoch, first = divmod(step, plan.steps_per_epoch)
+        last = min(plan.steps_per_epoch, first + plan.total_steps - step)
+        yield from plan.rank_windows(epoch, rank, first, last)
+        step += last - first
 
 
 def micro_batch_loader(

@@ -146,6 +146,8 @@ class Loop:
         finally:
             self._fitting, self._verdict_on_device, self._pending = False, False, None
             self.metrics.close()
+            if self.feed is not None and self.feed.reader is None:  # a loader's workers end with the fit (a
+                self.feed = None  # stream's reader stays: its position is the run's, for a save after fit)
 
     def _run(self) -> dict[str, float]:
         cfg, plan = self.config, self.plan

@@ -3,6 +3,7 @@ one set of workers for the whole fit (acctrain.data.Feed)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -49,6 +50,7 @@ def run_with(tmp_path, num_workers: int, callbacks=()):
                       lr=1e-2, num_workers=num_workers, log_every=100)
     engine = Engine(make_model(0), cfg, Pids(26), loss_fn=loss_fn, collate_fn=pid_collate, callbacks=list(callbacks))
     engine.fit()
+    assert not multiprocessing.active_children()  # the workers ended with the fit
     params = {n: p.detach().clone() for n, p in engine.unwrapped_model.named_parameters()}
     engine.close()
     return params, losses, pids
