@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from acctrain import seeds
-from acctrain.permutation import permutation
+from acctrain import permutation as orders
 from acctrain.errors import ConfigError
 
 
@@ -107,12 +107,14 @@ class DataPlan:
 
     @functools.lru_cache(maxsize=1)
     def _permutation(self, epoch: int):
-        return _Identity() if self.stream else permutation(self.dataset_len, seeds.order_seed(self.seed, epoch))
+        return _Identity() if self.stream else orders.permutation(self.dataset_len, seeds.order_seed(self.seed, epoch))
 
     @property
     def order_kind(self) -> str:
-        """How the order is made: 'randperm' (up to 4.2M samples), 'feistel' (acctrain.permutation) or 'stream'."""
-        return self._permutation(0).kind
+        """How the order is made: 'randperm' (up to 4.2M samples), 'feistel' (acctrain.permutation) or 'stream'.
+        From the size alone: asking the cached epoch's permutation would evict it (a save mid-epoch would then
+        make the eager order of the whole dataset again)."""
+        return "stream" if self.stream else orders.kind(self.dataset_len)
 
     def window(self, epoch: int, step_in_epoch: int) -> list[int]:
         """Global sample indices of one optimizer step, shared by all ranks."""
@@ -208,12 +210,12 @@ class StreamReader:
 
     def __init__(self, stream: Iterable, resume: dict | None = None):
         self.stream, self.position, self.passes = stream, 0, 0
-        if resume and resume.get("state") is not None and hasattr(stream, "load_state_dict"):
+        fast = resume and resume.get("state") is not None and hasattr(stream, "load_state_dict")
+        if fast:
             self.position, self.passes = resume["position"], resume["pass"]
-            self._set_epoch()
+        self._set_epoch()
+        if fast:
             stream.load_state_dict(resume["state"])
-        else:
-            self._set_epoch()
         self._samples = iter(stream)
 
     def _set_epoch(self) -> None:
@@ -260,14 +262,15 @@ def stream_length(train_data: Any, eval_data: Any, config: Any) -> int:
 
 
 class Feed:
-    """A rank's windows from `start_step` to the end of the run, handed out epoch by epoch, and one loader that
+    """A rank's windows from `start_step` to the end of the run (or `stop_step`), handed out epoch by epoch, and one loader that
     yields their batches in order across epoch boundaries: with `num_workers`, one set of workers for the
     whole fit, each reading ahead (`prefetch_factor` batches) into the next epoch as into the next step."""
 
     def __init__(self, plan: DataPlan, rank: int, start_step: int, dataset: Dataset, collate_fn: Callable | None,
-                 num_workers: int, pin_memory: bool = False, stream_state: dict | None = None):
-        self.plan = plan
-        windows, loaded = itertools.tee(_run_windows(plan, rank, start_step))  # made once, shared with the loader
+                 num_workers: int, pin_memory: bool = False, stream_state: dict | None = None,
+                 stop_step: int | None = None):
+        stop = plan.total_steps if stop_step is None else stop_step  # the LR finder may run past the plan
+        windows, loaded = itertools.tee(_run_windows(plan, rank, start_step, stop))  # made once, shared with the loader
         self._windows_left = windows
         epoch = start_step // plan.steps_per_epoch
         self.reader = StreamReader(dataset, stream_state) if plan.stream else None
@@ -282,13 +285,13 @@ class Feed:
         return itertools.islice(self._windows_left, num_steps)
 
 
-def _run_windows(plan: DataPlan, rank: int, step: int) -> Iterator[Window]:
-    """A rank's windows from `step` to the end of the run, across epochs. (A function, not a method of Feed: a
-    generator holding the Feed that holds it would be a cycle, and the loader's workers would outlive the fit
-    until the garbage collector found it.)"""
-    while step < plan.total_steps:
+def _run_windows(plan: DataPlan, rank: int, step: int, stop: int) -> Iterator[Window]:
+    """A rank's windows for steps [step, stop), across epochs. (A function, not a method of Feed: a generator
+    holding the Feed that holds it would be a cycle, and the loader's workers would outlive the fit until the
+    garbage collector found it.)"""
+    while step < stop:
         epoch, first = divmod(step, plan.steps_per_epoch)
-        last = min(plan.steps_per_epoch, first + plan.total_steps - step)
+        last = min(plan.steps_per_epoch, first + stop - step)
         yield from plan.rank_windows(epoch, rank, first, last)
         step += last - first
 

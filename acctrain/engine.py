@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -64,15 +63,11 @@ class Engine(Loop):
         self._verdict_on_device = False  # each step's loss is read at once anyway
         self.metrics = MetricLog(self.accelerator, num_steps)  # never flushed
         self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
-        plan, i = self.plan, 0
-        for epoch in range(math.ceil(num_steps / plan.steps_per_epoch)):
-            stop = min(plan.steps_per_epoch, num_steps - i)
-            windows, batches = self._windows_and_batches(epoch, 0, stop)
-            for window in windows:
-                self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
-                self._train_step(window, batches)
-                i += 1
-                yield float(self.step_loss)  # note: host-device sync per step; identical on all ranks
+        feed = self._feed(start=0, stop=num_steps)  # the plan's steps from its start, past its end if need be
+        for i, window in enumerate(feed.epoch(num_steps)):
+            self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
+            self._train_step(window, feed.batches)
+            yield float(self.step_loss)  # note: host-device sync per step; identical on all ranks
 
     # ------------------------------------------------------------------------------------ the toolkit
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -22,12 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, hf_data, loss_scaling, optim, run_lock, runtime, seeds, sharded
+from acctrain import agreement, checkpoint, hf_data, loss_scaling, optim, run_lock, runtime, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, StreamReader, Window, micro_batch_loader, stream_batches
+from acctrain.data import DataPlan, Feed, Window
 from acctrain.evaluation import eval_loss
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
@@ -155,7 +154,7 @@ class Loop:
         try:
             self._fire("before_fit")
             self.metrics.start(self.state.step, self.state.samples_seen)
-            feed = self._feed()
+            feed = self.feed = self._feed()
             while self.state.step < plan.total_steps:
                 epoch, first = divmod(self.state.step, plan.steps_per_epoch)
                 try:
@@ -165,7 +164,7 @@ class Loop:
                         self._after_step()
                 except CancelEpoch:  # agreed by all ranks: the rest of this epoch's data is skipped
                     self.state.step = min((epoch + 1) * plan.steps_per_epoch, plan.total_steps)
-                    feed = self._feed()  # the loader had read ahead into the skipped data
+                    feed = self.feed = self._feed()  # the loader had read ahead into the skipped data
                 self._flush()
                 # Without eval_every, evaluate after each epoch; with it, also at the end of the run.
                 if (not cfg.eval_every or self.state.step == plan.total_steps) and self._eval_step != self.state.step:
@@ -385,22 +384,13 @@ class Loop:
             raise cancel()
         return cancel
 
-    def _feed(self) -> Feed:
-        """This rank's windows from the current step to the end of the run, and their loader (pinned on CUDA)."""
-        resumed = self._stream_state if self._stream_state and self._stream_state[0] == self.state.step else None
-        self.feed = Feed(self.plan, self.accelerator.process_index, self.state.step, self.train_data, self.collate_fn,
-                         self.config.num_workers, self.accelerator.device.type == "cuda", resumed and resumed[1])
-        return self.feed
-
-    def _windows_and_batches(self, epoch: int, start: int, stop: int) -> tuple[Iterator[Window], Iterator]:
-        """This rank's windows for steps [start, stop) of an epoch, made once and shared (tee) with the loader
-        that yields their training batches in order (pinned on CUDA)."""
-        windows, loaded = itertools.tee(self.plan.rank_windows(epoch, self.accelerator.process_index, start, stop))
-        if self.plan.stream:
-            return windows, stream_batches(StreamReader(self.train_data), loaded, self.collate_fn)
-        return windows, micro_batch_loader(self.train_data, loaded, self.collate_fn, self.config.num_workers,
-                                           seed=seeds.loader_seed(self.config.seed, epoch),
-                                           pin_memory=self.accelerator.device.type == "cuda")
+    def _feed(self, start: int | None = None, stop: int | None = None) -> Feed:
+        """This rank's windows for steps [start, stop) (default: the current step to the end of the run), and
+        their loader (pinned on CUDA); a stream resumes from the checkpoint's position when it starts there."""
+        start = self.state.step if start is None else start
+        resumed = self._stream_state[1] if self._stream_state and self._stream_state[0] == start else None
+        return Feed(self.plan, self.accelerator.process_index, start, self.train_data, self.collate_fn,
+                    self.config.num_workers, self.accelerator.device.type == "cuda", resumed, stop)
 
     def _build_schedule(self, schedule: str | Callable[[int], float]):
         cfg = self.config

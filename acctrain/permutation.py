@@ -30,9 +30,14 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
+def kind(n: int) -> str:
+    """Which order `permutation(n, ...)` makes: 'randperm' for n <= EAGER_MAX, else 'feistel'."""
+    return "randperm" if n <= EAGER_MAX else "feistel"
+
+
 def permutation(n: int, seed: int) -> "EagerPermutation | FeistelPermutation":
     """The order of [0, n) for this seed: randperm's for n <= EAGER_MAX, else a Feistel bijection."""
-    return EagerPermutation(n, seed) if n <= EAGER_MAX else FeistelPermutation(n, seed)
+    return EagerPermutation(n, seed) if kind(n) == "randperm" else FeistelPermutation(n, seed)
 
 
 class EagerPermutation:
