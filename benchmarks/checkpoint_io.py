@@ -12,11 +12,13 @@ state (exp_avg, exp_avg_sq: twice that), created by one optimizer step. Variants
   then `checkpoint.commit` (manifest, fsync of the directory, rename, `latest`). keep_last=0, so no rotation work is timed; the directory is deleted after.
 - save, raw: `safetensors.torch.save_file` of the same tensors (model.state_dict(), and the optimizer's
   state tensors under flat names) into two files, then fsync of both.
-- load, acctrain: what a resume reads: `checkpoint.verify` (sizes and digest of every file), then
-  `read_tensors` of the model, optimizer and RNG files and `read_json` of the JSON files.
-- load, raw: `safetensors.torch.load_file` of the raw save's two files.
-Both loads end by copying every loaded tensor into the live model and optimizer state (`copy_`), so every
-byte is really read: `load_file` maps the file and reads nothing until a tensor is touched. Loads run
+- load, acctrain: a resume as `fit` makes it (resume=auto): `Checkpointer.find` (the manifest, every file's
+  size and digest), then `Checkpointer.load` (plan and settings checked, weights and optimizer state loaded).
+- load, raw: a hand-written resume: `load_state_dict` of `safetensors.torch.load_file` of the raw save's two
+  files into the model and the optimizer.
+Both loads end by reading a value of every page of the live model and optimizer state, so every byte is
+really read: `load_file` maps the file and reads nothing until a tensor is touched, and the optimizer adopts
+the tensors it is given. Loads run
 "cold" (every file evicted from the page cache with posix_fadvise(DONTNEED) first) and "hot" (files in the
 page cache). Throughput is the bytes of the tensors (the same for both) per second. Each part runs a second
 raw variant as an A/A control (its ratio to the first shows the noise floor), and the async part a second
@@ -65,7 +67,7 @@ def make_engine(model: nn.Module, output_dir: Path, optimizer=None, **extra):
     from acctrain import Engine, TrainConfig
 
     config = TrainConfig(output_dir=str(output_dir), global_batch_size=1, micro_batch_size=1, max_steps=1,
-                         keep_last=0, resume="none", **extra)
+                         **{"keep_last": 0, "resume": "none", **extra})
     with contextlib.redirect_stdout(io.StringIO()):
         return Engine(model, config, [torch.zeros(WIDTH)], loss_fn=lambda m, b: m(b).square().mean(),
                       optimizer=optimizer)
@@ -156,36 +158,42 @@ class Bench:
 
     # ---------------------------------------------------------------------------------- loads
 
-    def load_acctrain(self, cold: bool) -> float:
-        path = self.last_acctrain
+    def load_acctrain(self, cold: bool, resumer) -> float:
+        """A resume as `fit` makes it (resume=auto): `Checkpointer.find` (verifies every file), then `load`."""
+        newest = self.ckpt.latest_checkpoint(resumer.config.output_dir)
         if cold:
-            evict(path)
+            evict(newest)
+        plan = {**resumer.plan.describe(), "seed": resumer.plan.seed}
         start = time.perf_counter()
-        self.ckpt.verify(path)
-        self.ckpt.read_json(path / "trainer_state.json")
-        model = self.ckpt.read_tensors(path / "model.safetensors")
-        opt = self.ckpt.read_tensors(path / "optimizer.safetensors")
-        self.ckpt.read_json(path / "optimizer.json")
-        self.ckpt.read_tensors(path / "rng-rank0.safetensors")
-        self.ckpt.read_json(path / "rng-rank0.json")
-        self.consume(model, opt)
-        return time.perf_counter() - start
+        with contextlib.redirect_stdout(io.StringIO()):
+            found = resumer.checkpointer.find()
+            resumer.checkpointer.load(found, resumer.model, resumer.torch_optimizer, plan, resumer.settings)
+        self.touch()
+        seconds = time.perf_counter() - start
+        assert found == newest, (found, newest)
+        return seconds
 
     def load_raw(self, cold: bool) -> float:
+        """A hand-written resume from safetensors: the same application to the model and optimizer."""
         if cold:
             evict(self.raw_dir)
         start = time.perf_counter()
-        model = load_file(self.raw_dir / "model.safetensors")
-        opt = load_file(self.raw_dir / "optimizer.safetensors")
-        self.consume(model, opt)
+        self.engine.unwrapped_model.load_state_dict(load_file(self.raw_dir / "model.safetensors"))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(self.raw_dir / "optimizer.safetensors").items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = tensor
+        groups = self.engine.torch_optimizer.state_dict()["param_groups"]
+        self.engine.torch_optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.touch()
         return time.perf_counter() - start
 
     @torch.no_grad()
-    def consume(self, model: dict[str, torch.Tensor], opt: dict[str, torch.Tensor]) -> None:
-        """Copy loaded tensors into the live model and optimizer state: what makes a load read its bytes."""
-        live = {**self.engine.unwrapped_model.state_dict(), **self.optimizer_tensors()}
-        for name, tensor in [*model.items(), *opt.items()]:
-            live[name].copy_(tensor)
+    def touch(self) -> None:
+        """Read a value of every 4 KiB page of the live model and optimizer state: safetensors maps files and reads
+        nothing until a tensor is touched, and the optimizer adopts the loaded tensors; this makes every load read."""
+        for tensor in [*self.engine.unwrapped_model.state_dict().values(), *self.optimizer_tensors().values()]:
+            tensor.reshape(-1)[::1024].sum()
 
 
 def throughput_rows(results, nbytes, pairs) -> list[list[str]]:
@@ -256,14 +264,17 @@ def save_part(bench: Bench, args, out: dict) -> None:
 
 
 def load_part(bench: Bench, args, out: dict) -> None:
-    if not bench.last_acctrain:  # something to load: one checkpoint of each kind (untimed)
-        bench.save_acctrain()
+    if not bench.raw_dir.is_dir():
         bench.save_raw()
+    resumer = make_engine(bench.engine.unwrapped_model, bench.root / "load", optimizer=bench.engine.torch_optimizer,
+                          resume="auto")
+    with contextlib.redirect_stdout(io.StringIO()):  # untimed: the checkpoint to load
+        resumer.save()
     print("\nload (cold: evicted from the page cache first; hot: cached)")
     loads = alternate({
-        "acctrain load, cold": lambda: bench.load_acctrain(cold=True),
+        "acctrain load, cold": lambda: bench.load_acctrain(True, resumer),
         "raw load_file, cold": lambda: bench.load_raw(cold=True),
-        "acctrain load, hot": lambda: bench.load_acctrain(cold=False),
+        "acctrain load, hot": lambda: bench.load_acctrain(False, resumer),
         "raw load_file, hot": lambda: bench.load_raw(cold=False),
         "raw load_file, cold (A/A)": lambda: bench.load_raw(cold=True),
         "raw load_file, hot (A/A)": lambda: bench.load_raw(cold=False),
