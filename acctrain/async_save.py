@@ -1,9 +1,17 @@
-"""async_save: a checkpoint's tensors copied to CPU buffers (the only pause of training), written in the background.
+"""async_save: a checkpoint written in the background, its weights copied there too.
 
     writer = AsyncWriter()
     writer.reserve(layout)                      # once, ahead of the first save: map the buffers off the training thread
-    writer.start(files, stage, rank, world, is_main, commit)   # snapshot now, write and commit in a thread
+    writer.start(files, stage, rank, world, is_main, commit, stable)   # returns at once; copy, write, commit in a thread
+    writer.wait_copied()                        # before the weights or optimizer state change: their copy is done
     writer.wait()                               # the save in flight has committed (re-raises its error)
+
+The training pause is what `start` copies itself: JSON, and the tensors that may change before the next
+optimizer step (buffers, which a forward updates; callbacks' state). The `stable` tensors (the parameters and
+the optimizer's state, which only an optimizer step changes) are copied by the writer thread while the next
+step's forward and backward run; the Engine calls `wait_copied` before its next optimizer step. Anything else
+that changes one of them in place before the copy is done makes the save fail, naming the fix, instead of
+writing a torn checkpoint: each tensor's version counter is compared after the copy.
 
 The buffers are kept from save to save: copying into memory that is already mapped is 3x faster than into
 fresh memory, which takes a page fault per 4 KiB. Each rank marks its part done with a file, so the commit
@@ -51,15 +59,22 @@ class AsyncWriter:
             self.reservation.start()
 
     def start(self, files: dict[Path, Any], stage: Path, rank: int, world: int, is_main: bool,
-              commit: Callable[[Path, dict[Path, str]], None]) -> None:
-        """Snapshot `files` now (tensors to the buffers, JSON to bytes) and write them in a background thread."""
+              commit: Callable[[Path, dict[Path, str]], None], stable: set[int] = frozenset()) -> None:
+        """Snapshot `files` (JSON to bytes, tensors to the buffers: those whose data_ptr is in `stable` by the
+        background thread, before it writes them, the others now) and write them in a background thread."""
         self.wait()
         if self.reservation is not None:  # buffers allocated in the background since the first step
             self.reservation.join()
             self.buffers.update(self.reservation.buffers)
             self.reservation = None
-        self.thread = _Writer(_snapshot(files, self.buffers), stage, rank, world, is_main, commit)
+        snapshot, later = _snapshot(files, self.buffers, stable)
+        self.thread = _Writer(snapshot, later, stage, rank, world, is_main, commit)
         self.thread.start()
+
+    def wait_copied(self) -> None:
+        """Block until the save in flight holds its own copy of every tensor (its errors come with `wait`)."""
+        if self.thread is not None:
+            self.thread.copied.wait()
 
     def wait(self, raise_error: bool = True) -> BaseException | None:
         """Block until the save in flight has committed; re-raise its error (or return it, with raise_error=False)."""
@@ -72,14 +87,16 @@ class AsyncWriter:
         return thread.error
 
 
-def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tensor]) -> dict[Path, Any]:
-    """This moment's content of `files`, for a background writer: tensors copied to CPU buffers, JSON as bytes.
+def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tensor],
+              stable: set[int]) -> tuple[dict[Path, Any], list[tuple[torch.Tensor, torch.Tensor, int]]]:
+    """This moment's content of `files`, for a background writer: JSON as bytes, tensors as CPU buffers, and
+    the copies left to the writer: (buffer, tensor, its version now) for each tensor whose data_ptr is `stable`.
 
     `buffers` is updated in place, for the next save. CUDA tensors are copied to pageable memory, blocking:
     torch's pinned allocator would round each buffer up to a power of two and keep it pinned for the run.
     """
     used: dict[tuple[str, str], torch.Tensor] = {}
-    snapshot = {}
+    snapshot, later = {}, []
     for path, content in files.items():
         if path.suffix != ".safetensors":  # callbacks' and the loop's state may change after this returns
             snapshot[path] = checkpoint.encode_json(content)
@@ -89,10 +106,28 @@ def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tenso
             buffer = buffers.get((path.name, name))
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
-            snapshot[path][name] = used[(path.name, name)] = buffer.copy_(tensor.detach())
+            tensor = tensor.detach()
+            if tensor.numel() and tensor.data_ptr() in stable:
+                later.append((buffer, tensor, tensor._version))
+            else:
+                buffer.copy_(tensor)
+            snapshot[path][name] = used[(path.name, name)] = buffer
     buffers.clear()
     buffers.update(used)
-    return snapshot
+    return snapshot, later
+
+
+def _copy(later: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    """The writer's copies; an in-place change since the snapshot (a version counter moved) fails the save."""
+    checkpoint._slow_save_hook()
+    for buffer, tensor, _ in later:
+        buffer.copy_(tensor)
+    changed = sum(tensor._version != version for _, tensor, version in later)
+    if changed:
+        raise RuntimeError(
+            f"{changed} parameter or optimizer-state tensors changed in place while an async save copied them, so "
+            "this checkpoint is not written (the previous one is intact); code outside the Engine's step that "
+            "changes the weights after Engine.save() must call engine.checkpointer.wait_copied() first")
 
 
 class _Reservation(threading.Thread):
@@ -127,15 +162,22 @@ class _Writer(threading.Thread):
     new work then).
     """
 
-    def __init__(self, files, stage: Path, rank: int, world: int, is_main: bool,
+    def __init__(self, files, later, stage: Path, rank: int, world: int, is_main: bool,
                  commit: Callable[[Path, dict[Path, str]], None]):
         super().__init__(name="acctrain-save", daemon=False)
-        self.files, self.stage, self.commit = files, stage, commit
+        self.files, self.later, self.stage, self.commit = files, later, stage, commit
         self.rank, self.world, self.is_main = rank, world, is_main
         self.error: BaseException | None = None
+        self.copied = threading.Event()
+        """Set once the files hold their own copy of every tensor (or the copy failed)."""
 
     def run(self) -> None:
         try:
+            try:
+                _copy(self.later)
+            finally:
+                self.copied.set()
+                self.later = []  # no reference to the live tensors beyond the copy
             digests = checkpoint.write_files(self.files)
             (self.stage / f".done-rank{self.rank}").touch()
             if self.is_main:

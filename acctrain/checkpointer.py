@@ -66,8 +66,9 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
         """Write checkpoint `step-{step}`: every rank its part, the main process commits it.
 
-        With `async_save` the tensors are copied to CPU buffers here (the only pause of training) and a
-        background thread writes and commits them. What already holds the name is replaced, unless it is the
+        With `async_save` a background thread copies the tensors to CPU buffers (the parameters and the
+        optimizer state, before the next optimizer step: `wait_copied`; the rest here, the only pause of
+        training), then writes and commits them. What already holds the name is replaced, unless it is the
         checkpoint this run resumed from (see the module's docstring).
         """
         acc, cfg = self.accelerator, self.config
@@ -83,8 +84,10 @@ class Checkpointer:
             if sharded.is_fsdp(acc):  # every rank writes its own shards, synchronously; loadable at any world size
                 sharded.save_sharded(acc, model, optimizer, stage)
             files = self._files(stage, model, optimizer, meta)
-            if cfg.async_save:
-                self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process, self._commit)
+            if cfg.async_save:  # parameters and optimizer state: copied by the writer (see wait_copied)
+                stable = {t.data_ptr() for t in [*model.parameters(), *optimizer_tensors(optimizer)]}
+                self.writer.start(files, stage, acc.process_index, acc.num_processes, acc.is_main_process,
+                                  self._commit, stable)
                 return final
             digests = checkpoint.write_files(files)
             barrier.wait_for_everyone(acc)
@@ -101,6 +104,11 @@ class Checkpointer:
             files = self._files(Path("layout"), model, optimizer, {})
             self.writer.reserve({(path.name, name): (tuple(t.shape), t.dtype) for path, content in files.items()
                                  if path.suffix == ".safetensors" for name, t in content.items()})
+
+    def wait_copied(self) -> None:
+        """Block until a background save has copied the parameters and optimizer state (async_save): call it
+        before changing them in place. The Engine does, before each optimizer step."""
+        self.writer.wait_copied()
 
     def wait(self, raise_error: bool = True) -> None:
         """Block until a background save has committed; re-raise its error (or print it, with raise_error=False)."""
@@ -226,6 +234,11 @@ class Checkpointer:
         if saved.get("world_size") != now["world_size"] and self.accelerator.is_main_process:
             print(f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
                   f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of the optimizer's state (exp_avg and the like), which only its step changes."""
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
 def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict]:

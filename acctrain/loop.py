@@ -221,6 +221,7 @@ class Loop:
             ops.step(False)
             ops.zero_grad()
             self._halt_if(verdict)
+        self.checkpointer.wait_copied()  # an async save's copy of the weights, before they change
         verdict = verdict.cancelled(self._fire("before_optimizer_step"))
         ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
         ops.zero_grad()
@@ -295,6 +296,7 @@ class Loop:
         """
         self._settle()  # the previous step; nan_policy=halt raises here, before this step's update
         self._set_lr_and_momentum(self.state.schedule_step)
+        self.checkpointer.wait_copied()  # an async save's copy of the weights, before they change
         self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
         self.step_ops.zero_grad()
         self.state.consume(window.global_samples)

@@ -29,8 +29,9 @@ pass (untimed), so that their writeback and the file system's discards do not la
 Every acctrain checkpoint is verified after its timing (untimed): its manifest's digests are its files'.
 
 If `TrainConfig` has an `async_save` field, a third part times the training pause of `Engine.save()`
-with async_save=true (the call's duration) against a synchronous save, and separately the time until
-the checkpoint directory is complete; otherwise it is skipped with a note. The snapshot's CPU buffers are
+with async_save=true (the call's duration) against a synchronous save, and separately the time until the
+writer has copied the parameters and optimizer state (`wait_copied`: what the next optimizer step waits for
+at most, if it came at once) and until the checkpoint directory is complete; otherwise it is skipped with a note. The snapshot's CPU buffers are
 kept from save to save; the Engine allocates them in a background thread after the first optimizer step
 (timed here on its own), and a save that comes before they are ready waits for them, so the first save
 is reported apart, with and without them.
@@ -344,10 +345,13 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
         return {"skipped": "TrainConfig has no async_save field"}
     engine = make_engine(model, root / "run-async", optimizer=bench.engine.torch_optimizer, async_save=True)
     completion: list[float] = []
+    copied: list[float] = []
 
     def pause() -> float:
         seconds = bench.save_acctrain(engine)  # returns once training could continue
         start = bench.save_started
+        engine.checkpointer.wait_copied()  # what an optimizer step coming at once would wait for
+        copied.append(time.perf_counter() - start)
         final = bench.ckpt.checkpoint_dir(engine.config.output_dir, engine.state.step)
         while not final.is_dir():  # complete: the step directory exists only after commit
             if time.perf_counter() - start > 600:
@@ -362,7 +366,7 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     # A run's first async save: without buffers (as when it comes right after the first step), then as fit()
     # runs it, with the buffers that the Engine reserves in the background after the first step.
     unreserved = pause()
-    completion.pop()
+    completion.pop(), copied.pop()
     engine.close()
     engine = make_engine(model, root / "run-async2", optimizer=bench.engine.torch_optimizer, async_save=True)
     engine.state.schedule_step = 1  # as after the first applied optimizer step (adam_state made the state)
@@ -371,7 +375,7 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
     engine.checkpointer.writer.reservation.join()
     reserving = time.perf_counter() - start
     first = pause()
-    first_completion = completion.pop()
+    first_completion, _ = completion.pop(), copied.pop()
     results = alternate({"sync save": bench.save_acctrain, "async save pause": pause,
                          "sync save (A/A)": bench.save_acctrain}, rounds)
     ratio = paired_ratios(results, "async save pause", "sync save")
@@ -387,11 +391,13 @@ def async_save(bench: Bench, model: nn.Module, root: Path, rounds: int) -> dict:
              f"{reserving / sync:.3f}"],
             ["async save: pause, the first without reserved buffers (saved right after step 1)",
              f"{unreserved:.3f}", f"{unreserved / sync:.3f}"],
+            ["async save: until the parameters and optimizer state are copied (the longest an optimizer step "
+             "right after the save waits)", f"{median(copied):.3f}", f"{median(copied) / sync:.3f}"],
             ["async save: until complete", f"{median(completion):.2f}", f"{median(completion) / sync:.3f}"]]
     print(table(["variant", "seconds (median)", "vs sync save"], rows))
     with contextlib.redirect_stdout(io.StringIO()):
         engine.close()
-    return {"seconds": results, "completion_seconds": completion, "first_pause": first,
+    return {"seconds": results, "completion_seconds": completion, "copied_seconds": copied, "first_pause": first,
             "first_completion": first_completion, "reservation_seconds": reserving, "unreserved_first_pause": unreserved}
 
 

@@ -124,15 +124,68 @@ def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path
 
     weight, buffers = torch.ones(3, 4), {}
     files = {tmp_path / "model.safetensors": {"w": weight}, tmp_path / "state.json": {"step": 1}}
-    first = _snapshot(files, buffers)
+    first, later = _snapshot(files, buffers, set())
+    assert later == []  # nothing declared stable: every tensor is copied now
     assert json.loads(first[tmp_path / "state.json"]) == {"step": 1}  # encoded now: later changes don't leak
     weight.add_(1)  # training goes on: the snapshot keeps the values at the save
     assert torch.equal(first[tmp_path / "model.safetensors"]["w"], torch.ones(3, 4))
-    second = _snapshot(files, buffers)
+    second, _ = _snapshot(files, buffers, set())
     assert second[tmp_path / "model.safetensors"]["w"].data_ptr() == first[tmp_path / "model.safetensors"]["w"].data_ptr()
     assert torch.equal(second[tmp_path / "model.safetensors"]["w"], weight)
-    _snapshot({tmp_path / "model.safetensors": {"v": torch.zeros(2)}}, buffers)
+    _snapshot({tmp_path / "model.safetensors": {"v": torch.zeros(2)}}, buffers, set())
     assert list(buffers) == [("model.safetensors", "v")]  # buffers no longer used are let go
+
+
+def test_async_snapshot_leaves_stable_tensors_to_the_writer_and_refuses_a_torn_copy(tmp_path):
+    from acctrain.async_save import _copy, _snapshot
+
+    weight, running_mean = torch.ones(3, 4), torch.zeros(4)
+    files = {tmp_path / "model.safetensors": {"w": weight, "running_mean": running_mean}}
+    snapshot, later = _snapshot(files, {}, {weight.data_ptr()})
+    running_mean.add_(1)  # a buffer (changed by a forward) was copied at the save
+    assert torch.equal(snapshot[tmp_path / "model.safetensors"]["running_mean"], torch.zeros(4))
+    assert [(buffer.data_ptr(), tensor.data_ptr()) for buffer, tensor, _ in later] == [
+        (snapshot[tmp_path / "model.safetensors"]["w"].data_ptr(), weight.data_ptr())]
+    weight.mul_(5)  # before the writer copies: the step is allowed to change it only after wait_copied
+    with pytest.raises(RuntimeError, match="1 parameter or optimizer-state tensors changed in place while an async "
+                                           "save copied them.*engine.checkpointer.wait_copied()"):
+        _copy(later)
+    snapshot, later = _snapshot(files, {}, {weight.data_ptr()})
+    _copy(later)
+    weight.mul_(5)  # after the copy: the checkpoint keeps the values of the save
+    assert torch.equal(snapshot[tmp_path / "model.safetensors"]["w"], torch.full((3, 4), 5.0))
+
+
+def test_the_step_after_an_async_save_waits_for_its_copy_of_the_weights(tmp_path, monkeypatch):
+    """The writer sleeps before copying the parameters and optimizer state; the next optimizer step waits for
+    that copy, so the checkpoint holds the state of its step, byte for byte the synchronous save's."""
+    sync = resume_run.run(str(tmp_path / "sync"), steps=4, save_every=2)
+    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    asynchronous = resume_run.run(str(tmp_path / "async"), steps=4, save_every=2, async_save=True)
+    assert_same_run(sync, asynchronous)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "async" / "checkpoints" / "step-00000002" / name).read_bytes() == \
+            (tmp_path / "sync" / "checkpoints" / "step-00000002" / name).read_bytes()
+
+
+def test_weights_changed_outside_the_engine_during_an_async_copy_fail_that_save(tmp_path, monkeypatch):
+    from acctrain import Engine, TrainConfig
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=8, max_steps=2,
+                      async_save=True)
+    engine = Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate)
+    engine.fit()  # step-00000002
+    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    engine.state.step = 3
+    engine.save()
+    with torch.no_grad():
+        next(engine.unwrapped_model.parameters()).add_(1.0)  # without engine.checkpointer.wait_copied()
+    with pytest.raises(RuntimeError, match="changed in place while an async save copied them"):
+        engine.checkpointer.wait()
+    assert ckpts(tmp_path) == ["step-00000002"]
+    verify(tmp_path / "checkpoints" / "step-00000002")
+    engine.close()
 
 
 def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses(tmp_path):
@@ -149,7 +202,7 @@ def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses
     assert {k: (tuple(v.shape), v.dtype) for k, v in reserved.items()} == {
         ("model.safetensors", "big"): ((512, 1024), torch.float32), ("model.safetensors", "small"): ((6,), torch.int64)}
     buffers = dict(reserved)
-    snapshot = _snapshot({tmp_path / "model.safetensors": {"big": big, "small": small}}, buffers)
+    snapshot, _ = _snapshot({tmp_path / "model.safetensors": {"big": big, "small": small}}, buffers, set())
     for name, tensor in snapshot[tmp_path / "model.safetensors"].items():
         assert tensor.data_ptr() == reserved[("model.safetensors", name)].data_ptr(), name
     assert torch.equal(snapshot[tmp_path / "model.safetensors"]["big"], big)
