@@ -74,7 +74,7 @@ class TrainConfig:
     save_every_minutes: float = 30.0
     """Also save when this many minutes of training have passed since the last save (at the next step boundary, agreed by all ranks), so a crash loses at most that much; 0 turns it off."""
     async_save: bool = False
-    """Copy checkpoint tensors to CPU buffers kept for the run and write them in the background (same crash safety), so training pauses only for the copy."""
+    """Write checkpoints in a background thread (same crash safety), which also copies the weights and optimizer state to CPU buffers kept for the run before the next optimizer step changes them; training pauses only for the small state."""
     keep_last: int = 2
     """Keep the newest this many checkpoints (older ones are deleted after a new one is complete); 0 keeps all."""
     keep_best: str = ""
