@@ -21,7 +21,7 @@ from acctrain.bytelm import ByteLM, ModelConfig
 from acctrain.data import DataPlan
 from tests.support import TINY, launch
 from tests.support.tiny import VarLenTokens, collate, make_model, reference_sgd, rel_diff, token_loss
-from tests.workers import memory_run
+from tests.workers import auto_micro_run, memory_run
 from tests.workers.memory_run import BlockModel
 
 TWINS = [("blocks", "blocks-ac1-drop0.2", "blocks-ac0-drop0.2"), ("bytelm", "bytelm-ac1-drop0.2", "bytelm-ac0-drop0.2")]
@@ -278,3 +278,20 @@ def test_the_search_tries_divisors_from_the_per_rank_batch_down():
     assert search(40, 7) == (5, [40, 20, 10, 5])  # each next size a divisor, at most half the last
     assert search(36, 3) == (2, [36, 18, 9, 4, 2])  # 3 divides 36 but is not the largest divisor up to 9 // 2
     assert search(8, 0) == (0, [8, 4, 2, 1])
+
+
+def test_the_search_takes_the_largest_micro_batch_that_fits_and_leaves_the_model_as_it_was(tmp_path, capsys):
+    """The search on CPU, with a model that runs out of memory above 12 samples (tests/workers/auto_micro_run.py)."""
+    result = auto_micro_run.search(str(tmp_path))
+    assert result == {"rank": 0, "num_processes": 1, "micro_batch": 12, "accumulation": 4, "unchanged": True,
+                      "grads_left": 0}  # weights and BatchNorm statistics as before, no gradient
+    assert "micro_batch_size=auto: tried 48, 24, 12 on rank 0; 12 fits on every rank, accumulation 4" in \
+        capsys.readouterr().out
+
+
+def test_every_rank_takes_the_smallest_micro_batch_that_fits_on_any_rank(tmp_path):
+    launch(["-m", "tests.workers.auto_micro_run", str(tmp_path), "cpu"], nproc=2)
+    for rank in (0, 1):  # rank 0 fits its whole per-rank batch of 24, rank 1 only 3 (24, 12, 6 do not fit)
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"rank": rank, "num_processes": 2, "micro_batch": 3, "accumulation": 8, "unchanged": True,
+                          "grads_left": 0}
