@@ -121,8 +121,7 @@ def _job_plan(args: list[str]) -> tuple[TrainConfig, DataPlan, dict[str, str]]:
     train_set, _, _ = job_data(sections["data"], sections["model"])
     if not extra["world_size"].isdigit() or int(extra["world_size"]) < 1:
         raise ConfigError("world_size", f"must be an int >= 1, got {extra['world_size']!r}.")
-    plan = DataPlan(len(train_set), cfg.global_batch_size, cfg.micro_batch_size, int(extra["world_size"]),
-                    cfg.seed, cfg.epochs, cfg.max_steps)
+    plan = DataPlan.for_run(train_set, None, cfg, int(extra["world_size"]))
     return cfg, plan, extra
 
 
@@ -132,7 +131,11 @@ def plan_main(args: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    for key, value in plan.describe().items():
+    described = plan.describe()
+    if cfg.micro_batch_size == "auto":  # chosen on the GPUs at start-up
+        described.update(micro_batch=f"auto (the largest divisor of {plan.micro_batch} that fits)",
+                         accumulation=f"global_batch / (micro_batch x {plan.world_size})")
+    for key, value in described.items():
         print(f"{key:>16}: {value}")
     print(f"{'precision':>16}: {cfg.mixed_precision}\n{'schedule':>16}: {cfg.scheduler}")
     return 0

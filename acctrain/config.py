@@ -37,8 +37,8 @@ class TrainConfig:
     """Seed for model initialisation, data order (with the epoch) and dropout."""
     global_batch_size: int = 32
     """Samples per optimizer step, summed over all processes and accumulation micro-batches."""
-    micro_batch_size: int = 8
-    """Samples per forward pass on one process; accumulation = global / (micro x world size)."""
+    micro_batch_size: int | Literal["auto"] = 8
+    """Samples per forward pass on one process; accumulation = global / (micro x world size); 'auto' (CUDA only): the largest divisor of global / world size whose forward and backward fit on the GPU."""
     epochs: int = 1
     """Passes over the training set; ignored when `max_steps` is set."""
     max_steps: int = 0
@@ -101,17 +101,21 @@ class TrainConfig:
     """Shard parameters, gradients and optimizer state with FSDP2 (an Accelerate FSDP launch config also enables it)."""
     cpu_threads: int = 0
     """Torch threads per process when training on CPU; 0 means $OMP_NUM_THREADS if set (torchrun and accelerate launch set 1 unless you do), else available cores / processes on this node."""
+    activation_checkpointing: bool = False
+    """Keep only each repeated block's inputs in the forward and recompute the block in the backward: less activation memory for about one more forward of compute, the same gradients (dropout's RNG is replayed)."""
+    activation_checkpointing_block: str = ""
+    """Class name of the blocks to checkpoint (e.g. 'Block'); empty: the class repeated in an nn.ModuleList or nn.Sequential, or a Hugging Face model's own layers."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
         positive = ("global_batch_size", "micro_batch_size", "epochs", "log_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}.")
         for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads", "keep_last"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size != "auto" and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 "global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
@@ -132,6 +136,9 @@ class TrainConfig:
             raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.max_skipped_steps < 1:
             raise ConfigError("max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}.")
+        if self.activation_checkpointing_block and not self.activation_checkpointing:
+            raise ConfigError("activation_checkpointing_block", f"names {self.activation_checkpointing_block!r} but "
+                              "activation_checkpointing is false; set activation_checkpointing=true, or leave it empty.")
         if not self.resume:
             raise ConfigError("resume", "must be 'auto', 'none' or a checkpoint directory, got an empty string.")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
@@ -223,6 +230,13 @@ def _coerce_types(cfg: Any) -> None:
         setattr(cfg, f.name, _coerce(f.name, value, hints[f.name]))
 
 
+def _hint_name(hint: Any) -> str:
+    """A type as a message names it: `int`, or a Literal's values ('auto')."""
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -236,7 +250,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return _coerce(name, value, option)
             except ConfigError:
                 pass
-        raise ConfigError(name, f"expected {hint}, got {value!r}.")
+        raise ConfigError(name, f"expected {' or '.join(map(_hint_name, options))}, got {value!r}.")
     if origin is typing.Literal:  # a choice field: its values are its type
         if value is False and "no" in typing.get_args(hint):  # YAML 1.1 reads `mixed_precision: no` as False
             return "no"

@@ -76,8 +76,13 @@ class DataPlan:
     @classmethod
     def for_run(cls, train_data: Any, eval_data: Any, config: Any, world_size: int) -> DataPlan:
         """The plan of a run of `config` (a TrainConfig) on `train_data`, a map-style dataset or a stream."""
+        micro = config.micro_batch_size
+        if micro == "auto":  # the whole per-rank batch until acctrain.memory.fit_micro_batch finds what fits
+            from acctrain.memory import per_rank_batch
+
+            micro = per_rank_batch(config.global_batch_size, world_size)
         return cls(dataset_len=stream_length(train_data, eval_data, config) or len(train_data),
-                   global_batch=config.global_batch_size, micro_batch=config.micro_batch_size, world_size=world_size,
+                   global_batch=config.global_batch_size, micro_batch=micro, world_size=world_size,
                    seed=config.seed, epochs=config.epochs, max_steps=config.max_steps, stream=is_stream(train_data))
 
     @property

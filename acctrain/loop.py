@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, hf_data, loss_scaling, optim, run_lock, runtime, sharded
+from acctrain import agreement, checkpoint, hf_data, loss_scaling, memory, optim, run_lock, runtime, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -75,6 +75,9 @@ class Loop:
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(callbacks)
         self.state = TrainState()
+        # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
+        self.checkpointed_blocks = memory.checkpoint_activations(
+            model, config.activation_checkpointing_block) if config.activation_checkpointing else ""
         if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
             model.compile()
         fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
@@ -90,6 +93,9 @@ class Loop:
         # CPU batches are already where they must be; pinned host batches go to the GPU without blocking
         self._to_device = (lambda batch: batch) if device.type == "cpu" else (
             lambda batch: send_to_device(batch, device, non_blocking=True))
+        if config.micro_batch_size == memory.AUTO:  # the largest micro-batch that fits, the same on every rank
+            self.plan = memory.fit_micro_batch(self.plan, self.accelerator, self.unwrapped_model, train_data,
+                                               collate_fn, loss_fn)
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._signals = runtime.StopSignals()
@@ -415,7 +421,7 @@ class Loop:
         self.last_eval = {}
         if self.eval_data is None:
             return {}
-        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.config.micro_batch_size,
+        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.plan.micro_batch,
                          self.collate_fn, self._loss, self._item_dtype)
         self.last_eval = {"eval/loss": loss}
         self.accelerator.log(self.last_eval, step=self.state.step)
@@ -506,6 +512,7 @@ class Loop:
             self._summarised = True
         self.print("run plan: " + ", ".join(f"{k}={v}" for k, v in self.plan.describe().items())
                    + f", precision={cfg.mixed_precision}, schedule={self._schedule_name()}"
+                   + (f", activation_checkpointing={self.checkpointed_blocks}" if self.checkpointed_blocks else "")
                    + f", backend={runtime.backend()}, devices={runtime.local_devices(self.accelerator)}, "
                    + f"output_dir={cfg.output_dir}")
 

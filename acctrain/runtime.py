@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, seeds, sharded
+from acctrain import barrier, checkpoint, memory, seeds, sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import rng_from_files
@@ -44,6 +44,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         AcceleratorState._reset_state()
     # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
+    if plugin is not None:
+        memory.refuse_accelerate_checkpointing(plugin)  # acctrain's own replays dropout's RNG; Accelerate's does not
     accelerator = Accelerator(
         cpu=cpu,
         fsdp_plugin=plugin,
@@ -67,6 +69,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             f"launched {world_size} processes but the process group has {accelerator.num_processes}: "
             "they would train as independent jobs. Check the launcher and the accelerate config."
         )
+    memory.check_micro_batch(config, accelerator)  # 'auto' needs a GPU of its own on each rank
     return accelerator
 
 
