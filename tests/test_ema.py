@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from acctrain import ConfigError, Engine, TrainConfig
 from acctrain.ema import EMA
 from acctrain.errors import Preempted
+from acctrain.cli import main
 from acctrain.export import ema_state
-from tests.support import ckpts, launch, logged
+from tests.support import ckpts, launch, logged, overflow_at
 from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
 from tests.workers import ema_run
 
@@ -66,6 +67,24 @@ def test_the_average_is_the_one_computed_by_hand_and_skips_skipped_steps(tmp_pat
         assert torch.allclose(ema[name].double(), value, rtol=1e-6, atol=1e-7), name
     # the skipped step changed nothing: its weights are the previous step's, and the rule above never saw them
     assert all(torch.equal(run["seen"].after[2][1][n], run["seen"].after[3][1][n]) for n in expected)
+
+
+def test_an_overflow_a_grad_scaler_skips_does_not_update_the_average(tmp_path):
+    """fp16's path (GradScaler: overflow, skip, lower the scale) with torch's CPU GradScaler; on a GPU: test_gpu."""
+    from tests.test_precision import ScaledEngine
+
+    ema, seen = EMA(0.9), ema_run.Weights(every_step=True)
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4, max_steps=6, lr=1e-2, cpu=True)
+    engine = ScaledEngine(make_model(0), cfg, VarLenTokens(64), loss_fn=overflow_at(3), collate_fn=collate,
+                          callbacks=[ema, seen])
+    engine.fit()
+    engine.close()
+    assert engine.state.skipped_steps == 1 and engine.state.schedule_step == 5
+    assert engine.step_ops.scaler.get_scale() < 65536.0  # the scaler saw the overflow
+    expected, updates = by_hand(seen, 0.9, True, 1)
+    assert ema.updates == updates == 5
+    for name, value in expected.items():
+        assert torch.allclose(ema.weights[name].double(), value, rtol=1e-6, atol=1e-7), name
 
 
 def test_decay_warm_up_values():
@@ -162,3 +181,21 @@ def test_resuming_a_checkpoint_without_ema_starts_the_average_there(tmp_path, ca
     step4 = load_file(tmp_path / "checkpoints" / "step-00000004" / "model.safetensors")
     start = part(later["tensors"], "ema_start.")
     assert start.keys() == step4.keys() and all(torch.equal(start[n], step4[n]) for n in start)
+
+
+def test_under_fsdp_the_average_is_sharded_saved_whole_and_resumed_on_one_process(tmp_path, reference):
+    """2 FSDP processes stop after step 5 (each rank averages its shards), 1 FSDP process resumes; `acctrain export
+    --ema` joins nothing: the checkpoint holds the average whole."""
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "ema": DECAY, "fsdp": True})], nproc=2,
+           check=False)
+    assert ckpts(tmp_path) == ["step-00000005"] and (tmp_path / "checkpoints" / "step-00000005" / "sharded.json").is_file()
+    saved = saved_average(tmp_path / "checkpoints" / "step-00000005")
+    assert saved.keys() == part(reference["tensors"], "ema.").keys()
+    launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "ema": DECAY, "fsdp": True})], nproc=1)
+    resumed = load_file(tmp_path / "result-rank0.safetensors")
+    start = part(resumed, "ema_start.")
+    assert start.keys() == saved.keys() and all(torch.equal(start[n], saved[n]) for n in start)  # loaded exactly
+    assert rel_diff(part(resumed, "ema."), part(reference["tensors"], "ema.")) < 1e-5
+    assert main(["export", str(tmp_path), str(tmp_path / "ema.safetensors"), "--ema"]) == 0
+    exported = load_file(tmp_path / "ema.safetensors")
+    assert all(torch.equal(exported[n], t) for n, t in part(resumed, "ema.").items())
