@@ -169,14 +169,16 @@ class EMA(Callback):
         """Settings, update count and whole tensors (gathered from the shards under FSDP: every rank calls this)."""
         if self._loaded is not None:  # resumed, not yet placed: the same state goes on
             return dict(self._loaded)
-        return {"decay": self.decay, "warmup": self.warmup, "every": self.every, "updates": self.updates,
-                "weights": {n: _full(t) for n, t in self.weights.items()},
-                "buffers": {n: _full(t) for n, t in self.buffers.items()},
-                "aliases": dict(self.aliases)}
+        settings = {"decay": self.decay, "warmup": self.warmup, "every": self.every, "updates": self.updates}
+        if self._targets is None:  # saved before any fit: no average yet (a resume starts it then)
+            return {**settings, "weights": None, "buffers": None, "aliases": {}}
+        return {**settings, "weights": {n: _full(t) for n, t in self.weights.items()},
+                "buffers": {n: _full(t) for n, t in self.buffers.items()}, "aliases": dict(self.aliases)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.aliases = state["updates"], dict(state.get("aliases", {}))
-        self._loaded, self._targets, self._seen = state, None, None
+        self._loaded = state if state["weights"] is not None else None
+        self._targets, self._seen, self.weights, self.buffers = None, None, {}, {}
 
 
 def configured(callbacks: Sequence[Callback], ema_decay: float) -> list[Callback]:
@@ -220,7 +222,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def _like(saved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A whole saved tensor on `target`'s device, sharded like `target` when that is a DTensor (no communication:
     every rank holds the whole tensor and keeps its own slice)."""
-    saved = saved.to(target.device if not _is_dtensor(target) else target.to_local().device).clone()
+    saved = saved.to(target.to_local().device if _is_dtensor(target) else target.device, copy=True)
     if _is_dtensor(target):
         from torch.distributed.tensor import distribute_tensor
 

@@ -124,6 +124,7 @@ def ema_state(source: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from acctrain.checkpointer import callbacks_with_tensors
 
     states = [cb["state"] for cb in callbacks_with_tensors(meta, source)["callbacks"] if cb["class"] == "EMA"]
+    states = [state for state in states if state["weights"] is not None]  # saved before the average started
     if len(states) != 1:
         found = "no EMA state" if not states else f"{len(states)} EMA states"
         raise ExportError(f"{source} holds {found}; --ema exports the average of one EMA (train with ema_decay=0.999 "

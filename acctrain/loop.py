@@ -427,6 +427,8 @@ class Loop:
     @torch.no_grad()
     def eval_metrics(self) -> dict[str, float]:
         """The eval metrics of the model's weights as they are now (all ranks); nothing logged, fired or kept."""
+        if self.eval_data is None:
+            return {}
         loss = eval_loss(self.accelerator, self.model, self.eval_data, self.config.micro_batch_size,
                          self.collate_fn, self._loss, self._item_dtype)
         return {"eval/loss": loss}
