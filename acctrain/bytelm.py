@@ -103,6 +103,7 @@ class ByteLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.config = cfg  # its constructor's settings: what `acctrain export` records (acctrain_model.json)
         self.embed = nn.Embedding(cfg.vocab_size or 256, cfg.d_model)
         self.pos = nn.Embedding(cfg.context_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))

@@ -36,6 +36,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -257,14 +258,24 @@ def rotate(output_dir: str | Path, keep_last: int, keep_best: str = "", mode: st
             print(f"warning: keep_best={keep_best!r} is none of {newest.name}'s metrics {sorted(saved)}: no "
                   "checkpoint is deleted (the Engine refuses this keep_best after the evaluation)")
             return []
-    if keep_best:
-        scored = [(m, p) for p in complete if (m := _metric(p, keep_best)) is not None]
-        if scored:
-            keep.add((min if mode == "min" else max)(scored, key=lambda mp: mp[0])[1])
+    best = best_checkpoint(output_dir, keep_best, mode, newest) if keep_best else None
+    if best is not None:
+        keep.add(best)
     deleted = [p for p in complete if p not in keep]
     for path in deleted:
         _remove(_move_aside(path))
     return deleted
+
+
+def best_checkpoint(output_dir: str | Path, metric: str, mode: str = "min", newest: Path | None = None) -> Path | None:
+    """The complete checkpoint with the best finite `metric` of its trainer_state.json (the newest of equals),
+    among those numbered up to `newest` (all when None); None when none holds it. What rotation keeps by
+    `keep_best`, and what `load_best_at_end` loads."""
+    complete = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
+    if newest is not None:
+        complete = [p for p in complete if _step_of(p) <= _step_of(newest)]
+    scored = [(m, p) for p in complete if isinstance(m := _metric(p, metric), (int, float)) and math.isfinite(m)]
+    return (min if mode == "min" else max)(scored, key=lambda mp: mp[0])[1] if scored else None
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -166,23 +166,33 @@ class Checkpointer:
 
     def find(self) -> Path | None:
         """The checkpoint that `config.resume` selects, verified, or None; every rank gets the same answer."""
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         if cfg.resume == "none":
             if checkpoint.has_checkpoints(cfg.output_dir) and not cfg.overwrite:
                 raise ConfigError("resume", f"{cfg.output_dir} already holds checkpoints; use resume=auto to "
                                   "continue that run, or overwrite=true to delete them and start afresh.")
             return None
+
+        def select() -> Path | None:
+            if cfg.resume != "auto":
+                checkpoint.verify(Path(cfg.resume))
+                return Path(cfg.resume)
+            path, skipped = checkpoint.find_resumable(cfg.output_dir)
+            for message in skipped:
+                warnings.warn(message)
+                print(f"warning: {message}")
+            return path
+
+        return self._chosen_on_main(select)
+
+    def _chosen_on_main(self, choose: Callable[[], Path | None]) -> Path | None:
+        """`choose()` run on the main process only (verifying reads every byte: once), its answer - a path, None
+        or a CheckpointError, raised - shared with every rank."""
+        acc = self.accelerator
         choice: list[Any] = [None]
-        if acc.is_main_process:  # verifying reads every byte: once, then shared with the other ranks
+        if acc.is_main_process:
             try:
-                if cfg.resume == "auto":
-                    path, skipped = checkpoint.find_resumable(cfg.output_dir)
-                    for message in skipped:
-                        warnings.warn(message)
-                        print(f"warning: {message}")
-                else:
-                    path = Path(cfg.resume)
-                    checkpoint.verify(path)
+                path = choose()
                 choice = [str(path) if path else None]
             except checkpoint.CheckpointError as err:
                 choice = [err]
@@ -190,6 +200,34 @@ class Checkpointer:
         if isinstance(choice[0], Exception):
             raise choice[0]
         return Path(choice[0]) if choice[0] is not None else None
+
+    def load_best(self, model: torch.nn.Module, newest: Path | None) -> Path | None:
+        """load_best_at_end: the weights of the best checkpoint by `keep_best` (among those up to `newest`, the
+        run's last) into `model`, verified first; returns its path, or None, said, when none holds the metric.
+
+        Weights only, as the HF Trainer's `load_best_model_at_end`: the optimizer state, the step counter, the
+        schedule and the callbacks' state stay those of the end of training, and so does the last checkpoint,
+        which a resume continues from.
+        """
+        cfg, acc = self.config, self.accelerator
+
+        def select() -> Path | None:
+            best = checkpoint.best_checkpoint(cfg.output_dir, cfg.keep_best, cfg.keep_best_mode, newest)
+            if best is not None:
+                checkpoint.verify(best)
+            return best
+
+        best = self._chosen_on_main(select)
+        if best is None:
+            if acc.is_main_process:
+                print(f"warning: load_best_at_end: no checkpoint in {cfg.output_dir} holds {cfg.keep_best!r}; the "
+                      "model keeps the weights it ended training with")
+            return None
+        if sharded.is_fsdp(acc):
+            sharded.load_sharded(acc, model, None, best)
+        else:
+            load_model_state(acc.unwrap_model(model), checkpoint.read_tensors(best / "model.safetensors"), best)
+        return best
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              plan: dict[str, Any], settings: dict[str, Any] = {}) -> tuple[dict[str, Any], tuple | None]:

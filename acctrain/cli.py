@@ -3,7 +3,8 @@
     acctrain train [CONFIG] [key=value ...]   # train the embedded byte-level LM (or what CONFIG says)
     acctrain plan  [CONFIG] [key=value ...]   # print the run plan for WORLD_SIZE (or world_size=N) and exit
     acctrain plot-schedule [CONFIG] [key=value ...] [out=PATH]   # PNG of lr and momentum per optimizer step
-    acctrain export CHECKPOINT OUT.safetensors   # one weights file (FSDP shards joined), plain names, settings in its metadata
+    acctrain export CHECKPOINT OUT.safetensors [--ema]   # one weights file (FSDP shards joined), plain names, settings in its metadata
+    acctrain export CHECKPOINT OUT_DIR [--ema]   # a directory: from_pretrained's for a Transformers model, else weights + acctrain_model.json
     acctrain lr-find [CONFIG] [key=value ...] [num_it=N]   # LR range test: suggestions and lr_find.png
     acctrain summary [CONFIG] [key=value ...]   # parameter counts per module, trainable and frozen
     acctrain tokenize FILE... --out OUT.bin [--tokenizer bytes|tiktoken:NAME|tokenizers:PATH]   # a token file for data.path
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -171,20 +171,24 @@ def _has_matplotlib(command: str) -> bool:
 
 
 def export_main(args: list[str]) -> int:
-    """`acctrain export CHECKPOINT OUT.safetensors`: the model weights as one file with plain names, and the
-    job's settings (`model.*`, ...) as JSON under the file's metadata key "acctrain.settings".
+    """`acctrain export CHECKPOINT OUT [--ema]`: the model for others to load (acctrain.export). OUT.safetensors:
+    the weights as one file with plain names, the job's settings (`model.*`, ...) as JSON under the file's
+    metadata key "acctrain.settings"; another OUT: a directory, what `from_pretrained` loads for a Transformers
+    model, else model.safetensors and acctrain_model.json (the model's class and constructor settings).
+    `--ema` exports the EMA callback's average instead of the trained weights.
 
     CHECKPOINT may also be a run's output_dir: its newest complete checkpoint is exported (and named).
     """
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
-
-    from acctrain import checkpoint, sharded
+    from acctrain import checkpoint
     from acctrain.checkpointer import check_format
+    from acctrain.export import ExportError, export
 
+    ema = "--ema" in args
+    args = [a for a in args if a != "--ema"]
     if len(args) != 2:
-        print("usage: acctrain export CHECKPOINT_DIR|RUN_DIR OUT.safetensors", file=sys.stderr)
+        print("usage: acctrain export CHECKPOINT_DIR|RUN_DIR OUT.safetensors|OUT_DIR [--ema]", file=sys.stderr)
         return 2
     source, out = Path(args[0]), Path(args[1])
     try:
@@ -192,18 +196,10 @@ def export_main(args: list[str]) -> int:
             source = _newest_checkpoint(source)
         checkpoint.verify(source)
         check_format(source)  # a newer acctrain's checkpoint: say so, rather than export what may not fit
-    except CheckpointError as err:
+        print(export(source, out, ema=ema))
+    except (CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    settings = checkpoint.read_json(source / "trainer_state.json").get("settings", {})
-    if sharded.is_sharded_checkpoint(source):
-        sharded.consolidate(source, out)  # offline: joins the FSDP shards, no process group needed
-        tensors = load_file(out)
-    else:
-        tensors = load_file(source / "model.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata={"acctrain.settings": json.dumps(settings, sort_keys=True)})
-    print(f"wrote {out} (from {source})")
     return 0
 
 

@@ -81,6 +81,10 @@ class TrainConfig:
     """Also keep the checkpoint with the best value of this eval metric (e.g. 'eval/loss'); empty: off."""
     keep_best_mode: Literal["min", "max"] = "min"
     """Whether the best `keep_best` value is the 'min' or the 'max'."""
+    load_best_at_end: bool = False
+    """At the end of fit, load the weights of the best checkpoint by `keep_best` into the model (weights only: the optimizer state and step counter stay those of the end)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay per optimizer step (acctrain.ema.EMA: warm-up, checkpointed, evaluated as eval_ema/*); 0: off."""
     resume: str = "auto"
     """'auto': continue from the newest verified checkpoint in output_dir if any; 'none': start fresh; or a checkpoint path."""
     overwrite: bool = False
@@ -139,6 +143,11 @@ class TrainConfig:
         if self.activation_checkpointing_block and not self.activation_checkpointing:
             raise ConfigError("activation_checkpointing_block", f"names {self.activation_checkpointing_block!r} but "
                               "activation_checkpointing is false; set activation_checkpointing=true, or leave it empty.")
+        if self.load_best_at_end and not self.keep_best:
+            raise ConfigError("load_best_at_end", "needs keep_best to name the eval metric that picks the best "
+                              "checkpoint, e.g. keep_best=eval/loss (with keep_best_mode min or max).")
+        if not (0 <= self.ema_decay < 1):
+            raise ConfigError("ema_decay", f"must be in [0, 1) (0 turns the EMA off), e.g. 0.999; got {self.ema_decay}.")
         if not self.resume:
             raise ConfigError("resume", "must be 'auto', 'none' or a checkpoint directory, got an empty string.")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, hf_data, loss_scaling, memory, optim, run_lock, runtime, sharded
+from acctrain import agreement, checkpoint, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, sharded
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer
@@ -67,13 +67,11 @@ class Loop:
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
         self.schedule = self._build_schedule("constant" if self.lr_scheduler else schedule or config.scheduler)
-        if config.keep_best and eval_data is None:
-            raise ConfigError("keep_best", f"{config.keep_best!r} needs evaluations: pass eval_data to the Engine.")
-        if self.schedule.name == "reduce_on_plateau" and eval_data is None:
-            raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
+        if eval_data is None:
+            self._refuse_without_eval_data()
         self.train_data, self.eval_data = train_data, eval_data
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
-        self.callbacks = Callbacks(callbacks)
+        self.callbacks = Callbacks(ema.configured(callbacks, config.ema_decay))
         self.state = TrainState()
         # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
         self.checkpointed_blocks = memory.checkpoint_activations(
@@ -109,6 +107,8 @@ class Loop:
         self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
         self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
         self.feed, self._stream_state = None, None  # the run's data; a stream's position at the resumed step
+        self.best_checkpoint: Path | None = None
+        """With load_best_at_end: the checkpoint whose weights the model holds after fit."""
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -132,6 +132,7 @@ class Loop:
                    "longer raise max_steps or epochs (the schedule then stretches to the new length); to start "
                    "over use resume=none overwrite=true, or another output_dir.")
         self.checkpoint_path = path  # the run's last checkpoint, as after a fit that trained
+        self._load_best_at_end()
         return dict(self._saved_metrics)
 
     def _fit(self) -> dict[str, float]:
@@ -180,6 +181,7 @@ class Loop:
             self._flush()
         self.save()
         self.checkpointer.wait()  # fit returns with its last checkpoint committed
+        self._load_best_at_end()
         self._fire("after_fit")
         return dict(self.metrics.last, **self.last_eval)
 
@@ -421,9 +423,7 @@ class Loop:
         self.last_eval = {}
         if self.eval_data is None:
             return {}
-        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.plan.micro_batch,
-                         self.collate_fn, self._loss, self._item_dtype)
-        self.last_eval = {"eval/loss": loss}
+        self.last_eval = self.eval_metrics()
         self.accelerator.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
         self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
@@ -431,6 +431,34 @@ class Loop:
         self._fire("after_evaluate")
         self._check_keep_best(self.last_eval)
         return self.last_eval
+
+    @torch.no_grad()
+    def eval_metrics(self) -> dict[str, float]:
+        """The eval metrics of the model's weights as they are now (all ranks); nothing logged, fired or kept."""
+        if self.eval_data is None:
+            return {}
+        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.plan.micro_batch,
+                         self.collate_fn, self._loss, self._item_dtype)
+        return {"eval/loss": loss}
+
+    def _refuse_without_eval_data(self) -> None:
+        """Refuse the settings that need evaluations, naming each, when the Engine has no eval data."""
+        cfg = self.config
+        if cfg.load_best_at_end:
+            raise ConfigError("load_best_at_end", "the best checkpoint is chosen by evaluations: pass eval_data to "
+                              "the Engine, or set load_best_at_end=false.")
+        if cfg.keep_best:
+            raise ConfigError("keep_best", f"{cfg.keep_best!r} needs evaluations: pass eval_data to the Engine.")
+        if self.schedule.name == "reduce_on_plateau":
+            raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
+
+    def _load_best_at_end(self) -> None:
+        """load_best_at_end: the best checkpoint's weights into the model (weights only; see acctrain.checkpointer)."""
+        if self.config.load_best_at_end:
+            self.best_checkpoint = self.checkpointer.load_best(self.model, newest=self.checkpoint_path)
+            if self.best_checkpoint is not None:
+                self.print(f"load_best_at_end: the model holds the weights of {self.best_checkpoint} (best "
+                           f"{self.config.keep_best}); optimizer state and step counter are those of step {self.state.step}")
 
     def _check_keep_best(self, metrics: dict[str, float]) -> None:
         """Refuse a keep_best that evaluation does not give (rotation would protect nothing and delete the best)."""
@@ -482,6 +510,7 @@ class Loop:
             "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
             "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
             "callbacks": self.callbacks.state_dict(),
+            "model": export.model_record(self.unwrapped_model),  # what `acctrain export` writes it as
             "stream": self.feed.reader.state_dict() if self.plan.stream and self.feed else None,
             "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
                         **(self.last_eval if self._eval_step == self.state.step else {})},

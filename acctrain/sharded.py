@@ -193,19 +193,25 @@ def load_sharded(accelerator, model, optimizer, directory) -> None:
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
 
 
-def consolidate(directory, out_file) -> Path:
-    """Join the model shards of a checkpoint into one safetensors file with plain parameter names.
+def full_state(directory) -> dict[str, torch.Tensor]:
+    """The model shards of a checkpoint joined: whole tensors (on the CPU) with plain parameter names.
 
     Offline: one process, no process group. Holds the full model in memory once.
     """
-    from safetensors.torch import save_file
-
     manifest = read_manifest(directory)
     reader = _reader(Path(directory) / "model", manifest["model"])
     full = {k: torch.empty(md.size, dtype=md.properties.dtype)
             for k, md in reader.read_metadata().state_dict_metadata.items()}
     with _single_process_ok():
         dcp.load(full, storage_reader=reader, no_dist=True)
+    return full
+
+
+def consolidate(directory, out_file) -> Path:
+    """Join the model shards of a checkpoint into one safetensors file with plain parameter names (`full_state`)."""
+    from safetensors.torch import save_file
+
+    full = full_state(directory)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(full, str(out_file), metadata={"format": "pt"})

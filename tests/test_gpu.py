@@ -211,3 +211,22 @@ def test_verdict_read_a_step_late_on_cuda_is_the_synchronous_run(tmp_path, nan_a
     a, b = (load_file(tmp_path / name / "result.safetensors") for name in ("late", "now"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ckpts(tmp_path / "late") == ckpts(tmp_path / "now")
+
+
+def test_an_fp16_overflow_skipped_step_does_not_update_the_ema(tmp_path):
+    from acctrain.ema import EMA
+    from tests.test_ema import by_hand
+    from tests.workers.ema_run import Weights
+
+    ema, seen = EMA(decay=0.9), Weights(every_step=True)
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4, max_steps=6, lr=1e-2,
+                      mixed_precision="fp16", warmup_steps=2, log_every=1)
+    engine = Engine(make_model(0), cfg, VarLenTokens(64), loss_fn=overflow_at(3), collate_fn=collate,
+                    callbacks=[ema, seen])
+    engine.fit()
+    assert engine.state.skipped_steps == 1 and engine.state.schedule_step == 5
+    expected, updates = by_hand(seen, 0.9, True, 1)
+    assert ema.updates == updates == 5
+    for name, value in expected.items():
+        assert ema.weights[name].is_cuda and ema.weights[name].dtype == torch.float32
+        assert torch.allclose(ema.weights[name].double().cpu(), value.cpu(), rtol=1e-6, atol=1e-7), name
