@@ -78,6 +78,11 @@ class Callback:
 
     order = 0  # callbacks run in increasing order (stable for equal values)
 
+    def adds_metrics(self, names: list[str]) -> list[str]:
+        """The eval metrics this callback adds to `engine.last_eval` in after_evaluate, given those before it:
+        declared, so that settings and callbacks watching them are checked when the Engine is made."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -127,8 +132,8 @@ class Callbacks:
 def metric(engine, name: str, user: str) -> float:
     """An eval metric by name, or an error naming the metrics there are."""
     if name not in engine.last_eval:
-        raise ValueError(f"{user}: no evaluation metric {name!r}; there are {sorted(engine.last_eval)}. A custom metric "
-                       "must be added to engine.last_eval by a callback with a lower `order` (the default 0 is).")
+        raise ValueError(f"{user}: no evaluation metric {name!r}; there are {sorted(engine.last_eval)}. A callback "
+                         "that adds one must declare it (adds_metrics) and have a lower `order` (the default 0 is).")
     return engine.last_eval[name]
 
 

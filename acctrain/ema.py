@@ -87,6 +87,9 @@ class EMA(Callback):
         if applied % self.every == 0:
             self._update()
 
+    def adds_metrics(self, names: list[str]) -> list[str]:
+        return ["eval_ema/" + name.split("/", 1)[-1] for name in names if name.startswith("eval/")] if self.evaluate else []
+
     def after_evaluate(self, engine) -> None:
         if not self.evaluate:
             return

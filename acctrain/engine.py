@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from acctrain import hf_data, predict
 from acctrain.callbacks import Callbacks
 from acctrain.loop import Loop
 from acctrain.optim import reference_group, select
@@ -32,6 +33,22 @@ from acctrain.tracking import MetricLog
 class Engine(Loop):
     """Trains `model` on `train_data` with the batch geometry, schedule and precision of `config`; see Loop
     for the arguments."""
+
+    # ------------------------------------------------------------------------------------ inference
+
+    def predict(self, dataset: Sequence, out_dir: str | Path | None = None, forward: Callable | None = None,
+                micro_batch_size: int | None = None) -> Any:
+        """The model's output for every sample of `dataset` once, in dataset order, on every rank: a CPU tensor
+        (or a list, when the samples' shapes differ); with `out_dir`, written there per rank and its path
+        returned (`acctrain.predict.read_predictions` reads it). No gradients, the model in eval mode, the run's
+        precision; `forward(model, batch)` calls the model (default: `model(**batch)` without labels, or the
+        inputs of a tuple batch). Outside fit it first resumes as fit would (resume=auto: the checkpoint's
+        weights). With an EMA callback, `with ema.applied(engine): engine.predict(...)` uses the average."""
+        self.resume()
+        self._settle()
+        dataset, _, collate = hf_data.adapt(self.unwrapped_model, dataset, None, self.collate_fn, self.loss_fn)
+        return predict.predict(self.accelerator, self.model, dataset, micro_batch_size or self.plan.micro_batch,
+                               collate, forward, out_dir)
 
     # ------------------------------------------------------------------------------------ trials
 

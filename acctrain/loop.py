@@ -23,11 +23,12 @@ from accelerate.utils import send_to_device
 
 from acctrain import agreement, checkpoint, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, sharded
 from acctrain.agreement import Policy, Requests, Verdict
-from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
+from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Feed, Window
-from acctrain.evaluation import eval_loss
+from acctrain import metrics as metrics_module
+from acctrain.evaluation import evaluate
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 from acctrain.optim import LrReadout, apply_schedule, build_optimizer
 from acctrain.readback import Readback
@@ -55,6 +56,7 @@ class Loop:
         collate_fn: Callable | None = None,
         schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
         settings: dict[str, Any] | None = None,
+        metrics: Sequence | dict | None = None,
     ):
         train_data, eval_data, collate_fn = hf_data.adapt(model, train_data, eval_data, collate_fn, loss_fn)
         self.config = config
@@ -72,6 +74,9 @@ class Loop:
         self.train_data, self.eval_data = train_data, eval_data
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(ema.configured(callbacks, config.ema_decay))
+        self.measures = metrics_module.build(metrics)
+        """The eval metrics beside eval/loss (acctrain.metrics), from `metrics=`."""
+        metrics_module.check_watched(self._watched_metrics(), self.eval_metric_names())
         self.state = TrainState()
         # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
         self.checkpointed_blocks = memory.checkpoint_activations(
@@ -426,8 +431,9 @@ class Loop:
         self.last_eval = self.eval_metrics()
         self.accelerator.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
-        self.schedule.on_evaluate(self.last_eval["eval/loss"])  # identical on all ranks: reduced above
-        self.print(f"eval at step {self.state.step} | loss {self.last_eval['eval/loss']:.4f}")
+        self.schedule.on_evaluate(self.last_eval[self.schedule.watches])  # identical on all ranks: reduced above
+        self.print(f"eval at step {self.state.step} | " + ", ".join(
+            f"{name.removeprefix('eval/')} {value:.4f}" for name, value in self.last_eval.items()))
         self._fire("after_evaluate")
         self._check_keep_best(self.last_eval)
         return self.last_eval
@@ -437,9 +443,25 @@ class Loop:
         """The eval metrics of the model's weights as they are now (all ranks); nothing logged, fired or kept."""
         if self.eval_data is None:
             return {}
-        loss = eval_loss(self.accelerator, self.model, self.eval_data, self.plan.micro_batch,
-                         self.collate_fn, self._loss, self._item_dtype)
-        return {"eval/loss": loss}
+        return evaluate(self.accelerator, self.model, self.eval_data, self.plan.micro_batch, self.collate_fn,
+                        self._loss, self._item_dtype, self.measures, self.unwrapped_model)
+
+    def eval_metric_names(self) -> list[str]:
+        """What each evaluation gives: eval/loss, the metrics, and what callbacks add (`Callback.adds_metrics`)."""
+        names = ["eval/loss", *(f"eval/{m.name}" for m in self.measures)] if self.eval_data is not None else []
+        for cb in self.callbacks.items:
+            names += cb.adds_metrics(list(names))
+        return names
+
+    def _watched_metrics(self) -> dict[str, str]:
+        """The metric names that settings and callbacks watch, by the field that names each."""
+        watched = {"keep_best": self.config.keep_best} if self.config.keep_best else {}
+        if self.schedule.name == "reduce_on_plateau":
+            watched["schedule_args.metric"] = self.schedule.watches
+        for cb in self.callbacks.items:
+            if isinstance(cb, (EarlyStopping, SaveBest)):
+                watched[f"{type(cb).__name__}.metric"] = cb.metric
+        return watched
 
     def _refuse_without_eval_data(self) -> None:
         """Refuse the settings that need evaluations, naming each, when the Engine has no eval data."""

@@ -31,7 +31,8 @@ Schedules and their `schedule_args` (defaults):
 - step (step_size required, gamma=0.1): gamma ** (k // step_size), as torch's StepLR.
 - multistep (milestones required, gamma=0.1): gamma ** (milestones <= k), as torch's MultiStepLR.
 - exponential (gamma required): gamma ** k.
-- reduce_on_plateau (mode="min", factor=0.1, patience=10, threshold=1e-4, min_factor=0, eps=1e-8): changes
+- reduce_on_plateau (mode="min", factor=0.1, patience=10, threshold=1e-4, min_factor=0, eps=1e-8,
+  metric="eval/loss", the eval metric it watches): changes
   only in `on_evaluate`, exactly as torch's ReduceLROnPlateau with threshold_mode="rel" and one param group
   at lr 1 (tests/test_schedules.py compares them): an improvement is metric < best * (1 - threshold)
   ("min"; > best * (1 + threshold) for "max"), the best starting at +inf (-inf), so an infinite or NaN
@@ -108,7 +109,7 @@ _ARGS = {  # schedule -> its schedule_args and their defaults
     "multistep": {"milestones": _REQUIRED, "gamma": 0.1},
     "exponential": {"gamma": _REQUIRED},
     "reduce_on_plateau": {"mode": "min", "factor": 0.1, "patience": 10, "threshold": 1e-4, "min_factor": 0.0,
-                          "eps": 1e-8},
+                          "eps": 1e-8, "metric": "eval/loss"},
 }
 SCHEDULES = tuple(_ARGS)
 
@@ -142,6 +143,8 @@ _CHECKS = {  # arg -> (is it valid, what a valid value is)
     "threshold": (lambda v: _num(v) and v >= 0, "a number >= 0: the relative improvement that counts, e.g. 1e-4"),
     "min_factor": (lambda v: _num(v) and 0 <= v <= 1, "the lowest lr factor, in [0, 1]"),
     "eps": (lambda v: _num(v) and v >= 0, "a number >= 0: the smallest change of the lr factor that is made, e.g. 1e-8"),
+    "metric": (lambda v: isinstance(v, str) and v.startswith("eval"), "an eval metric's name, e.g. 'eval/loss' or "
+               "'eval/accuracy' (with mode 'max')"),
 }
 
 
@@ -272,6 +275,11 @@ class Schedule:
     def __repr__(self):
         return (f"Schedule({self.name!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
                 f"args={self.args})")
+
+    @property
+    def watches(self) -> str:
+        """The eval metric `on_evaluate` is given: reduce_on_plateau's `metric`, else eval/loss (ignored)."""
+        return self.args.get("metric", "eval/loss")
 
     def lr_factor(self, k: int) -> float:
         """The multiplier of every base lr for update k+1, after k applied optimizer steps."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from acctrain import Callback, Engine, TrainConfig
-from acctrain.callbacks import EarlyStopping
+from acctrain.callbacks import EarlyStopping, SaveBest
 from acctrain.errors import ConfigError
 from tests.support.events import logged
 from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
@@ -105,10 +105,11 @@ def test_a_recipe_after_fit_gets_its_own_place_and_a_relaunch_trains_nothing(tmp
 # ---- keep_best and EarlyStopping on metrics ------------------------------------------------------------------------
 
 
-def test_a_mistyped_keep_best_is_refused_at_the_first_evaluation(tmp_path):
-    with pytest.raises(ConfigError, match="eval/loss") as err:
+def test_a_mistyped_keep_best_is_refused_when_the_engine_is_made(tmp_path):
+    with pytest.raises(ConfigError, match=r"watches 'eval/los', which no evaluation gives; the metrics are "
+                                          r"\['eval/loss'\]") as err:
         fit(tmp_path, keep_best="eval/los")
-    assert err.value.field == "keep_best"
+    assert err.value.field == "keep_best" and not (tmp_path / "checkpoints").exists()
     with pytest.raises(ConfigError) as err:
         engine(tmp_path / "no_eval", eval_data=False, keep_best="eval/loss")
     assert err.value.field == "keep_best" and not (tmp_path / "no_eval").exists()
@@ -122,20 +123,23 @@ def test_a_mistyped_keep_best_is_refused_on_resume_before_the_best_is_deleted(tm
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
 
 
-def test_rotation_deletes_nothing_for_a_keep_best_that_no_evaluation_gives(tmp_path, capsys):
-    """The Engine refuses it after the evaluation; SaveBest's save inside that evaluation rotates first."""
-    from acctrain.callbacks import SaveBest
+class Undeclared(Callback):
+    def after_evaluate(self, engine):
+        engine.last_eval["eval/acc"] = 0.5
 
-    with pytest.raises(ConfigError):
-        fit(tmp_path, callbacks=[SaveBest()], max_steps=4, save_every=1, keep_last=1, eval_every=4,
-            keep_best="eval/los")
-    assert "no checkpoint is deleted" in capsys.readouterr().out
-    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == [
-        "step-00000003", "step-00000004"]  # keep_last=1 kept step 4; step 3 survived the rotation after SaveBest
+
+def test_a_callback_that_adds_an_undeclared_metric_cannot_be_watched(tmp_path):
+    """A metric a callback adds without declaring it (adds_metrics) is refused at start-up by whatever watches it."""
+    with pytest.raises(ConfigError, match=r"watches 'eval/acc'") as err:
+        fit(tmp_path, callbacks=[SaveBest("eval/acc", mode="max"), Undeclared()], max_steps=4)
+    assert err.value.field == "SaveBest.metric" and not (tmp_path / "checkpoints").exists()
 
 
 class Accuracy(Callback):
     """A custom metric, added to last_eval after each evaluation: it never improves."""
+
+    def adds_metrics(self, names):
+        return ["eval/acc"]
 
     def after_evaluate(self, engine):
         engine.last_eval["eval/acc"] = 0.5
@@ -147,7 +151,7 @@ def test_early_stopping_on_a_custom_metric_listed_before_its_producer(tmp_path):
     e.fit()
     assert e.state.step == 2 and stop.best == 0.5  # evaluated twice without improving: stopped
     e.close()
-    typo = engine(tmp_path / "typo", callbacks=[EarlyStopping("eval/accuracy")], max_steps=2)
-    with pytest.raises(ValueError, match=r"no evaluation metric 'eval/accuracy'; there are \['eval/loss'\]"):
-        typo.fit()
-    typo.close()
+    with pytest.raises(ConfigError, match=r"watches 'eval/accuracy', which no evaluation gives; the metrics are "
+                                          r"\['eval/acc', 'eval/loss'\]") as err:
+        engine(tmp_path / "typo", callbacks=[EarlyStopping("eval/accuracy"), Accuracy()], max_steps=2)
+    assert err.value.field == "EarlyStopping.metric" and not (tmp_path / "typo").exists()

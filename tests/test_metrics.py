@@ -1,0 +1,130 @@
+"""Eval metrics (acctrain.metrics) and predict: exact over ranks, against references made by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from acctrain import Callback, ConfigError, Engine, TrainConfig
+from acctrain.callbacks import EarlyStopping, SaveBest
+from acctrain.metrics import Accuracy, EvalBatch, Mean, Perplexity, build
+from tests.support import launch
+from tests.workers import metrics_run
+from tests.workers.metrics_run import EVAL_LEN
+
+WORKER = ["-m", "tests.workers.metrics_run"]
+
+
+def check(result: dict) -> None:
+    """The Engine's metrics equal the hand-made references; predict gave model(x) for every sample, in order."""
+    got, ref = result["last_eval"], result["reference"]
+    assert set(got) == {"eval/loss", "eval/accuracy", "eval/top2", "eval/perplexity", "eval/margin2"} | (
+        {"eval/tm_accuracy"} if "eval/tm_accuracy" in got else set())
+    for name in ("eval/accuracy", "eval/top2", "eval/tm_accuracy"):  # counts: exact
+        if name in got:
+            assert got[name] == pytest.approx(ref[name], abs=1e-6), name  # float32 under torchmetrics
+    for name in ("eval/loss", "eval/perplexity", "eval/margin2"):
+        assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    assert result["predict_shape"] == [EVAL_LEN, metrics_run.CLASSES]
+    assert result["predict_max_diff"] < 1e-6 and result["predict_same_on_disk"]
+
+
+def test_metrics_and_predict_on_one_process_equal_the_hand_made_reference(tmp_path):
+    result = metrics_run.run(str(tmp_path))
+    assert result["num_processes"] == 1
+    check(result)
+    assert 0 < result["last_eval"]["eval/accuracy"] < 1  # a value that a mistake could change
+
+
+def test_metrics_and_predict_on_two_processes_equal_the_hand_made_reference(tmp_path):
+    """37 eval samples over 2 ranks in micro-batches of 4: no padding, no duplicate; every rank gets the
+    same metrics and all 37 predictions in order."""
+    launch([*WORKER, str(tmp_path)], nproc=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for result in ranks:
+        assert result["num_processes"] == result["world_size_env"] == 2
+        check(result)
+    assert ranks[0]["last_eval"] == ranks[1]["last_eval"]
+
+
+def test_accuracy_counts_only_labelled_items_and_shifts_for_a_causal_lm():
+    logits = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])  # predicts 1, 0, 2
+    labels = torch.tensor([[1, -100, 0]])
+    batch = EvalBatch(logits, {"labels": labels}, torch.tensor(0.0), 1)
+    assert Accuracy().update(batch).tolist() == [1.0, 2.0]  # position 1 ignored, position 2 wrong
+    shifted = EvalBatch(logits, {"labels": torch.tensor([[5, 1, 0]])}, torch.tensor(0.0), 1)
+    assert Accuracy(shift=True).update(shifted).tolist() == [2.0, 2.0]  # logits t against label t+1
+    assert Accuracy(top_k=2).name == "top2_accuracy" and Accuracy().compute(torch.tensor([3.0, 4.0])) == 0.75
+    assert Perplexity().compute(torch.tensor([2.0, 1.0])) == pytest.approx(math.exp(2.0))
+    assert Mean("m", lambda b: b.logits.sum(-1)).update(batch).tolist() == [6.0, 3.0]
+
+
+def engine(tmp_path, **kw):
+    metrics = kw.pop("metrics", {"accuracy": Accuracy()})
+    callbacks = kw.pop("callbacks", ())
+    cfg = TrainConfig(**{"output_dir": str(tmp_path / "run"), "global_batch_size": 8, "micro_batch_size": 4,
+                         "max_steps": 2, "log_with": "", "cpu": True, **kw})
+    return Engine(metrics_run.model(), cfg, metrics_run.data(16, 0), metrics_run.data(8, 1),
+                  loss_fn=metrics_run.loss_fn, metrics=metrics, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("watcher, field", [
+    ({"keep_best": "eval/acuracy"}, "keep_best"),
+    ({"callbacks": [EarlyStopping("eval/acuracy", mode="max")]}, "EarlyStopping.metric"),
+    ({"callbacks": [SaveBest("eval/acuracy", mode="max")]}, "SaveBest.metric"),
+    ({"scheduler": "reduce_on_plateau", "schedule_args": {"metric": "eval/acuracy", "mode": "max"}},
+     "schedule_args.metric"),
+])
+def test_a_mistyped_metric_is_refused_when_the_engine_is_made(tmp_path, watcher, field):
+    with pytest.raises(ConfigError, match=r"watches 'eval/acuracy', which no evaluation gives; the metrics are "
+                                          r"\['eval/accuracy', 'eval/loss'\]") as err:
+        engine(tmp_path, **watcher)
+    assert err.value.field == field and not (tmp_path / "run").exists()
+
+
+class Seen(Callback):
+    order = 60
+
+    def __init__(self):
+        self.values = []
+
+    def after_evaluate(self, engine):
+        self.values.append(engine.last_eval["eval/accuracy"])
+
+
+def test_any_metric_can_be_watched(tmp_path):
+    """keep_best, SaveBest, EarlyStopping and reduce_on_plateau on eval/accuracy (max) all see its values."""
+    stop, best, seen = EarlyStopping("eval/accuracy", mode="max", patience=100), SaveBest("eval/accuracy", "max"), Seen()
+    e = engine(tmp_path, keep_best="eval/accuracy", keep_best_mode="max", eval_every=1, max_steps=4, lr=0.05,
+               scheduler="reduce_on_plateau", schedule_args={"metric": "eval/accuracy", "mode": "max", "patience": 0},
+               callbacks=[stop, best, seen])
+    e.fit()
+    assert len(seen.values) == 4 and len(set(seen.values)) > 1  # the accuracy moved while training
+    assert stop.best == best.best == e.schedule.state["best"] == max(seen.values)
+    saved = json.loads((e.checkpoint_path / "trainer_state.json").read_text())["metrics"]
+    assert saved["eval/accuracy"] == e.last_eval["eval/accuracy"] == seen.values[-1]
+    e.close()
+
+
+def test_metric_names_must_be_unique_and_metrics_real():
+    with pytest.raises(ConfigError, match="unique") as err:
+        build([Accuracy(), Accuracy()])
+    assert err.value.field == "metrics"
+    with pytest.raises(ConfigError, match="is not a metric"):
+        build([lambda b: 0])
+    assert [m.name for m in build({"top1": Accuracy(), "ppl": Perplexity()})] == ["top1", "ppl"]
+    assert build(None) == [] and isinstance(build([Mean("x", lambda b: b.logits)])[0], Mean)
+
+
+def test_predict_refuses_a_stream(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(metrics_run.data(4, 2))
+
+    e = engine(tmp_path)
+    with pytest.raises(TypeError, match="map-style dataset"):
+        e.predict(Stream())
+    e.close()
