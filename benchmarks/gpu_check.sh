@@ -66,7 +66,7 @@ if [ "${SUITE:-1}" = 1 ]; then
     SUITE_PID=$!
 fi
 echo; echo "== GPU tests (timeout 180 s)"
-timeout -k 10 180 python -m pytest -q -rfEs --tb=long tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+timeout -k 10 180 python -m pytest -q -rfEs --tb=long tests/test_gpu.py tests/test_gpu_memory.py 2>&1 | tee "$OUT/gpu-tests.log"
 GPU_RC=${PIPESTATUS[0]}
 case $GPU_RC in
     0) GPU_STATUS="passed (or skipped; see the skip lines)" ;;
