@@ -78,16 +78,7 @@ class Loop:
         """The eval metrics beside eval/loss (acctrain.metrics), from `metrics=`."""
         metrics_module.check_watched(self._watched_metrics(), self.eval_metric_names())
         self.state = TrainState()
-        # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
-        self.checkpointed_blocks = memory.checkpoint_activations(
-            model, config.activation_checkpointing_block) if config.activation_checkpointing else ""
-        if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
-            model.compile()
-        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
-        self.torch_optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
-                                               config.param_groups, fused=fused)
-        """The torch optimizer itself (`self.optimizer` is Accelerate's wrapper): its param groups and state."""
-        self.model, self.optimizer = self.accelerator.prepare(model, self.torch_optimizer)
+        self._prepare(model, optimizer)
         self.step_ops = self._step_ops()
         self.checkpointer = Checkpointer(self.accelerator, config)
         self.metrics = self._metric_log()
@@ -96,9 +87,6 @@ class Loop:
         # CPU batches are already where they must be; pinned host batches go to the GPU without blocking
         self._to_device = (lambda batch: batch) if device.type == "cpu" else (
             lambda batch: send_to_device(batch, device, non_blocking=True))
-        if config.micro_batch_size == memory.AUTO:  # the largest micro-batch that fits, the same on every rank
-            self.plan = memory.fit_micro_batch(self.plan, self.accelerator, self.unwrapped_model, train_data,
-                                               collate_fn, loss_fn)
         self.last_eval: dict[str, float] = {}
         self._eval_step = -1
         self._signals = runtime.StopSignals()
@@ -114,6 +102,24 @@ class Loop:
         self.feed, self._stream_state = None, None  # the run's data; a stream's position at the resumed step
         self.best_checkpoint: Path | None = None
         """With load_best_at_end: the checkpoint whose weights the model holds after fit."""
+
+    def _prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Callable | None) -> None:
+        """The model's memory switch and compile (in place), the optimizer, Accelerate's prepare of both, and the
+        micro-batch that fits (micro_batch_size=auto)."""
+        config = self.config
+        # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
+        self.checkpointed_blocks = memory.checkpoint_activations(
+            model, config.activation_checkpointing_block) if config.activation_checkpointing else ""
+        if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
+            model.compile()
+        fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
+        self.torch_optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
+                                               config.param_groups, fused=fused)
+        """The torch optimizer itself (`self.optimizer` is Accelerate's wrapper): its param groups and state."""
+        self.model, self.optimizer = self.accelerator.prepare(model, self.torch_optimizer)
+        if config.micro_batch_size == memory.AUTO:  # the largest micro-batch that fits, the same on every rank
+            self.plan = memory.fit_micro_batch(self.plan, self.accelerator, self.unwrapped_model, self.train_data,
+                                               self.collate_fn, self.loss_fn)
 
     # ------------------------------------------------------------------------------------ the loop
 
