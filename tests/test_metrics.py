@@ -128,3 +128,18 @@ def test_predict_refuses_a_stream(tmp_path):
     with pytest.raises(TypeError, match="map-style dataset"):
         e.predict(Stream())
     e.close()
+
+
+def test_predict_runs_in_the_runs_precision_without_gradients(tmp_path):
+    """bf16 mixed precision on the CPU: predict gives what the model gives under bf16 autocast, with no graph."""
+    e = engine(tmp_path, mixed_precision="bf16")
+    eval_set = metrics_run.data(9, 1)
+    inputs = torch.stack([x for x, _ in eval_set])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = e.unwrapped_model(inputs).float()
+    with torch.no_grad():
+        fp32 = e.unwrapped_model(inputs)
+    got = e.predict(eval_set, micro_batch_size=9)
+    assert not got.requires_grad and got.shape == expected.shape
+    assert torch.equal(got, expected) and not torch.equal(got, fp32)  # bf16's rounding shows
+    e.close()
