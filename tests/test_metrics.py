@@ -131,14 +131,17 @@ def test_predict_refuses_a_stream(tmp_path):
 
 
 def test_predict_runs_in_the_runs_precision_without_gradients(tmp_path):
-    """bf16 mixed precision on the CPU: predict gives what the model gives under bf16 autocast, with no graph."""
+    """bf16 mixed precision on the CPU: predict gives what the model gives under bf16 autocast, not its fp32
+    forward, with no graph. (The reference is a fresh copy of the untrained model: Accelerate wraps the
+    Engine's own model's forward in autocast.)"""
     e = engine(tmp_path, mixed_precision="bf16")
     eval_set = metrics_run.data(9, 1)
     inputs = torch.stack([x for x, _ in eval_set])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = e.unwrapped_model(inputs).float()
+    reference = metrics_run.model()  # the same initial weights
     with torch.no_grad():
-        fp32 = e.unwrapped_model(inputs)
+        fp32 = reference(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(inputs).float()
     got = e.predict(eval_set, micro_batch_size=9)
     assert not got.requires_grad and got.shape == expected.shape
     assert torch.equal(got, expected) and not torch.equal(got, fp32)  # bf16's rounding shows
