@@ -338,6 +338,11 @@ def eval_loader(dataset: Dataset, rank: int, world_size: int, micro_batch: int, 
     )
 
 
+def most_eval_batches(n: int, world_size: int, micro_batch: int) -> int:
+    """The micro-batches of the largest eval shard (ceil(n / world) samples): how many forwards each rank runs."""
+    return math.ceil(math.ceil(n / world_size) / micro_batch)
+
+
 class ShardBatches:
     """The index lists of a contiguous shard [start, stop) in micro-batches, made as they are asked for: no
     list of the whole shard (an eval set of any size), and iterable again (evaluation reads them twice)."""

@@ -153,6 +153,7 @@ class Engine(Loop):
         cfg = self.config
         self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed)
         self.schedule = self._build_schedule(cfg.scheduler)
+        self.check_watched()  # a phase's keep_best or schedule_args.metric, before anything of it is written
         for group in self.torch_optimizer.param_groups:  # the Engine's groups know their multiplier
             group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
         self.metrics = self._metric_log()

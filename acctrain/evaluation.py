@@ -4,21 +4,55 @@ none padded.
 Each batch's sample count comes from the eval plan (`data.eval_loader`'s index lists), never from the
 batch itself: `len(batch[0])` of a bare tensor batch is its feature size, not its sample count. The
 metrics' sums (acctrain.metrics) travel with the loss's in one all-reduce.
+
+Every rank runs as many forwards as the rank with the most eval batches (`eval_batches`): a rank whose shard
+has fewer runs extra batches that count nothing. Forwards can be collectives: FSDP gathers each wrapped
+block's parameters in its forward, and DDP broadcasts buffers in the first forward after a training step, so
+a rank that stopped early would leave the others waiting forever (37 samples, 2 ranks, micro-batches of 4 is
+5 batches each; 9 samples is 1 and 2).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
+from torch.utils.data import default_collate
 
-from acctrain.data import eval_loader
+from acctrain.data import eval_loader, most_eval_batches
 from acctrain.metrics import EvalBatch, Metric
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, Any, bool]]
 """(batch, num_samples) -> (summed loss, item count, token-weighted?), as `loss_scaling.normalise` returns."""
+
+
+def eval_batches(accelerator: Accelerator, dataset: Sequence, micro_batch: int,
+                 collate_fn: Callable | None) -> Iterator[tuple[int, Any]]:
+    """(sample count, batch on the device) of this rank's contiguous eval shard, then batches of one sample that
+    count 0 until the rank has run as many as the rank with the most (see the module's docstring)."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    loader = eval_loader(dataset, rank, world, micro_batch, collate_fn)
+    for indices, batch in zip(loader.batch_sampler, loader):
+        yield len(indices), send_to_device(batch, device, non_blocking=True)
+    for _ in range(most_eval_batches(len(dataset), world, micro_batch) - len(loader.batch_sampler)):
+        yield 0, send_to_device((collate_fn or default_collate)([dataset[0]]), device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode, and after, each module's own mode back (a BatchNorm that BnFreeze keeps in eval
+    mode inside a training model stays so)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(modes[0][1])  # through train(), for modules that override it
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
@@ -28,23 +62,24 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
     """`eval/loss`, the mean loss over `dataset`'s items (samples, or tokens for a `(loss_sum, num_items)`
     loss), and `eval/<name>` of each metric, over all ranks. `module` is the model whose forward output the
     metrics see (the unwrapped model: its forward hook catches what the loss function's call returned)."""
-    loader = eval_loader(dataset, accelerator.process_index, accelerator.num_processes, micro_batch, collate_fn)
     totals = torch.zeros(2 + sum(m.size for m in metrics), dtype=dtype, device=accelerator.device)
     outputs: list[Any] = [None]
     hook = (module or model).register_forward_hook(lambda _m, _args, out: outputs.__setitem__(0, out)) if metrics else None
-    training = model.training
-    model.eval()
     try:
-        for indices, batch in zip(loader.batch_sampler, loader):
-            batch = send_to_device(batch, accelerator.device, non_blocking=True)
-            loss_sum, items, _ = loss(batch, len(indices))
-            sums = [loss_sum.detach().to(totals.dtype), torch.as_tensor(items).to(totals)]
-            if metrics:
-                seen = EvalBatch(outputs[0], batch, loss_sum, items)
-                sums += [m.update(seen).to(totals) for m in metrics]
-            totals += torch.cat([s.reshape(-1) for s in sums])
+        with eval_mode(model):
+            for num_samples, batch in eval_batches(accelerator, dataset, micro_batch, collate_fn):
+                outputs[0] = None  # this batch's output, never the one before
+                loss_sum, items, _ = loss(batch, num_samples)
+                if not num_samples:  # a batch that only keeps this rank in step with the others
+                    continue
+                loss_sum = loss_sum.detach().to(dtype)
+                items = items.to(dtype) if torch.is_tensor(items) else loss_sum.new_full((), items)  # a fill, no copy
+                sums = [loss_sum[None], items[None]]
+                if metrics:
+                    seen = EvalBatch(outputs[0], batch, loss_sum, items)
+                    sums += [m.update(seen).to(totals).reshape(-1) for m in metrics]
+                totals += torch.cat(sums)
     finally:
-        model.train(training)
         if hook is not None:
             hook.remove()
     totals = accelerator.reduce(totals, reduction="sum").cpu()  # note: host-device sync, once

@@ -69,14 +69,14 @@ class Loop:
         # otherwise the Engine sets lr = base_lr x schedule(step) (config.scheduler, or a function step -> factor).
         self.lr_scheduler = schedule if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) else None
         self.schedule = self._build_schedule("constant" if self.lr_scheduler else schedule or config.scheduler)
+        self.measures = metrics_module.build(metrics)
+        """The eval metrics beside eval/loss (acctrain.metrics), from `metrics=`."""
         if eval_data is None:
             self._refuse_without_eval_data()
         self.train_data, self.eval_data = train_data, eval_data
         self.loss_fn, self.collate_fn = loss_fn, collate_fn
         self.callbacks = Callbacks(ema.configured(callbacks, config.ema_decay))
-        self.measures = metrics_module.build(metrics)
-        """The eval metrics beside eval/loss (acctrain.metrics), from `metrics=`."""
-        metrics_module.check_watched(self._watched_metrics(), self.eval_metric_names())
+        self.check_watched()
         self.state = TrainState()
         self._prepare(model, optimizer)
         self.step_ops = self._step_ops()
@@ -459,15 +459,18 @@ class Loop:
             names += cb.adds_metrics(list(names))
         return names
 
-    def _watched_metrics(self) -> dict[str, str]:
-        """The metric names that settings and callbacks watch, by the field that names each."""
+    def check_watched(self) -> None:
+        """Refuse a metric name that settings or callbacks watch and no evaluation gives, naming the field and the
+        metrics there are: when the Engine is made and when `replan` starts a phase, before anything is written."""
         watched = {"keep_best": self.config.keep_best} if self.config.keep_best else {}
-        if self.schedule.name == "reduce_on_plateau":
-            watched["schedule_args.metric"] = self.schedule.watches
         for cb in self.callbacks.items:
             if isinstance(cb, (EarlyStopping, SaveBest)):
                 watched[f"{type(cb).__name__}.metric"] = cb.metric
-        return watched
+        metrics_module.check_watched(watched, self.eval_metric_names())
+        if self.schedule.name == "reduce_on_plateau" and self.eval_data is not None:
+            own = ["eval/loss", *(f"eval/{m.name}" for m in self.measures)]
+            metrics_module.check_watched({"schedule_args.metric": self.schedule.watches}, own, "reduce_on_plateau "
+                                         "is stepped before callbacks add theirs: watch eval/loss or one of metrics=")
 
     def _refuse_without_eval_data(self) -> None:
         """Refuse the settings that need evaluations, naming each, when the Engine has no eval data."""
@@ -479,6 +482,9 @@ class Loop:
             raise ConfigError("keep_best", f"{cfg.keep_best!r} needs evaluations: pass eval_data to the Engine.")
         if self.schedule.name == "reduce_on_plateau":
             raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
+        if self.measures:
+            raise ConfigError("metrics", f"{[m.name for m in self.measures]} are computed by evaluations: pass "
+                              "eval_data to the Engine, or leave metrics out.")
 
     def _load_best_at_end(self) -> None:
         """load_best_at_end: the best checkpoint's weights into the model (weights only; see acctrain.checkpointer)."""

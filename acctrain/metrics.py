@@ -50,6 +50,10 @@ class EvalBatch:
     def logits(self) -> torch.Tensor:
         """The output tensor: the output itself, its `logits` (a dict or a Hugging Face ModelOutput), or its first element."""
         out = self.outputs
+        if out is None:
+            raise TypeError("a metric needs the model's output, but the loss function did not call the model on this "
+                            "batch (metrics read the output of the forward that loss_fn runs): call model(...) in "
+                            "loss_fn, or give the metric a function of the EvalBatch's batch")
         if torch.is_tensor(out):
             return out
         if isinstance(out, Mapping) and "logits" in out:
@@ -185,9 +189,10 @@ def _is_torchmetric(metric: Any) -> bool:
     return isinstance(metric, torchmetrics.Metric)
 
 
-def check_watched(watched: dict[str, str], known: Sequence[str]) -> None:
-    """Refuse, naming the field, any watched metric name (field -> name) that no evaluation gives."""
+def check_watched(watched: dict[str, str], known: Sequence[str],
+                  hint: str = "add one with the Engine's metrics=, or a callback's adds_metrics") -> None:
+    """Refuse, naming the field, any watched metric name (field -> name) that is not among `known`."""
     for field, name in watched.items():
         if name not in known:
             raise ConfigError(field, f"watches {name!r}, which no evaluation gives; the metrics are {sorted(known)} "
-                                     "(add one with the Engine's metrics=, or a callback's adds_metrics)")
+                                     f"({hint})")

@@ -6,7 +6,8 @@
 
 Each rank runs a contiguous shard of the dataset (the eval plan: every sample on one rank, none padded),
 under no_grad, in eval mode, through the prepared model (so with the run's mixed precision), and keeps the
-output of each sample. In memory, the shards are gathered to every rank and joined in rank order, which is
+output of each sample; a rank with fewer batches runs extra ones whose outputs it drops, so that every rank
+runs as many forwards (acctrain.evaluation: FSDP's forwards are collectives). In memory, the shards are gathered to every rank and joined in rank order, which is
 dataset order. With `out_dir`, each rank writes its shard as safetensors and the main process an index.
 
 What the output of a sample is: the model's output tensor, its `logits` (a dict or a Hugging Face
@@ -23,12 +24,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, send_to_device
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acctrain import barrier
-from acctrain.data import eval_loader, is_stream
+from acctrain.data import is_stream
+from acctrain.evaluation import eval_batches, eval_mode
 from acctrain.metrics import EvalBatch
 
 INDEX = "predictions.json"
@@ -52,16 +54,12 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence,
         raise TypeError("predict needs a map-style dataset (len and indexing), so that each rank takes its own "
                         "samples in order; a stream (IterableDataset) has neither: collect its samples into a list")
     forward = forward or default_forward
-    loader = eval_loader(dataset, accelerator.process_index, accelerator.num_processes, micro_batch, collate_fn)
     samples: list[torch.Tensor] = []
-    training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            out = EvalBatch(forward(model, send_to_device(batch, accelerator.device)), None, None, 0).logits
-            samples += list(out.detach().cpu().unbind(0))
-    finally:
-        model.train(training)
+    with eval_mode(model):
+        for num_samples, batch in eval_batches(accelerator, dataset, micro_batch, collate_fn):
+            out = EvalBatch(forward(model, batch), None, None, 0).logits
+            if num_samples:  # else a batch that only keeps this rank in step (acctrain.evaluation)
+                samples += list(out.detach().cpu().unbind(0))  # note: host-device sync per batch
     if out_dir is None:
         gathered = gather_object(samples) if accelerator.num_processes > 1 else samples
         return _joined(gathered)

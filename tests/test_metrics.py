@@ -145,4 +145,89 @@ def test_predict_runs_in_the_runs_precision_without_gradients(tmp_path):
     got = e.predict(eval_set, micro_batch_size=9)
     assert not got.requires_grad and got.shape == expected.shape
     assert torch.equal(got, expected) and not torch.equal(got, fp32)  # bf16's rounding shows
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_ranks_with_fewer_eval_batches_keep_in_step(tmp_path, mode):
+    """fsdp: each Block its own FSDP unit (every forward gathers), 9 samples = 1 batch on rank 0, 2 on rank 1;
+    ddp: a buffer (broadcast in the first forward) and 1 sample, none on rank 1. Both hung before the ranks ran
+    as many forwards; now the evaluation and the predictions are those of one process."""
+    launch(["-m", "tests.workers.uneven_eval_run", str(tmp_path), mode], nproc=2, timeout=180,
+           env={"FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block"})
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["world"] == [2, 2] and result["fsdp_units"] == (3 if mode == "fsdp" else 0)
+        ref = result["reference"]
+        assert result["eval"]["eval/accuracy"] == ref["eval/accuracy"]
+        assert result["eval"]["eval/loss"] == pytest.approx(ref["eval/loss"], rel=1e-6)
+        got, expected = torch.tensor(result["predictions"]), torch.tensor(ref["predictions"])
+        assert got.shape == expected.shape == (9 if mode == "fsdp" else 1, metrics_run.CLASSES)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class DictOutput(torch.nn.Module):
+    """A dict output with the logits among other tensors, and dropout: what eval mode must turn off."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(metrics_run.FEATURES, 16)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(16, metrics_run.CLASSES)
+
+    def forward(self, x):
+        hidden = self.drop(torch.tanh(self.body(x)))
+        return {"hidden": hidden, "logits": self.head(hidden)}
+
+
+def test_predict_gives_the_logits_in_eval_mode_at_the_run_precision_and_restores_the_modes(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=4, max_steps=1,
+                      log_with="", cpu=True, mixed_precision="bf16")
+    e = Engine(DictOutput(), cfg, metrics_run.data(16, 0),
+               loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0])["logits"], b[1]))
+    e.model.train()
+    e.unwrapped_model.drop.eval()  # as BnFreeze keeps a frozen BatchNorm: it must stay so
+    test_set = metrics_run.data(11, 3)  # micro-batches of 4, 4 and 3
+    got = e.predict(test_set)
+    assert e.model.training and e.unwrapped_model.body.training and not e.unwrapped_model.drop.training
+    reference = DictOutput().eval()  # the same initial weights
+    x = torch.stack([s[0] for s in test_set])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = torch.cat([reference(x[i:i + 4])["logits"].float() for i in range(0, 11, 4)])
+    with torch.no_grad():
+        fp32 = reference(x)["logits"]
+    assert got.dtype == torch.float32 and got.shape == (11, metrics_run.CLASSES)
+    assert torch.equal(got, bf16)  # the training step's autocast, batch by batch
+    assert (got - fp32).abs().max() > 1e-4  # which is not fp32
+    e.close()
+
+
+def test_metrics_need_eval_data_and_a_model_call(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=4, max_steps=1,
+                      log_with="", cpu=True)
+    with pytest.raises(ConfigError, match=r"\['accuracy'\] are computed by evaluations") as err:
+        Engine(metrics_run.model(), cfg, metrics_run.data(16, 0), loss_fn=metrics_run.loss_fn, metrics=[Accuracy()])
+    assert err.value.field == "metrics"
+    no_call = Engine(metrics_run.model(), cfg, metrics_run.data(16, 0), metrics_run.data(8, 1), metrics=[Accuracy()],
+                     loss_fn=lambda m, b: sum(p.sum() for p in m.parameters()) * 0)  # never calls the model
+    with pytest.raises(TypeError, match="the loss function did not call the model"):
+        no_call.evaluate()
+    no_call.close()
+
+
+def test_reduce_on_plateau_watches_only_what_the_evaluation_computes_before_callbacks(tmp_path):
+    """eval_ema/loss exists once the EMA callback has run, after the schedule was stepped: refused when the
+    Engine is made (it was a KeyError at the first evaluation), while keep_best may watch it."""
+    with pytest.raises(ConfigError, match=r"watches 'eval_ema/loss'.*stepped before callbacks") as err:
+        engine(tmp_path, ema_decay=0.9, scheduler="reduce_on_plateau", schedule_args={"metric": "eval_ema/loss"})
+    assert err.value.field == "schedule_args.metric" and not (tmp_path / "run").exists()
+    engine(tmp_path, ema_decay=0.9, keep_best="eval_ema/loss").close()
+
+
+def test_a_new_phase_with_a_mistyped_metric_is_refused_before_it_writes(tmp_path):
+    e = engine(tmp_path)
+    e.fit()
+    with pytest.raises(ConfigError, match=r"watches 'eval/acuracy'") as err:
+        e.replan(keep_best="eval/acuracy", output_dir=str(tmp_path / "phase2"))
+    assert err.value.field == "keep_best" and not (tmp_path / "phase2").exists()
     e.close()
