@@ -9,9 +9,11 @@
 The training pause is what `start` copies itself: JSON, and the tensors that may change before the next
 optimizer step (buffers, which a forward updates; callbacks' state). The `stable` tensors (the parameters and
 the optimizer's state, which only an optimizer step changes) are copied by the writer thread while the next
-step's forward and backward run; the Engine calls `wait_copied` before its next optimizer step. Anything else
-that changes one of them in place before the copy is done makes the save fail, naming the fix, instead of
-writing a torn checkpoint: each tensor's version counter is compared after the copy.
+step's forward and backward run; the Engine calls `wait_copied` before its next optimizer step, before any
+callback runs (a callback may change weights: the EMA swaps its average in for evaluation) and before a
+trial. Code outside the Engine that changes one of them in place with a torch operation before the copy is
+done makes the save fail, naming the fix, instead of writing a torn checkpoint: each tensor's version counter
+is compared after the copy. A write through `.data` moves no version counter and is not caught.
 
 The buffers are kept from save to save: copying into memory that is already mapped is 3x faster than into
 fresh memory, which takes a page fault per 4 KiB. Each rank marks its part done with a file, so the commit

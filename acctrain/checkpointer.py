@@ -210,6 +210,7 @@ class Checkpointer:
         which a resume continues from.
         """
         cfg, acc = self.config, self.accelerator
+        self.wait_copied()  # the weights are about to change in place
 
         def select() -> Path | None:
             best = checkpoint.best_checkpoint(cfg.output_dir, cfg.keep_best, cfg.keep_best_mode, newest)
@@ -239,6 +240,7 @@ class Checkpointer:
         The RNG state is None for a rank the checkpointed run did not have (more processes now).
         """
         acc = self.accelerator
+        self.wait_copied()  # the weights are about to change in place
         check_format(path)
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"], plan)

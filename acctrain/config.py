@@ -146,6 +146,10 @@ class TrainConfig:
         if self.load_best_at_end and not self.keep_best:
             raise ConfigError("load_best_at_end", "needs keep_best to name the eval metric that picks the best "
                               "checkpoint, e.g. keep_best=eval/loss (with keep_best_mode min or max).")
+        if self.load_best_at_end and self.keep_best.startswith("eval_ema/"):
+            raise ConfigError("load_best_at_end", f"would load the trained weights of the checkpoint whose EMA scored "
+                              f"best by {self.keep_best}, not that EMA: keep load_best_at_end=false and "
+                              "`acctrain export RUN_DIR OUT --ema` the best checkpoint, or watch an eval/ metric.")
         if not (0 <= self.ema_decay < 1):
             raise ConfigError("ema_decay", f"must be in [0, 1) (0 turns the EMA off), e.g. 0.999; got {self.ema_decay}.")
         if not self.resume:

@@ -57,6 +57,7 @@ class Engine(Loop):
         """Try something on the Engine and undo it: on exit the weights (bitwise), the optimizer, the loss
         scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
         self._settle()  # a step left pending by the fit is counted in the real state first
+        self.checkpointer.wait_copied()  # the trial changes the weights in place: not during a save's copy
         saved = Snapshot(self.unwrapped_model, self.torch_optimizer, self.step_ops.scaler)
         names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_asked")
         loop = {name: getattr(self, name) for name in names}

@@ -23,7 +23,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import default_collate
 
 from acctrain.data import eval_loader, most_eval_batches
-from acctrain.metrics import EvalBatch, Metric
+from acctrain.metrics import EvalBatch, Metric, TorchMetric
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, Any, bool]]
 """(batch, num_samples) -> (summed loss, item count, token-weighted?), as `loss_scaling.normalise` returns."""
@@ -63,6 +63,9 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
     loss), and `eval/<name>` of each metric, over all ranks. `module` is the model whose forward output the
     metrics see (the unwrapped model: its forward hook catches what the loss function's call returned)."""
     totals = torch.zeros(2 + sum(m.size for m in metrics), dtype=dtype, device=accelerator.device)
+    for metric in metrics:  # a torchmetrics state on the device, also on a rank with no sample to update it
+        if isinstance(metric, TorchMetric):
+            metric.metric.to(accelerator.device)
     outputs: list[Any] = [None]
     hook = (module or model).register_forward_hook(lambda _m, _args, out: outputs.__setitem__(0, out)) if metrics else None
     try:
@@ -90,9 +93,3 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
         values[f"eval/{metric.name}"] = metric.compute(totals[offset:offset + metric.size])
         offset += metric.size
     return values
-
-
-def eval_loss(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence, micro_batch: int,
-              collate_fn: Callable | None, loss: LossFn, dtype: torch.dtype) -> float:
-    """The mean loss over `dataset`'s items (samples, or tokens for a `(loss_sum, num_items)` loss), all ranks."""
-    return evaluate(accelerator, model, dataset, micro_batch, collate_fn, loss, dtype)["eval/loss"]

@@ -393,6 +393,7 @@ class Loop:
         """
         if not self.callbacks.has(event):  # most events of most runs: nothing to run, nothing to agree on
             return None
+        self.checkpointer.wait_copied()  # a callback may change the weights (EMA.applied): not during a save's copy
         self.callbacks(event, self)
         if event in IN_STEP_EVENTS:
             return None

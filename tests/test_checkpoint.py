@@ -168,6 +168,28 @@ def test_the_step_after_an_async_save_waits_for_its_copy_of_the_weights(tmp_path
             (tmp_path / "sync" / "checkpoints" / "step-00000002" / name).read_bytes()
 
 
+def test_an_async_save_at_an_epochs_end_is_copied_before_the_emas_evaluation_swaps_weights(tmp_path, monkeypatch):
+    """A save at the last step of an epoch, then that epoch's evaluation, where the EMA swaps its average into
+    the model and back: callbacks run only after the save's copy, so the checkpoint is the synchronous one's."""
+    from acctrain import Engine, TrainConfig
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+
+    def run(out, **kw):
+        cfg = TrainConfig(output_dir=str(out), global_batch_size=8, micro_batch_size=8, max_steps=4, save_every=2,
+                          ema_decay=0.9, log_with="", cpu=True, **kw)
+        engine = Engine(make_model(), cfg, VarLenTokens(16), VarLenTokens(8, seed=5), loss_fn=token_loss,
+                        collate_fn=collate)
+        engine.fit()  # 2 steps per epoch: the save of step 2 comes right before the epoch's evaluation
+        engine.close()
+
+    run(tmp_path / "sync")
+    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    run(tmp_path / "async", async_save=True)
+    for name in ("model.safetensors", "optimizer.safetensors", "callbacks.safetensors"):
+        assert (tmp_path / "async" / "checkpoints" / "step-00000002" / name).read_bytes() == \
+            (tmp_path / "sync" / "checkpoints" / "step-00000002" / name).read_bytes(), name
+
+
 def test_weights_changed_outside_the_engine_during_an_async_copy_fail_that_save(tmp_path, monkeypatch):
     from acctrain import Engine, TrainConfig
     from tests.support.tiny import VarLenTokens, collate, make_model, token_loss

@@ -54,3 +54,9 @@ def test_load_best_at_end_is_refused_without_keep_best_or_eval_data(tmp_path):
     with pytest.raises(ConfigError, match="load_best_at_end: the best checkpoint is chosen by evaluations"):
         ema_run.run(str(tmp_path / "run"), with_eval=False, keep_best="eval/loss", load_best_at_end=True)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_load_best_at_end_by_an_ema_metric_is_refused_with_the_export_to_use(tmp_path):
+    with pytest.raises(ConfigError, match=r"load_best_at_end: would load the trained weights of the checkpoint whose "
+                                          r"EMA scored best by eval_ema/loss.*acctrain export RUN_DIR OUT --ema"):
+        TrainConfig(output_dir=str(tmp_path), keep_best="eval_ema/loss", load_best_at_end=True)
