@@ -14,7 +14,7 @@ values is not, and neither is Accelerate's `gather_for_metrics` of values alread
 What a metric sees of a batch is an `EvalBatch`: the model's output, captured from the forward the loss
 function runs (no second forward), the batch itself, and `logits` and `labels` read from them by the
 conventions below. A torchmetrics metric (when torchmetrics is installed) is accepted as is: it is updated
-with `(logits, labels)` and computed by torchmetrics, which reduces its own state over the ranks.
+with `(logits, labels)`; its summed states ride the same all-reduce (`TorchMetric`).
 
 Names: a metric logs as `eval/<name>`; `metrics={"f1": MulticlassF1Score(10)}` names them. `keep_best`,
 `EarlyStopping`, `SaveBest` and reduce_on_plateau's `metric` may watch any of them; an unknown name is
@@ -142,23 +142,60 @@ class Mean(Metric):
 
 
 class TorchMetric(Metric):
-    """A torchmetrics metric: updated with `inputs(batch)` (default `(logits, labels)`), computed and reset by
-    torchmetrics itself, which sums or gathers its state over the ranks (each sample is on one rank only)."""
+    """A torchmetrics metric, updated with `inputs(batch)` (default `(logits, labels)`).
 
-    size = 0
+    One whose states are all summed tensors (counts, confusion matrices, sums of errors: accuracy, F1,
+    precision, recall, MSE, ...) is a metric from sums like the others: each batch's states, those of the
+    metric reset and updated with that batch alone, ride the evaluation's one all-reduce, and torchmetrics
+    computes the value from their totals with its own synchronisation turned off. Any other (a `cat` state,
+    as AUROC's without thresholds) is updated batch after batch and computed by torchmetrics, which gathers
+    its state over the ranks itself (exact too: each sample is on one rank only).
+    """
 
     def __init__(self, metric: Any, name: str, inputs: Callable[[EvalBatch], tuple] | None = None):
         self.metric, self.name = metric, name
         self.inputs = inputs or (lambda b: (b.logits, b.labels))
+        self.states = _summed_states(metric)
+        """Each state's default (its shape and dtype), when all of them are summed; else None."""
+        if self.states is not None:  # the evaluation's all-reduce sums them
+            metric.sync_on_compute = metric._to_sync = False
+        self.size = sum(default.numel() for default in self.states.values()) if self.states is not None else 0
 
     def update(self, batch: EvalBatch) -> torch.Tensor:
-        self.metric.to(batch.loss_sum.device).update(*self.inputs(batch))
-        return batch.loss_sum.new_zeros(0, dtype=torch.float64)
+        metric = self.metric.to(batch.loss_sum.device)
+        if self.states is None:
+            metric.update(*self.inputs(batch))
+            return batch.loss_sum.new_zeros(0, dtype=torch.float64)
+        metric.reset()
+        metric.update(*self.inputs(batch))
+        return torch.cat([getattr(metric, state).reshape(-1).to(torch.float64) for state in self.states])
 
     def compute(self, totals: torch.Tensor) -> float:
-        value = self.metric.compute()  # note: torchmetrics' own all-reduce and host sync
-        self.metric.reset()
+        metric = self.metric
+        if self.states is not None:
+            metric.reset()
+            offset = 0
+            for state, default in self.states.items():
+                chunk = totals[offset:offset + default.numel()].reshape(default.shape)
+                setattr(metric, state, chunk.to(metric.device, default.dtype))
+                offset += default.numel()
+            metric._update_count = 1  # the totals stand for the updates (else torchmetrics warns)
+        value = metric.compute()  # note: without summed states, torchmetrics' own collectives and host sync
+        metric.reset()
+        if value.numel() != 1:
+            raise ValueError(f"metric {self.name!r}: torchmetrics returned a tensor of shape {tuple(value.shape)}; "
+                             "an eval metric is one number (e.g. average='macro' instead of None)")
         return float(value)
+
+
+def _summed_states(metric: Any) -> dict[str, torch.Tensor] | None:
+    """A torchmetrics metric's state defaults by name, when every state is a tensor its ranks sum; else None."""
+    from torchmetrics.utilities.data import dim_zero_sum
+
+    defaults, reductions = metric._defaults, metric._reductions
+    if all(torch.is_tensor(default) and reductions[state] is dim_zero_sum for state, default in defaults.items()):
+        return dict(defaults)
+    return None
 
 
 def build(metrics: Sequence | Mapping | None) -> list[Metric]:

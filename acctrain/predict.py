@@ -7,12 +7,17 @@
 Each rank runs a contiguous shard of the dataset (the eval plan: every sample on one rank, none padded),
 under no_grad, in eval mode, through the prepared model (so with the run's mixed precision), and keeps the
 output of each sample; a rank with fewer batches runs extra ones whose outputs it drops, so that every rank
-runs as many forwards (acctrain.evaluation: FSDP's forwards are collectives). In memory, the shards are gathered to every rank and joined in rank order, which is
-dataset order. With `out_dir`, each rank writes its shard as safetensors and the main process an index.
+runs as many forwards (acctrain.evaluation: FSDP's forwards are collectives). In memory, a rank keeps its
+outputs on the device; they are gathered to every rank as tensors (their bytes and shapes, nothing
+pickled), joined in rank order, which is dataset order, and come back on the CPU: the device holds all of
+them once, padded to the largest rank's, while they are gathered. With `out_dir`, each batch's output goes
+to the host at once, each rank writes its shard as safetensors and the main process an index; nothing is
+gathered.
 
 What the output of a sample is: the model's output tensor, its `logits` (a dict or a Hugging Face
-ModelOutput), or its first element (a tuple), split along the first dimension. Samples whose outputs have
-the same shape are stacked into one tensor; otherwise a list comes back.
+ModelOutput), or its first element (a tuple), split along the first dimension (a batch's output must have a
+row per sample). Samples whose outputs have the same shape are stacked into one tensor; otherwise (e.g. the
+logits of batches padded to different lengths) a list of per-sample tensors comes back.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -54,49 +58,103 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence,
         raise TypeError("predict needs a map-style dataset (len and indexing), so that each rank takes its own "
                         "samples in order; a stream (IterableDataset) has neither: collect its samples into a list")
     forward = forward or default_forward
-    samples: list[torch.Tensor] = []
+    batches: list[torch.Tensor] = []  # this rank's outputs, batch by batch: on the device, or the host for out_dir
+    template, problem = None, None  # an output's dtype and dimensions, even on a rank without samples
     with eval_mode(model):
         for num_samples, batch in eval_batches(accelerator, dataset, micro_batch, collate_fn):
-            out = EvalBatch(forward(model, batch), None, None, 0).logits
-            if num_samples:  # else a batch that only keeps this rank in step (acctrain.evaluation)
-                samples += list(out.detach().cpu().unbind(0))  # note: host-device sync per batch
-    if out_dir is None:
-        gathered = gather_object(samples) if accelerator.num_processes > 1 else samples
-        return _joined(gathered)
-    return _write(accelerator, samples, Path(out_dir), len(dataset))
+            out = EvalBatch(forward(model, batch), None, None, 0).logits.detach()
+            template = out[:0] if out.dim() else out.reshape(1)[:0]
+            if not num_samples:  # a batch that only keeps this rank in step with the others (acctrain.evaluation)
+                continue
+            if out.dim() == 0 or out.shape[0] != num_samples:  # said on every rank below, not raised alone
+                problem = problem or (f"predict splits the output along its first dimension, one row per sample, "
+                                      f"but a batch of {num_samples} samples gave shape {tuple(out.shape)}: pass "
+                                      "forward= that returns a tensor (samples, ...)")
+                continue
+            batches.append(out.cpu() if out_dir is not None else out)  # note: host-device sync per batch (out_dir)
+    _agree(accelerator, problem)
+    if out_dir is not None:
+        return _write(accelerator, batches, Path(out_dir), len(dataset))
+    if accelerator.num_processes > 1 and template is not None:
+        batches = _gathered(accelerator, batches, template)
+    return _joined([b.cpu() for b in batches])  # note: host-device sync
+
+
+def _agree(accelerator: Accelerator, problem: str | None) -> None:
+    """Raise `problem` on every rank when any rank met one (a rank raising alone would leave the others waiting
+    in the gather)."""
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor([float(problem is not None)], device=accelerator.device), "sum")
+        if flags.item() and problem is None:  # note: host-device sync
+            problem = "another rank's outputs cannot be gathered; its error says why"
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _gathered(accelerator: Accelerator, batches: list[torch.Tensor], template: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's output batches, in rank order, on every rank: their bytes and shapes in three all-gathers of
+    tensors (sizes, then shapes and bytes padded to the largest rank's), nothing pickled."""
+    dtype, ndim = template.dtype, template.dim()
+    flat = torch.cat([template.reshape(-1), *(b.reshape(-1) for b in batches)]).view(torch.uint8)
+    shapes = torch.tensor([list(b.shape) for b in batches] or [[0] * ndim], dtype=torch.int64)[:len(batches)]
+    header = torch.tensor([flat.numel(), len(batches), ndim, _DTYPES.index(dtype) if dtype in _DTYPES else -1],
+                          device=accelerator.device)
+    headers = accelerator.gather(header).view(-1, 4).tolist()  # note: host-device sync
+    if len({(h[2], h[3]) for h in headers}) != 1 or headers[0][3] < 0:
+        raise TypeError(f"predict gathers outputs of one dtype and number of dimensions on every rank; rank "
+                        f"{accelerator.process_index} has {dtype} with {ndim} dimensions ({len(headers)} ranks: "
+                        f"{[(h[2], str(_DTYPES[h[3]]) if h[3] >= 0 else 'other') for h in headers]})")
+    most_bytes, most_batches = max(h[0] for h in headers), max(h[1] for h in headers)
+    padded_flat = flat.new_zeros(most_bytes)
+    padded_flat[:flat.numel()] = flat
+    padded_shapes = torch.zeros(max(most_batches, 1), ndim, dtype=torch.int64)
+    padded_shapes[:len(batches)] = shapes
+    all_flat = accelerator.gather(padded_flat.to(accelerator.device)).cpu().view(-1, most_bytes)  # note: sync
+    all_shapes = accelerator.gather(padded_shapes.to(accelerator.device)).cpu().view(len(headers), -1, ndim)
+    joined = []
+    for rank, (num_bytes, num_batches, _, _) in enumerate(headers):
+        values = all_flat[rank, :num_bytes].view(dtype)
+        sizes = [int(torch.Size(shape).numel()) for shape in all_shapes[rank, :num_batches].tolist()]
+        pieces = torch.split(values, sizes)
+        joined += [piece.view(shape) for piece, shape in zip(pieces, all_shapes[rank, :num_batches].tolist())]
+    return joined
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
 
 
 def read_predictions(path: str | Path) -> Any:
     """The outputs `predict(..., out_dir=path)` wrote, joined in dataset order: a tensor, or a list."""
     path = Path(path)
     index = json.loads((path / INDEX).read_text())
-    samples: list[torch.Tensor] = []
+    batches: list[torch.Tensor] = []
     for shard in index["shards"]:
         with safe_open(path / shard["file"], framework="pt") as f:
             if "outputs" in f.keys():
-                samples += list(f.get_tensor("outputs").unbind(0))
+                batches.append(f.get_tensor("outputs"))
             else:
-                samples += [f.get_tensor(str(i)) for i in range(shard["start"], shard["stop"])]
-    if len(samples) != index["samples"]:
-        raise ValueError(f"{path}: {len(samples)} outputs, the index says {index['samples']}")
-    return _joined(samples)
+                batches += [f.get_tensor(str(i))[None] for i in range(shard["start"], shard["stop"])]
+    if sum(len(b) for b in batches) != index["samples"]:
+        raise ValueError(f"{path}: {sum(len(b) for b in batches)} outputs, the index says {index['samples']}")
+    return _joined(batches)
 
 
-def _joined(samples: list[torch.Tensor]) -> Any:
-    """One tensor when every sample's output has the same shape and dtype, else the list."""
-    if samples and all(s.shape == samples[0].shape and s.dtype == samples[0].dtype for s in samples):
-        return torch.stack(samples)
-    return samples if samples else torch.empty(0)
+def _joined(batches: list[torch.Tensor]) -> Any:
+    """One tensor (samples, ...) when every batch's rows have the same shape and dtype, else a list per sample."""
+    if batches and all(b.shape[1:] == batches[0].shape[1:] and b.dtype == batches[0].dtype for b in batches):
+        return torch.cat(batches)
+    return [row for b in batches for row in b.unbind(0)] if batches else torch.empty(0)
 
 
-def _write(accelerator: Accelerator, samples: list[torch.Tensor], out: Path, total: int) -> Path:
+def _write(accelerator: Accelerator, batches: list[torch.Tensor], out: Path, total: int) -> Path:
     """This rank's shard as `rank{R}.safetensors`, one tensor if their shapes agree; the main process's index."""
     rank, world = accelerator.process_index, accelerator.num_processes
     start = total * rank // world
     out.mkdir(parents=True, exist_ok=True)
-    joined = _joined(samples)
-    tensors = {"outputs": joined} if torch.is_tensor(joined) and samples else {
-        str(start + i): s.contiguous() for i, s in enumerate(samples)}
+    joined = _joined(batches)
+    tensors = {"outputs": joined.contiguous()} if torch.is_tensor(joined) and batches else {
+        str(start + i): row.contiguous() for i, row in enumerate(joined)}
     save_file(tensors, out / f"rank{rank:05d}.safetensors")
     barrier.wait_for_everyone(accelerator)
     if accelerator.is_main_process:

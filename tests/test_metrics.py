@@ -22,14 +22,16 @@ def check(result: dict) -> None:
     """The Engine's metrics equal the hand-made references; predict gave model(x) for every sample, in order."""
     got, ref = result["last_eval"], result["reference"]
     assert set(got) == {"eval/loss", "eval/accuracy", "eval/top2", "eval/perplexity", "eval/margin2"} | (
-        {"eval/tm_accuracy"} if "eval/tm_accuracy" in got else set())
-    for name in ("eval/accuracy", "eval/top2", "eval/tm_accuracy"):  # counts: exact
+        {"eval/tm_accuracy", "eval/tm_auroc"} if "eval/tm_accuracy" in got else set())
+    for name in ("eval/accuracy", "eval/top2", "eval/tm_accuracy", "eval/tm_auroc"):  # counts, ranks: exact
         if name in got:
             assert got[name] == pytest.approx(ref[name], abs=1e-6), name  # float32 under torchmetrics
     for name in ("eval/loss", "eval/perplexity", "eval/margin2"):
         assert got[name] == pytest.approx(ref[name], rel=1e-5), name
     assert result["predict_shape"] == [EVAL_LEN, metrics_run.CLASSES]
     assert result["predict_max_diff"] < 1e-6 and result["predict_same_on_disk"]
+    assert result["predict_argmax"]  # an integer output, gathered as it is
+    assert result["predict_ragged"] == [True, True]  # per-sample tensors when batches' shapes differ, also on disk
 
 
 def test_metrics_and_predict_on_one_process_equal_the_hand_made_reference(tmp_path):
@@ -231,3 +233,16 @@ def test_a_new_phase_with_a_mistyped_metric_is_refused_before_it_writes(tmp_path
         e.replan(keep_best="eval/acuracy", output_dir=str(tmp_path / "phase2"))
     assert err.value.field == "keep_best" and not (tmp_path / "phase2").exists()
     e.close()
+
+
+def test_torchmetrics_with_summed_states_ride_the_one_all_reduce():
+    """MulticlassAccuracy's states (tp, fp, tn, fn) are sums: 4 x 3 of them join the evaluation's vector, and
+    two batches' sums give the value of both at once. AUROC's are gathered by torchmetrics itself."""
+    classification = pytest.importorskip("torchmetrics.classification")
+    accuracy, auroc = build({"acc": classification.MulticlassAccuracy(num_classes=3, average="macro"),
+                             "auroc": classification.MulticlassAUROC(num_classes=3, thresholds=None)})
+    assert accuracy.size == 12 and auroc.size == 0 and not accuracy.metric.sync_on_compute
+    logits, labels = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1] * 2)
+    halves = [EvalBatch(logits[i:i + 5], (None, labels[i:i + 5]), torch.tensor(0.0), 5) for i in (0, 5)]
+    whole = classification.MulticlassAccuracy(num_classes=3, average="macro")(logits, labels)
+    assert accuracy.compute(accuracy.update(halves[0]) + accuracy.update(halves[1])) == pytest.approx(float(whole))

@@ -53,11 +53,23 @@ def metrics() -> dict:
     chosen = {"accuracy": Accuracy(), "top2": Accuracy(top_k=2), "perplexity": Perplexity(),
               "margin2": Mean("margin2", squared_margin)}
     try:
-        from torchmetrics.classification import MulticlassAccuracy
-        chosen["tm_accuracy"] = MulticlassAccuracy(num_classes=CLASSES, average="micro")
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
+        chosen["tm_accuracy"] = MulticlassAccuracy(num_classes=CLASSES, average="micro")  # summed states
+        chosen["tm_auroc"] = MulticlassAUROC(num_classes=CLASSES, thresholds=None)  # gathered (cat) states
     except ImportError:
         pass
     return chosen
+
+
+@torch.no_grad()
+def auroc_reference(m: nn.Module, eval_set) -> dict[str, float]:
+    """torchmetrics' AUROC of `m` over the whole eval set at once, in this one process."""
+    try:
+        from torchmetrics.classification import MulticlassAUROC
+    except ImportError:
+        return {}
+    x, y = torch.stack([s[0] for s in eval_set]), torch.stack([s[1] for s in eval_set])
+    return {"eval/tm_auroc": float(MulticlassAUROC(num_classes=CLASSES, thresholds=None)(m(x), y))}
 
 
 @torch.no_grad()
@@ -79,6 +91,18 @@ def reference(m: nn.Module, eval_set) -> dict[str, float]:
             "eval/margin2": margin / n, "eval/tm_accuracy": correct / n}
 
 
+def ragged(m, batch):
+    """Each sample's logits repeated 1 + (the batch's first label) times: outputs whose shapes differ by batch."""
+    logits = m(batch[0])
+    return logits[:, None, :].expand(-1, 1 + int(batch[1][0]), -1).contiguous()
+
+
+def same_ragged(got, expected: torch.Tensor) -> bool:
+    """A list with a (k, classes) tensor per sample, each row that sample's logits."""
+    return isinstance(got, list) and len(got) == len(expected) and all(
+        g.dim() == 2 and g.shape[0] >= 1 and bool((g - e).abs().max() < 1e-6) for g, e in zip(got, expected))
+
+
 def run(out_dir: str) -> dict:
     eval_set = data(EVAL_LEN, 1)
     cfg = TrainConfig(output_dir=out_dir, global_batch_size=8, micro_batch_size=4, max_steps=3, lr=0.05,
@@ -95,10 +119,15 @@ def run(out_dir: str) -> dict:
         "world_size_env": int(os.environ.get("WORLD_SIZE", "1")),
         "num_processes": engine.accelerator.num_processes,
         "last_eval": engine.last_eval,
-        "reference": reference(engine.unwrapped_model, eval_set),
+        "reference": {**reference(engine.unwrapped_model, eval_set), **auroc_reference(engine.unwrapped_model, eval_set)},
         "predict_shape": list(in_memory.shape),
         "predict_same_on_disk": bool(torch.equal(in_memory, on_disk)),
         "predict_max_diff": float((in_memory - expected).abs().max()),
+        "predict_argmax": bool(torch.equal(engine.predict(eval_set, forward=lambda m, b: m(b[0]).argmax(-1)),
+                                           expected.argmax(-1))),
+        "predict_ragged": [same_ragged(engine.predict(eval_set, forward=ragged), expected),
+                           same_ragged(read_predictions(engine.predict(eval_set, forward=ragged,
+                                                                       out_dir=Path(out_dir) / "ragged")), expected)],
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     engine.close()
