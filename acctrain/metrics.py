@@ -162,7 +162,7 @@ class TorchMetric(Metric):
         self.size = sum(default.numel() for default in self.states.values()) if self.states is not None else 0
 
     def update(self, batch: EvalBatch) -> torch.Tensor:
-        metric = self.metric.to(batch.loss_sum.device)
+        metric = self.metric  # on the device: acctrain.evaluation puts it there first
         if self.states is None:
             metric.update(*self.inputs(batch))
             return batch.loss_sum.new_zeros(0, dtype=torch.float64)

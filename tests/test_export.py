@@ -17,7 +17,7 @@ from acctrain.bytelm import ByteLM, DataConfig, ModelConfig, job_data, lm_loss
 from acctrain.cli import job_settings, main
 from acctrain.ema import EMA
 from acctrain.export import RECORD_FILE, ExportError, export
-from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+from tests.support.tiny import TokenBlocks, VarLenTokens, collate, make_model, token_loss
 
 
 def config(out, **changes) -> TrainConfig:
@@ -108,20 +108,6 @@ def test_a_transformers_checkpoint_without_transformers_says_what_to_install(byt
     with pytest.raises(ExportError, match="pip install transformers"):
         export(copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-class TokenBlocks(torch.utils.data.Dataset):
-    """Sequences counting upwards from a random start: a pattern a tiny GPT-2 learns."""
-
-    def __init__(self, n: int, length: int = 12, vocab: int = 64):
-        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def test_a_transformers_model_exports_a_directory_from_pretrained_loads(tmp_path):

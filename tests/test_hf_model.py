@@ -8,22 +8,9 @@ from safetensors.torch import load_file
 
 from acctrain import Engine, TrainConfig
 from tests.support import Losses
+from tests.support.tiny import TokenBlocks
 
 transformers = pytest.importorskip("transformers")
-
-
-class TokenBlocks(torch.utils.data.Dataset):
-    def __init__(self, n: int, length: int, vocab: int):
-        g = torch.Generator().manual_seed(0)
-        # a learnable pattern: each sequence counts upwards from a random start
-        starts = torch.randint(0, vocab, (n, 1), generator=g)
-        self.ids = (starts + torch.arange(length)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def test_gpt2_from_config_trains_on_outputs_loss(tmp_path):

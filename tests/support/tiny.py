@@ -143,3 +143,18 @@ def rel_diff(a: dict, b: dict) -> float:
     num = sum(float(torch.sum((a[k].detach().double() - b[k].detach().double()) ** 2)) for k in b)
     den = sum(float(torch.sum(b[k].detach().double() ** 2)) for k in b)
     return (num / den) ** 0.5
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Sequences counting upwards from a random start (a pattern a tiny GPT-2 learns), as Hugging Face rows:
+    `input_ids` and `labels` (the model shifts them itself)."""
+
+    def __init__(self, n: int, length: int = 12, vocab: int = 64):
+        starts = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
