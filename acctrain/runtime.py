@@ -22,6 +22,7 @@ from acctrain import barrier, checkpoint, memory, seeds, sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import rng_from_files
+from acctrain.tracking import fast_tensorboard_checksums
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -132,6 +133,7 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, set
     everything = {**config.to_dict(), **settings}
     # a deep queue, so that the loop does not wait for the writer thread; what is queued is on disk in 30 s
     tensorboard = {"max_queue": 10_000, "flush_secs": 30}
+    fast_tensorboard_checksums()
     accelerator.init_trackers("acctrain", config=flat_config(everything) if step == 0 else None,
                               init_kwargs={"tensorboard": tensorboard})
     accelerator.log({"config": "```\n" + json.dumps(everything, indent=2) + "\n```"}, step=step)

@@ -58,6 +58,32 @@ def test_a_resumed_launch_logs_no_new_hparams_run(tmp_path):
     assert logged(tmp_path, "train/loss").keys() == {1, 2, 3, 4}
 
 
+def test_event_files_carry_tensorboards_own_checksums(tmp_path):
+    """acctrain gives TensorBoard's writer a C CRC-32C (google-crc32c); every record of the event files it
+    wrote must still carry the checksums TensorBoard's own pure-Python code computes, which its reader checks."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer import record_writer
+
+    from acctrain import tracking
+
+    fit(tmp_path)
+    assert record_writer.masked_crc32c is tracking.masked_crc32c  # the C one is in use: the test checks it
+    files = list((tmp_path / "logs" / "acctrain").rglob("events.out.tfevents.*"))
+    records = 0
+    for file in files:
+        data, pos = file.read_bytes(), 0
+        while pos < len(data):
+            header = data[pos:pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+            body = data[pos + 12:pos + 12 + length]
+            (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+            assert (header_crc, body_crc) == (masked_crc32c(header), masked_crc32c(body)), (file, pos)
+            pos, records = pos + 16 + length, records + 1
+    assert records >= 4 + 2  # one event per step, the config text, the file version
+    assert logged(tmp_path, "train/loss").keys() == {1, 2, 3, 4}  # and TensorBoard's reader reads them
+
+
 PROGRESS = """
 import torch
 from acctrain import Engine, TrainConfig
