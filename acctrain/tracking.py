@@ -61,7 +61,8 @@ def fast_tensorboard_checksums() -> None:
     step (BENCHMARKS §12). Replaced for the whole process, once, and only where google-crc32c has its C
     implementation and agrees with TensorBoard's own on a sample.
     """
-    if record_writer.masked_crc32c is masked_crc32c or google_crc32c.implementation != "c":
+    current = getattr(record_writer, "masked_crc32c", None)  # None: a TensorBoard that writes records otherwise
+    if current is None or current is masked_crc32c or google_crc32c.implementation != "c":
         return
     sample = bytes(range(256)) * 3
     if masked_crc32c(sample) == pywrap_tensorflow.masked_crc32c(sample):
