@@ -16,12 +16,14 @@ done makes the save fail, naming the fix, instead of writing a torn checkpoint: 
 is compared after the copy. A write through `.data` moves no version counter and is not caught.
 
 The buffers are kept from save to save: copying into memory that is already mapped is 3x faster than into
-fresh memory, which takes a page fault per 4 KiB. Each rank marks its part done with a file, so the commit
-needs no collective. Crash safety is the synchronous save's: nothing is named `step-N` before it is complete.
+fresh memory, which takes a page fault per 4 KiB. Each rank marks its part done (or failed, with the cause)
+with a file, so the commit needs no collective, and the main rank stops at once when a part failed. Crash
+safety is the synchronous save's: nothing is named `step-N` before it is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import threading
@@ -78,11 +80,17 @@ class AsyncWriter:
         if self.thread is not None:
             self.thread.copied.wait()
 
-    def wait(self, raise_error: bool = True) -> BaseException | None:
-        """Block until the save in flight has committed; re-raise its error (or return it, with raise_error=False)."""
+    def wait(self, raise_error: bool = True, patience: float | None = None) -> BaseException | None:
+        """Block until the save in flight has committed; re-raise its error (or return it, with raise_error=False).
+
+        `patience`: the training thread failed, and the other ranks may have died with it; the main rank's
+        writer waits for their parts that many seconds more at most (without it: an hour).
+        """
         thread, self.thread = self.thread, None
         if thread is None:
             return None
+        if patience is not None:
+            thread.give_up_at = time.monotonic() + patience
         thread.join()
         if thread.error is not None and raise_error:
             raise thread.error
@@ -157,6 +165,10 @@ def _mapped(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
 
 
+class PartFailed(Exception):
+    """Another rank could not write its part of a background save (its message says why)."""
+
+
 class _Writer(threading.Thread):
     """Writes one rank's part of a checkpoint in the background; the main rank's also commits it.
 
@@ -170,6 +182,9 @@ class _Writer(threading.Thread):
         self.files, self.later, self.stage, self.commit = files, later, stage, commit
         self.rank, self.world, self.is_main = rank, world, is_main
         self.error: BaseException | None = None
+        self.give_up_at: float | None = None
+        """Set by `AsyncWriter.wait(patience=...)`: the monotonic time after which the main rank's writer stops
+        waiting for the other ranks' parts (the save is then not committed; the previous checkpoint stands)."""
         self.copied = threading.Event()
         """Set once the files hold their own copy of every tensor (or the copy failed)."""
 
@@ -183,14 +198,31 @@ class _Writer(threading.Thread):
             digests = checkpoint.write_files(self.files)
             (self.stage / f".done-rank{self.rank}").touch()
             if self.is_main:
-                markers = [self.stage / f".done-rank{r}" for r in range(self.world)]
-                deadline = time.monotonic() + 3600
-                while not all(m.exists() for m in markers):  # the other ranks' parts, written by their threads
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.stage}: other ranks did not finish their part within an hour")
-                    time.sleep(0.02)
-                for marker in markers:
-                    marker.unlink()
+                self._await_other_parts()
                 self.commit(self.stage, digests)
         except BaseException as err:  # surfaced by wait(), in the training thread
             self.error = err
+            if not self.is_main:  # the main rank's writer is waiting for this part: it stops at once, naming why
+                with contextlib.suppress(OSError):
+                    (self.stage / f".failed-rank{self.rank}").write_text(f"{type(err).__name__}: {err}"[:500])
+
+    def _await_other_parts(self) -> None:
+        """Wait for every rank's `.done` marker (their threads write their parts); raise PartFailed when a rank
+        marks its part failed, and TimeoutError after an hour, or `give_up_after` seconds once the training
+        thread has failed (`wait(patience=...)`: the other ranks may have died with the run)."""
+        markers = [self.stage / f".done-rank{r}" for r in range(self.world)]
+        deadline = time.monotonic() + 3600
+        while not all(m.exists() for m in markers):
+            failed = sorted(self.stage.glob(".failed-rank*"))
+            if failed:
+                rank = int(failed[0].name.removeprefix(".failed-rank"))
+                raise PartFailed(f"rank {rank} could not write its part ({failed[0].read_text()})")
+            if self.give_up_at is not None:
+                deadline = min(deadline, self.give_up_at)
+            if time.monotonic() > deadline:
+                missing = [r for r, m in enumerate(markers) if not m.exists()]
+                raise TimeoutError(f"rank(s) {missing} did not finish their part of {self.stage.name} "
+                                   f"{'after the run failed' if self.give_up_at is not None else 'within an hour'}")
+            time.sleep(0.02)
+        for marker in markers:
+            marker.unlink()

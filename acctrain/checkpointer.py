@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from acctrain import barrier, checkpoint, sharded
-from acctrain.async_save import AsyncWriter
+from acctrain.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import (
@@ -110,24 +110,28 @@ class Checkpointer:
         before changing them in place. The Engine does, before each optimizer step."""
         self.writer.wait_copied()
 
-    def wait(self, raise_error: bool = True) -> None:
-        """Block until a background save has committed; re-raise its error (or print it, with raise_error=False)."""
-        error = self.writer.wait(raise_error=False)
-        if isinstance(error, OSError):
+    def wait(self, raise_error: bool = True, patience: float | None = None) -> None:
+        """Block until a background save has committed; re-raise its error (or print it, with raise_error=False).
+
+        `patience` (seconds), on a failed run's way out: the main rank's background save stops waiting for
+        the other ranks' parts after that long, uncommitted, since they may have died with the run.
+        """
+        error = self.writer.wait(raise_error=False, patience=patience)
+        if isinstance(error, (OSError, PartFailed)):
             error = self._write_error(error, self.last_path)
         if error is not None and raise_error:
             raise error
         if error is not None and self.accelerator.is_main_process:
             print(f"warning: the background save to {self.last_path} failed: {error!r}")
 
-    def _write_error(self, err: OSError, final: Path) -> checkpoint.CheckpointError:
+    def _write_error(self, err: OSError | PartFailed, final: Path) -> checkpoint.CheckpointError:
         """A failed write, named: the checkpoint, its directory, the cause, and the previous checkpoint (intact)."""
         latest = checkpoint.latest_checkpoint(self.config.output_dir)
         kept = (f"the previous checkpoint {latest.name} is intact (resume=auto continues from it)"
                 if latest is not None and latest.is_dir() and latest != final else "no earlier checkpoint was touched")
         named = checkpoint.CheckpointError(
-            f"could not write checkpoint {final.name} in {final.parent}: {err.strerror or err}"
-            f"{f' ({err.filename})' if err.filename else ''}; {kept}; free disk space or make the directory "
+            f"could not write checkpoint {final.name} in {final.parent}: {getattr(err, 'strerror', None) or err}"
+            f"{f' ({err.filename})' if getattr(err, 'filename', None) else ''}; {kept}; free disk space or make the directory "
             "writable, then run again")
         named.__cause__ = err
         return named

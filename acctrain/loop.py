@@ -158,7 +158,8 @@ class Loop:
         except BaseException:  # an error, Ctrl-C: count the step in flight; a background save still completes
             with contextlib.suppress(Exception):
                 self._settle()
-            self.checkpointer.wait(raise_error=False)
+            # unless it waits for other ranks' parts that have not come a minute on (they may have died too)
+            self.checkpointer.wait(raise_error=False, patience=60.0)
             raise
         finally:
             self._fitting, self._verdict_on_device, self._pending = False, False, None

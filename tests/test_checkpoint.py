@@ -156,6 +156,41 @@ def test_async_snapshot_leaves_stable_tensors_to_the_writer_and_refuses_a_torn_c
     assert torch.equal(snapshot[tmp_path / "model.safetensors"]["w"], torch.full((3, 4), 5.0))
 
 
+def main_rank_writer(stage: Path):
+    """A background save of rank 0 of 2 (files written for real); it commits once rank 1's part is marked done."""
+    from acctrain.async_save import AsyncWriter
+
+    stage.mkdir(parents=True)
+    writer, committed = AsyncWriter(), []
+    writer.start({stage / "model.safetensors": {"w": torch.ones(3)}}, stage, 0, 2, True,
+                 lambda path, digests: committed.append(path))
+    return writer, committed
+
+
+def test_an_async_save_stops_when_another_rank_marks_its_part_failed(tmp_path):
+    from acctrain.async_save import PartFailed
+
+    stage = tmp_path / "step-00000004.tmp"
+    writer, committed = main_rank_writer(stage)
+    (stage / ".failed-rank1").write_text("OSError: [Errno 28] No space left on device")  # as rank 1's writer does
+    error = writer.wait(raise_error=False)
+    assert isinstance(error, PartFailed) and str(error) == ("rank 1 could not write its part (OSError: [Errno 28] No "
+                                                            "space left on device)")
+    assert committed == []
+    writer, committed = main_rank_writer(tmp_path / "step-00000006.tmp")
+    (tmp_path / "step-00000006.tmp" / ".done-rank1").touch()
+    assert writer.wait(raise_error=False) is None and committed == [tmp_path / "step-00000006.tmp"]
+
+
+def test_a_failed_run_waits_a_bounded_time_for_other_ranks_parts(tmp_path):
+    """On a failed run's way out (patience), the main rank's writer gives up on a rank that never wrote its
+    part (it died with the run), instead of keeping the process alive for the hour it waits otherwise."""
+    writer, committed = main_rank_writer(tmp_path / "step-00000004.tmp")
+    error = writer.wait(raise_error=False, patience=0.3)
+    assert isinstance(error, TimeoutError) and committed == []
+    assert str(error) == "rank(s) [1] did not finish their part of step-00000004.tmp after the run failed"
+
+
 def test_the_step_after_an_async_save_waits_for_its_copy_of_the_weights(tmp_path, monkeypatch):
     """The writer sleeps before copying the parameters and optimizer state; the next optimizer step waits for
     that copy, so the checkpoint holds the state of its step, byte for byte the synchronous save's."""

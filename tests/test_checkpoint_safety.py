@@ -370,6 +370,29 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, a
     assert str(resumed.resumed_from).endswith("step-00000002") and resumed.state.step == 4
 
 
+@pytest.mark.parametrize("failing", [0, 1], ids=["main-rank", "other-rank"])
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_on_one_of_two_ranks_ends_the_job_naming_it(tmp_path, failing, async_save):
+    """2 real processes, one rank's disk full at checkpoint 4: the job ends (no rank waits for the other's
+    part), the failing rank names the cause, and checkpoint 2 is intact and resumable. With async_save and
+    the other rank failing, the main rank's writer learns it from that rank's marker and names it too."""
+    from tests.support.processes import launch
+
+    proc = launch(["-m", "tests.workers.full_disk_run", str(tmp_path), str(failing), str(int(async_save))],
+                  check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert (f"[rank{failing}]: acctrain.checkpoint.CheckpointError: could not write checkpoint step-00000004 in "
+            f"{tmp_path / 'checkpoints'}: File too large; the previous checkpoint step-00000002 is intact") in output
+    if async_save and failing == 1:
+        assert "rank 1 could not write its part (OSError: [Errno 27] File too large)" in output
+    assert [c for c in ckpts(tmp_path) if not c.endswith(".tmp")] == ["step-00000002"]
+    verify(tmp_path / "checkpoints" / "step-00000002")
+    resumed = tiny_engine(tmp_path, steps=6, save_every=2, log_with="")
+    resumed.fit()
+    assert str(resumed.resumed_from).endswith("step-00000002") and resumed.state.step == 6
+
+
 # ------------------------------------------------------------------------- 16. callbacks with tensors
 
 
