@@ -23,11 +23,22 @@ import torch
 
 from acctrain import hf_data, predict
 from acctrain.callbacks import Callbacks
+from acctrain.errors import ConfigError
 from acctrain.loop import Loop
 from acctrain.optim import reference_group, select
 from acctrain.schedules import build_schedule
 from acctrain.state import Snapshot, TrainState
 from acctrain.tracking import MetricLog
+
+
+BUILT_ONCE = {
+    "global_batch_size": "batch plan", "micro_batch_size": "batch plan", "weight_decay": "optimizer",
+    "adam_betas": "optimizer", "param_groups": "optimizer", "mixed_precision": "Accelerator",
+    "cpu": "Accelerator", "fsdp": "Accelerator", "log_with": "Accelerator's trackers", "compile": "model wrapping",
+    "activation_checkpointing": "model wrapping", "activation_checkpointing_block": "model wrapping",
+    "cpu_threads": "torch thread count", "ema_decay": "EMA callback",
+}
+"""Config fields the Engine builds a part from once (the part, as an error names it): `replan` refuses to change them."""
 
 
 class Engine(Loop):
@@ -143,6 +154,11 @@ class Engine(Loop):
         Without a new output_dir, a phase after this Engine's k-th fit gets `{output_dir}/phase{k+1}`: the
         earlier phase's checkpoint would otherwise be resumed as this one's.
         """
+        fixed = [k for k in changes if k in BUILT_ONCE and changes[k] != getattr(self.config, k)]
+        if fixed:
+            raise ConfigError(fixed[0], f"replan cannot change {', '.join(fixed)}: the Engine built its "
+                              f"{', '.join(BUILT_ONCE[k] for k in fixed)} from it when it was made. Set it when making "
+                              "the Engine, or make a new Engine for this phase (resume=PATH starts it from a checkpoint).")
         self.resume()  # the checkpoint the current config selects, before the phase changes it
         old_lr = self.config.lr
         if "output_dir" not in changes and self._fits:  # the earlier fit's checkpoints must not be this phase's

@@ -13,6 +13,7 @@ from torch import nn
 
 from acctrain import Callback, Engine, TrainConfig
 from acctrain.callbacks import BnFreeze, CancelEpoch, CancelFit, CancelStep, EarlyStopping, ShortEpoch
+from acctrain.errors import ConfigError
 from acctrain.summary import model_summary
 from tests.support import launch
 from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
@@ -270,3 +271,19 @@ def test_a_given_checkpoint_is_resumed_before_a_recipe_replans(tmp_path):
     assert str(given.config.resume) == "auto"  # the given checkpoint belonged to the first phase only
     expected = trained.unwrapped_model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in given.unwrapped_model.state_dict().items())
+
+
+def test_replan_refuses_a_field_the_engine_built_a_part_from(tmp_path):
+    """The batch plan, the optimizer, the Accelerator, the model's wrapping and the EMA are built once: a phase
+    that changes their fields is refused, naming the field, rather than trained with the old values."""
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4, max_steps=2, lr=1e-2, cpu=True)
+    engine = Engine(make_model(0), cfg, VarLenTokens(32), loss_fn=token_loss, collate_fn=collate)
+    for field, value in [("global_batch_size", 16), ("micro_batch_size", 2), ("weight_decay", 0.1),
+                         ("activation_checkpointing", True), ("ema_decay", 0.99), ("log_with", "")]:
+        with pytest.raises(ConfigError, match=f"^{field}: replan cannot change {field}: the Engine built its") as err:
+            engine.replan(max_steps=4, **{field: value})
+        assert err.value.field == field
+    assert engine.config.max_steps == 2  # nothing of a refused phase was applied
+    engine.replan(max_steps=4, global_batch_size=8, lr=5e-3)  # unchanged values are no change
+    engine.fit()
+    assert engine.state.step == 4 and engine.plan.global_batch == 8
