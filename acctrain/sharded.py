@@ -19,7 +19,7 @@ Usage (all ranks call save/load; the directory must be visible to all of them):
         ...
         save_sharded(accelerator, model, optimizer, "ckpt/step-200")   # at a window boundary
     if is_sharded_checkpoint("ckpt/step-200"):                      # acctrain export CHECKPOINT OUT
-        consolidate("ckpt/step-200", "model.safetensors")           # offline, one process, no group
+        weights = full_state("ckpt/step-200")                       # offline, one process, no group
 
 On CPU, Accelerate 1.15 silently drops `fsdp_plugin` when `cpu=True` (the FSDP branch of
 `AcceleratorState.__init__` covers only accelerator device types, not MULTI_CPU) and wraps the model in
@@ -129,7 +129,7 @@ def save_sharded(accelerator, model, optimizer, directory) -> None:
 
 
 def is_sharded_checkpoint(directory) -> bool:
-    """True for a directory written by `save_sharded` (for `acctrain export` to pick `consolidate`)."""
+    """True for a directory written by `save_sharded` (for `acctrain export` to join its shards: `full_state`)."""
     return (Path(directory) / MANIFEST).is_file()
 
 
@@ -205,14 +205,3 @@ def full_state(directory) -> dict[str, torch.Tensor]:
     with _single_process_ok():
         dcp.load(full, storage_reader=reader, no_dist=True)
     return full
-
-
-def consolidate(directory, out_file) -> Path:
-    """Join the model shards of a checkpoint into one safetensors file with plain parameter names (`full_state`)."""
-    from safetensors.torch import save_file
-
-    full = full_state(directory)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(full, str(out_file), metadata={"format": "pt"})
-    return out_file

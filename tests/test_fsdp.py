@@ -18,7 +18,7 @@ from tests.support import launch
 
 pytest.importorskip("torch.distributed.checkpoint.hf_storage", reason="HuggingFaceStorageWriter needs torch >= 2.8")
 
-from acctrain.sharded import MANIFEST, consolidate, load_sharded, save_sharded  # noqa: E402
+from acctrain.sharded import MANIFEST, full_state, load_sharded, save_sharded  # noqa: E402
 
 from tests.workers.fsdp_run import make_model  # noqa: E402
 
@@ -83,11 +83,9 @@ def test_no_file_is_a_pickle(runs):
             assert path.name == MANIFEST and isinstance(json.loads(data), dict), path
 
 
-def test_export_one_file_with_plain_names(runs, tmp_path):
+def test_the_shards_join_into_whole_tensors_with_plain_names(runs):
     ckpt, ref = runs
-    out = consolidate(ckpt, tmp_path / "export" / "model.safetensors")
-    assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]
-    weights = load_file(out)
+    weights = full_state(ckpt)  # what `acctrain export` writes of a sharded checkpoint
     assert_same(weights, load_file(ref / "saved-model.safetensors"))
     model = make_model(seed=3)
     model.load_state_dict(weights, strict=True)
@@ -100,7 +98,7 @@ def test_lost_or_stale_shards_are_refused(runs, tmp_path):
     shutil.copytree(ckpt, lost)
     (lost / "model" / "shard-00002-model-00001-of-00001.safetensors").unlink()
     with pytest.raises(ValueError, match="elements of|missing"):
-        consolidate(lost, tmp_path / "out.safetensors")
+        full_state(lost)
     with pytest.raises(FileExistsError):  # would mix old shards into the new checkpoint
         save_sharded(_single(), make_model(0), None, ckpt)
 
@@ -125,4 +123,4 @@ def test_same_format_without_fsdp(tmp_path):
     assert_same(other.state_dict(), model.state_dict())
     assert other_opt.param_groups[0]["lr"] == 0.1 and other_opt.param_groups[0]["betas"] == (0.9, 0.999)
     assert_same(other_opt.state_dict()["state"][0], optimizer.state_dict()["state"][0])
-    assert_same(load_file(consolidate(tmp_path / "ckpt", tmp_path / "m.safetensors")), model.state_dict())
+    assert_same(full_state(tmp_path / "ckpt"), model.state_dict())
