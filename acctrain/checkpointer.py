@@ -129,10 +129,12 @@ class Checkpointer:
         latest = checkpoint.latest_checkpoint(self.config.output_dir)
         kept = (f"the previous checkpoint {latest.name} is intact (resume=auto continues from it)"
                 if latest is not None and latest.is_dir() and latest != final else "no earlier checkpoint was touched")
-        named = checkpoint.CheckpointError(
-            f"could not write checkpoint {final.name} in {final.parent}: {getattr(err, 'strerror', None) or err}"
-            f"{f' ({err.filename})' if getattr(err, 'filename', None) else ''}; {kept}; free disk space or make the directory "
-            "writable, then run again")
+        if isinstance(err, PartFailed):  # that rank's own error says what to fix
+            cause, fix = str(err), "see that rank's error for the fix"
+        else:
+            cause = f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}"
+            fix = "free disk space or make the directory writable, then run again"
+        named = checkpoint.CheckpointError(f"could not write checkpoint {final.name} in {final.parent}: {cause}; {kept}; {fix}")
         named.__cause__ = err
         return named
 
