@@ -166,7 +166,20 @@ def _mapped(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PartFailed(Exception):
-    """Another rank could not write its part of a background save (its message says why)."""
+    """Another rank could not write its part of a background save, or never finished it (the message says which)."""
+
+
+def _mark_failed(stage: Path, rank: int, cause: str) -> None:
+    """Tell the main rank that this rank's part failed: `.failed-rank{rank}` holding the cause, complete when it
+    appears (written under another name, then renamed); on a disk too full for the text, empty."""
+    marker, text = stage / f".failed-rank{rank}", stage / f".cause-rank{rank}"
+    try:
+        text.write_text(cause)
+        text.replace(marker)
+    except OSError:
+        with contextlib.suppress(OSError):
+            marker.touch()
+            text.unlink(missing_ok=True)
 
 
 class _Writer(threading.Thread):
@@ -203,12 +216,11 @@ class _Writer(threading.Thread):
         except BaseException as err:  # surfaced by wait(), in the training thread
             self.error = err
             if not self.is_main:  # the main rank's writer is waiting for this part: it stops at once, naming why
-                with contextlib.suppress(OSError):
-                    (self.stage / f".failed-rank{self.rank}").write_text(f"{type(err).__name__}: {err}"[:500])
+                _mark_failed(self.stage, self.rank, f"{type(err).__name__}: {err}"[:500])
 
     def _await_other_parts(self) -> None:
         """Wait for every rank's `.done` marker (their threads write their parts); raise PartFailed when a rank
-        marks its part failed, and TimeoutError after an hour, or `give_up_after` seconds once the training
+        marks its part failed, and when parts are still missing after an hour, or at `give_up_at` once the training
         thread has failed (`wait(patience=...)`: the other ranks may have died with the run)."""
         markers = [self.stage / f".done-rank{r}" for r in range(self.world)]
         deadline = time.monotonic() + 3600
@@ -216,13 +228,15 @@ class _Writer(threading.Thread):
             failed = sorted(self.stage.glob(".failed-rank*"))
             if failed:
                 rank = int(failed[0].name.removeprefix(".failed-rank"))
-                raise PartFailed(f"rank {rank} could not write its part ({failed[0].read_text()})")
+                cause = failed[0].read_text() or "its cause could not be recorded, the disk may be full"
+                raise PartFailed(f"rank {rank} could not write its part ({cause}); see its output")
             if self.give_up_at is not None:
                 deadline = min(deadline, self.give_up_at)
             if time.monotonic() > deadline:
                 missing = [r for r, m in enumerate(markers) if not m.exists()]
-                raise TimeoutError(f"rank(s) {missing} did not finish their part of {self.stage.name} "
-                                   f"{'after the run failed' if self.give_up_at is not None else 'within an hour'}")
+                raise PartFailed(f"rank(s) {missing} did not finish their part of {self.stage.name} "
+                                 f"{'after the run failed' if self.give_up_at is not None else 'within an hour'}; "
+                                 "see their output (they may have died or hung)")
             time.sleep(0.02)
         for marker in markers:
             marker.unlink()

@@ -129,8 +129,8 @@ class Checkpointer:
         latest = checkpoint.latest_checkpoint(self.config.output_dir)
         kept = (f"the previous checkpoint {latest.name} is intact (resume=auto continues from it)"
                 if latest is not None and latest.is_dir() and latest != final else "no earlier checkpoint was touched")
-        if isinstance(err, PartFailed):  # that rank's own error says what to fix
-            cause, fix = str(err), "see that rank's error for the fix"
+        if isinstance(err, PartFailed):  # the other rank's own output says what to fix
+            cause, fix = str(err), "fix that, then run again"
         else:
             cause = f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}"
             fix = "free disk space or make the directory writable, then run again"

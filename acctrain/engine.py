@@ -23,6 +23,7 @@ import torch
 
 from acctrain import hf_data, predict
 from acctrain.callbacks import Callbacks
+from acctrain.data import stream_length
 from acctrain.errors import ConfigError
 from acctrain.loop import Loop
 from acctrain.optim import reference_group, select
@@ -154,11 +155,15 @@ class Engine(Loop):
         Without a new output_dir, a phase after this Engine's k-th fit gets `{output_dir}/phase{k+1}`: the
         earlier phase's checkpoint would otherwise be resumed as this one's.
         """
-        fixed = [k for k in changes if k in BUILT_ONCE and changes[k] != getattr(self.config, k)]
+        wanted = dataclasses.replace(self.config, **changes)  # checked and normalised as any TrainConfig
+        fixed = [k for k in BUILT_ONCE if getattr(wanted, k) != getattr(self.config, k)]
         if fixed:
-            raise ConfigError(fixed[0], f"replan cannot change {', '.join(fixed)}: the Engine built its "
-                              f"{', '.join(BUILT_ONCE[k] for k in fixed)} from it when it was made. Set it when making "
-                              "the Engine, or make a new Engine for this phase (resume=PATH starts it from a checkpoint).")
+            parts, them = ", ".join(dict.fromkeys(BUILT_ONCE[k] for k in fixed)), "them" if len(fixed) > 1 else "it"
+            raise ConfigError(fixed[0], f"replan cannot change {', '.join(fixed)}: the Engine built its {parts} from "
+                              f"{them} when it was made. Set {them} when making the Engine, or make a new Engine for "
+                              "this phase (resume=PATH starts it from a checkpoint).")
+        # a stream's plan length is max_steps x global batch (it has no length): refused without max_steps
+        stream_samples = stream_length(self.train_data, self.eval_data, wanted) if self.plan.stream else 0
         self.resume()  # the checkpoint the current config selects, before the phase changes it
         old_lr = self.config.lr
         if "output_dir" not in changes and self._fits:  # the earlier fit's checkpoints must not be this phase's
@@ -168,7 +173,8 @@ class Engine(Loop):
             changes.setdefault("resume", "auto")
         self.config = dataclasses.replace(self.config, **changes)
         cfg = self.config
-        self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed)
+        self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
+                                        dataset_len=stream_samples or self.plan.dataset_len)
         self.schedule = self._build_schedule(cfg.scheduler)
         self.check_watched()  # a phase's keep_best or schedule_args.metric, before anything of it is written
         for group in self.torch_optimizer.param_groups:  # the Engine's groups know their multiplier

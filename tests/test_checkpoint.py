@@ -175,7 +175,7 @@ def test_an_async_save_stops_when_another_rank_marks_its_part_failed(tmp_path):
     (stage / ".failed-rank1").write_text("OSError: [Errno 28] No space left on device")  # as rank 1's writer does
     error = writer.wait(raise_error=False)
     assert isinstance(error, PartFailed) and str(error) == ("rank 1 could not write its part (OSError: [Errno 28] No "
-                                                            "space left on device)")
+                                                            "space left on device); see its output")
     assert committed == []
     writer, committed = main_rank_writer(tmp_path / "step-00000006.tmp")
     (tmp_path / "step-00000006.tmp" / ".done-rank1").touch()
@@ -185,10 +185,34 @@ def test_an_async_save_stops_when_another_rank_marks_its_part_failed(tmp_path):
 def test_a_failed_run_waits_a_bounded_time_for_other_ranks_parts(tmp_path):
     """On a failed run's way out (patience), the main rank's writer gives up on a rank that never wrote its
     part (it died with the run), instead of keeping the process alive for the hour it waits otherwise."""
+    from acctrain.async_save import PartFailed
+
     writer, committed = main_rank_writer(tmp_path / "step-00000004.tmp")
     error = writer.wait(raise_error=False, patience=0.3)
-    assert isinstance(error, TimeoutError) and committed == []
-    assert str(error) == "rank(s) [1] did not finish their part of step-00000004.tmp after the run failed"
+    assert isinstance(error, PartFailed) and committed == []
+    assert str(error) == ("rank(s) [1] did not finish their part of step-00000004.tmp after the run failed; see their "
+                          "output (they may have died or hung)")
+
+
+def test_a_rank_whose_disk_is_full_marks_its_part_failed_even_without_room_for_the_cause(tmp_path):
+    """The marker appears complete (renamed into place) with the cause; if the cause cannot be written (a full
+    disk: RLIMIT_FSIZE of 0 in a child process makes every write fail with EFBIG), the marker is empty and the
+    main rank says the cause was not recorded."""
+    from acctrain.async_save import PartFailed, _mark_failed
+
+    _mark_failed(tmp_path, 1, "OSError: [Errno 28] No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == [".failed-rank1"]
+    full = tmp_path / "full"
+    full.mkdir()
+    code = ("import resource, signal, sys; from pathlib import Path; from acctrain.async_save import _mark_failed; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
+            "_mark_failed(Path(sys.argv[1]), 1, 'OSError: [Errno 27] File too large')")
+    subprocess.run([sys.executable, "-c", code, str(full)], cwd=ROOT, check=True, timeout=60)
+    assert [(p.name, p.read_text()) for p in full.iterdir()] == [(".failed-rank1", "")]
+    writer, committed = main_rank_writer(full / "step-00000004.tmp")
+    (full / "step-00000004.tmp" / ".failed-rank1").touch()
+    error = writer.wait(raise_error=False)
+    assert isinstance(error, PartFailed) and "its cause could not be recorded, the disk may be full" in str(error)
 
 
 def test_the_step_after_an_async_save_waits_for_its_copy_of_the_weights(tmp_path, monkeypatch):

@@ -283,7 +283,27 @@ def test_replan_refuses_a_field_the_engine_built_a_part_from(tmp_path):
         with pytest.raises(ConfigError, match=f"^{field}: replan cannot change {field}: the Engine built its") as err:
             engine.replan(max_steps=4, **{field: value})
         assert err.value.field == field
+    with pytest.raises(ConfigError, match="^weight_decay: replan cannot change weight_decay, adam_betas: the Engine "
+                                          "built its optimizer from them when it was made. Set them when"):
+        engine.replan(weight_decay=0.1, adam_betas=(0.8, 0.9))
     assert engine.config.max_steps == 2  # nothing of a refused phase was applied
-    engine.replan(max_steps=4, global_batch_size=8, lr=5e-3)  # unchanged values are no change
+    # unchanged values are no change, however written (a list for a tuple, None for the resolved precision)
+    engine.replan(max_steps=4, global_batch_size=8, adam_betas=[0.9, 0.999], mixed_precision=None, lr=5e-3)
     engine.fit()
     assert engine.state.step == 4 and engine.plan.global_batch == 8
+
+
+def test_replan_of_a_stream_plans_max_steps_and_refuses_epochs(tmp_path):
+    """A stream has no length: its plan is max_steps x global batch, in a phase too; epochs alone are refused."""
+    from tests.support.tiny import StreamOf
+
+    stream = StreamOf(list(VarLenTokens(64)))
+    cfg = TrainConfig(output_dir=str(tmp_path), global_batch_size=8, micro_batch_size=4, max_steps=2, lr=1e-2, cpu=True)
+    engine = Engine(make_model(0), cfg, stream, loss_fn=token_loss, collate_fn=collate)
+    with pytest.raises(ConfigError, match="^max_steps: train_data is a stream"):
+        engine.replan(max_steps=0, epochs=3)
+    assert engine.plan.total_steps == 2
+    engine.replan(max_steps=5)
+    assert (engine.plan.dataset_len, engine.plan.total_steps) == (40, 5)
+    engine.fit()
+    assert engine.state.step == 5
