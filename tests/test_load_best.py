@@ -48,6 +48,24 @@ def test_two_processes_end_with_the_best_checkpoints_weights_on_every_rank(tmp_p
         check_best(tmp_path, {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
 
 
+def test_fsdp_ends_with_the_best_checkpoints_weights_on_every_rank(tmp_path):
+    """Under FSDP the checkpoints are sharded: the best one's shards are loaded into every rank's shards."""
+    from acctrain.sharded import full_state
+
+    launch(["-m", "tests.workers.ema_run", json.dumps({"out_dir": str(tmp_path), "fsdp": True, **BEST})], nproc=2)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["num_processes"] == result["world_size_env"] == 2
+    losses = logged(tmp_path, "eval/loss")
+    best = f"step-{max(losses, key=losses.get):08d}"
+    assert ckpts(tmp_path) == sorted([best, "step-00000010"]) and best != "step-00000010"
+    saved, last = full_state(tmp_path / "checkpoints" / best), full_state(tmp_path / "checkpoints" / "step-00000010")
+    assert not all(torch.equal(last[n], saved[n]) for n in saved)
+    for rank in (0, 1):
+        tensors = load_file(tmp_path / f"result-rank{rank}.safetensors")
+        params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+        assert params.keys() == saved.keys() and all(torch.equal(params[n], saved[n]) for n in saved)
+
+
 def test_load_best_at_end_is_refused_without_keep_best_or_eval_data(tmp_path):
     with pytest.raises(ConfigError, match="load_best_at_end: needs keep_best"):
         TrainConfig(output_dir=str(tmp_path), load_best_at_end=True)
