@@ -101,6 +101,19 @@ def _state(model, optimizer):
     return model_sd, tensors, others
 
 
+def _unshared(state: dict) -> dict:
+    """`state` with each tensor whose memory an earlier one holds (tied weights: GPT-2's input and output
+    embeddings) replaced by a copy of it: the safetensors shards refuse tensors that share memory. As in the
+    unsharded checkpoint, each name is written with its own bytes (a load writes the tied parameter twice)."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's shard on this rank
+        memory = local.untyped_storage().data_ptr()
+        out[key] = value.clone() if memory and memory in seen else value
+        seen.add(memory)
+    return out
+
+
 def _shapes(state: dict) -> dict:
     return {k: list(v.shape) for k, v in state.items()}  # a DTensor's shape is the full one
 
@@ -114,6 +127,7 @@ def save_sharded(accelerator, model, optimizer, directory) -> None:
             raise FileExistsError(f"{directory / part} exists; save_sharded writes only into a new directory")
     barrier.wait_for_everyone(accelerator)  # every rank has checked before any rank writes
     model_sd, optim_tensors, optim_others = _state(model, optimizer)
+    model_sd, optim_tensors = _unshared(model_sd), _unshared(optim_tensors)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "world_size": accelerator.num_processes, "model": _shapes(model_sd),

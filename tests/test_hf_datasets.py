@@ -54,6 +54,22 @@ def test_token_weighted_steps_are_the_same_for_every_micro_batch_size_and_proces
         assert rel_diff(params, reference["params"]) < 1e-5
 
 
+def test_a_transformers_model_under_fsdp_saves_resumes_and_takes_the_same_steps(tmp_path):
+    """GPT-2 (tied input and output embeddings) sharded by FSDP2 on 2 processes, 3 steps, then resumed from its
+    sharded checkpoint for 3 more: the losses, the evaluation and the weights of one unsharded process.
+    (Its first save failed: the safetensors shards refused the tied tensors, which share memory.)"""
+    reference = hf_run.run(str(tmp_path / "one"), 2)
+    fsdp = {"HF_RUN_FSDP": "1"}
+    launch(["-m", "tests.workers.hf_run", str(tmp_path / "fsdp"), "2", "3"], nproc=2, env=fsdp)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-00000003" / "sharded.json").is_file()  # it ran under FSDP
+    launch(["-m", "tests.workers.hf_run", str(tmp_path / "fsdp"), "2"], nproc=2, env=fsdp)  # resume=auto: steps 4..6
+    sharded = json.loads((tmp_path / "fsdp" / "result.json").read_text())
+    assert sharded["num_processes"] == sharded["world_size_env"] == 2
+    assert sharded["losses"] == pytest.approx(reference["losses"][3:], rel=1e-5)
+    assert sharded["eval"] == pytest.approx(reference["eval"], rel=1e-5)
+    assert rel_diff(load_file(tmp_path / "fsdp" / "result.safetensors"), reference["params"]) < 1e-5
+
+
 def test_the_models_loss_is_token_weighted_for_token_labels(tmp_path):
     from acctrain.loss_scaling import model_loss
 

@@ -2,6 +2,7 @@
 collate_fn, no loss_fn. Writes {OUT}/result.json (losses, processes) and result.safetensors (weights) from rank 0.
 
     python -m torch.distributed.run --nproc_per_node 2 -m tests.workers.hf_run OUT MICRO [MAX_STEPS]
+    HF_RUN_FSDP=1 ... (the same under FSDP2)
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ def run(out_dir: str, micro: int, max_steps: int = 6) -> dict:
     model = transformers.GPT2LMHeadModel(config)
     losses = Losses()
     cfg = TrainConfig(output_dir=out_dir, global_batch_size=8, micro_batch_size=micro, max_steps=max_steps, lr=3e-3,
-                      scheduler="constant", log_every=1, cpu=RUN_ON_CPU)
+                      scheduler="constant", log_every=1, cpu=RUN_ON_CPU, fsdp=os.environ.get("HF_RUN_FSDP") == "1")
     engine = Engine(model, cfg, dataset(), dataset(10, seed=1), callbacks=[losses])
     result = {"losses": losses.values, "eval": engine.fit().get("eval/loss"), "num_processes": engine.accelerator.num_processes,
               "world_size_env": int(os.environ.get("WORLD_SIZE", "1"))}
-    params = {n: p.detach().clone().contiguous() for n, p in engine.unwrapped_model.named_parameters()}
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()  # FSDP: gathered
+              for n, p in engine.unwrapped_model.named_parameters()}
     if engine.accelerator.is_main_process:
         Path(out_dir, "result.json").write_text(json.dumps(result))
         save_file(params, os.path.join(out_dir, "result.safetensors"))
