@@ -158,7 +158,7 @@ class Loop:
         except BaseException:  # an error, Ctrl-C: count the step in flight; a background save still completes
             with contextlib.suppress(Exception):
                 self._settle()
-            # unless it waits for other ranks' parts that have not come a minute on (they may have died too)
+            # other ranks' parts of it are waited for a minute at most: those ranks may have died with the run
             self.checkpointer.wait(raise_error=False, patience=60.0)
             raise
         finally:
