@@ -19,6 +19,7 @@ from acctrain import Engine, TrainConfig
 from acctrain.cli import free_before_exit
 from tests.support import Losses
 from tests.support.tiny import RUN_ON_CPU
+from tests.workers.resume_run import full
 
 
 def dataset(n: int = 24, vocab: int = 64, seed: int = 0):
@@ -49,8 +50,7 @@ def run(out_dir: str, micro: int, max_steps: int = 6) -> dict:
     engine = Engine(model, cfg, dataset(), dataset(10, seed=1), callbacks=[losses])
     result = {"losses": losses.values, "eval": engine.fit().get("eval/loss"), "num_processes": engine.accelerator.num_processes,
               "world_size_env": int(os.environ.get("WORLD_SIZE", "1"))}
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()  # FSDP: gathered
-              for n, p in engine.unwrapped_model.named_parameters()}
+    params = {n: full(p).detach().clone().contiguous() for n, p in engine.unwrapped_model.named_parameters()}
     if engine.accelerator.is_main_process:
         Path(out_dir, "result.json").write_text(json.dumps(result))
         save_file(params, os.path.join(out_dir, "result.safetensors"))
