@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from acctrain import watchdog
+
 
 def wait_for_everyone(accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
-    if accelerator.device.type == "cpu":
-        dist.barrier()  # gloo: the group's object-collective device, the CPU (no device_ids, no CUDA context)
-    else:
-        accelerator.wait_for_everyone()
+    with watchdog.waiting("a barrier"):
+        if accelerator.device.type == "cpu":
+            dist.barrier()  # gloo: the group's object-collective device, the CPU (no device_ids, no CUDA context)
+        else:
+            accelerator.wait_for_everyone()

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from acctrain import watchdog
+
 EVENTS = (
     "before_fit",
     "before_epoch",
@@ -107,6 +109,7 @@ class Callbacks:
 
     def __call__(self, event: str, engine) -> None:
         for handler in self._handlers[event]:
+            watchdog.at(f"callback {getattr(handler, '__qualname__', handler)}")  # named in a hang report
             try:
                 handler(engine)
             except CANCELS as cancel:

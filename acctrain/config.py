@@ -109,6 +109,8 @@ class TrainConfig:
     """Keep only each repeated block's inputs in the forward and recompute the block in the backward: less activation memory for about one more forward of compute, the same gradients (dropout's RNG is replayed)."""
     activation_checkpointing_block: str = ""
     """Class name of the blocks to checkpoint (e.g. 'Block'); empty: the class repeated in an nn.ModuleList or nn.Sequential, or a Hugging Face model's own layers."""
+    hang_timeout: float = 600.0
+    """Seconds a rank may wait for the others (in a collective, or to form the process group) before the job ends naming the ranks that did not arrive, exit code 124 (acctrain.watchdog); set it above the longest time the main rank saves alone."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -136,6 +138,9 @@ class TrainConfig:
                 raise ConfigError(f"param_groups.{pattern}", f"the lr multiplier must be a number > 0, got {mult!r}.")
         if not (self.save_every_minutes >= 0 and math.isfinite(self.save_every_minutes)):
             raise ConfigError("save_every_minutes", f"must be a number >= 0 (0 turns it off), got {self.save_every_minutes}.")
+        if not (self.hang_timeout > 0 and math.isfinite(self.hang_timeout)):
+            raise ConfigError("hang_timeout", f"must be a number of seconds > 0, got {self.hang_timeout}; 600 suits "
+                              "most jobs.")
         if not self.max_grad_norm >= 0:
             raise ConfigError("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
         if self.max_skipped_steps < 1:

@@ -1,6 +1,8 @@
 """The exceptions acctrain raises: bad input (naming the field and the fix), and how a run stopped."""
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; a SLURM script requeues on it
+HANG_EXIT_CODE = 124  # as coreutils' `timeout`: a rank waited hang_timeout for others (acctrain.watchdog)
+PEER_FAILED_EXIT_CODE = 125  # another rank raised; that rank exits 1 with the traceback (acctrain.watchdog)
 
 
 class ConfigError(ValueError):
@@ -28,6 +30,18 @@ class Preempted(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class HangError(SystemExit):
+    """The process group could not form within `hang_timeout` (ranks that never joined, a store that never
+    answered): a SystemExit with code HANG_EXIT_CODE (124), whose message names the ranks and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(HANG_EXIT_CODE)
         self.message = message
 
     def __str__(self) -> str:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import send_to_device
 
-from acctrain import agreement, checkpoint, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, sharded
+from acctrain import agreement, barrier, checkpoint, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, \
+    sharded, watchdog
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
 from acctrain.checkpointer import Checkpointer
@@ -125,12 +126,33 @@ class Loop:
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
-        with run_lock.owned(self.accelerator, self.config.output_dir):
+        with run_lock.owned(self.accelerator, self.config.output_dir), self._watched():
             self.resume()
             self._fits += 1
             if self.state.step >= self.plan.total_steps:
                 return self._complete()
             return self._fit()
+
+    @contextlib.contextmanager
+    def _watched(self):
+        """With several processes, the watchdog for the fit (acctrain.watchdog): a hang is named and ended, and an
+        error on this rank ends the others at once."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            yield
+            return
+        if acc.is_main_process:
+            watchdog.Watchdog.clear(self.config.output_dir)  # an earlier launch's markers
+        barrier.wait_for_everyone(acc)
+        watch = watchdog.Watchdog.start(acc.process_index, acc.num_processes, self.config.output_dir,
+                                        self.config.hang_timeout)
+        try:
+            yield
+        except Exception as err:  # not a stop (SystemExit: every rank stops together) nor a second Ctrl-C
+            watch.failed(err)
+            raise
+        finally:
+            watch.stop()
 
     def _complete(self) -> dict[str, float]:
         """A fit with nothing left to train: say so, and how to train on; returns the checkpoint's metrics."""
@@ -222,17 +244,21 @@ class Loop:
     def _train_step(self, window: Window, batches: Iterator) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
         state, ops = self.state, self.step_ops
+        watchdog.at("the step's start", state.step + 1)
         if not self._verdict_on_device:  # there, set once the previous step is counted
             self._set_lr_and_momentum(state.schedule_step)
         self._fire("before_step")  # its cancel requests travel with this step's all-reduce
         local_loss, local_items, token_weighted = self._accumulate_gradients(window, batches)
-        totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
+        with watchdog.waiting("the step's all-reduce"):
+            totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
         self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
         if token_weighted:  # rescaled to the step's true item count, summed over micro-batches and ranks
             loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
         for param in self.frozen_params:
             param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
+        with watchdog.waiting("clipping (the global gradient norm)"):
+            self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
+        watchdog.at("optimizer step")
         items = totals.items if token_weighted else None
         if self._verdict_on_device:
             return self._step_on_device(window, totals, items)
@@ -261,11 +287,14 @@ class Loop:
         """
         scale = loss_scaling.micro_scale(self.accelerator.num_processes, window.global_samples)
         loss_sum, num_items, token_weighted = None, 0, False  # num_items stays a host int for per-sample means
-        last = len(window.micro_batches) - 1
+        last, step = len(window.micro_batches) - 1, self.state.step + 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
+            watchdog.at("data (the next micro-batch)", step)
             batch = self._to_device(next(batches))
-            with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
+            watchdog.at("forward/backward", step)
+            # DDP's gradient all-reduce runs in the last backward, FSDP's gathers in each forward and backward
+            with self.step_ops.no_sync(self.is_last_micro), watchdog.waiting("forward/backward (their collectives)"):
                 self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self._fire("after_loss")
                 self.step_ops.backward(self.micro_loss, scale)
@@ -402,7 +431,8 @@ class Loop:
         if self.accelerator.num_processes > 1:
             # note: host-device sync and a collective, only after events that have callbacks
             flags = torch.tensor(Requests(cancel=cancel).flags(), device=self.accelerator.device)
-            cancel = Requests.agreed(self.accelerator.reduce(flags, reduction="sum").tolist()).cancel
+            with watchdog.waiting(f"the agreement after {event}'s callbacks"):
+                cancel = Requests.agreed(self.accelerator.reduce(flags, reduction="sum").tolist()).cancel
         if cancel in (CancelEpoch, CancelFit) and event != "before_optimizer_step" and self._fitting:
             raise cancel()
         return cancel
@@ -436,6 +466,7 @@ class Loop:
         self.last_eval = {}
         if self.eval_data is None:
             return {}
+        watchdog.at("evaluation", self.state.step)
         self.last_eval = self.eval_metrics()
         self.accelerator.log(self.last_eval, step=self.state.step)
         self._eval_step = self.state.step
@@ -509,6 +540,7 @@ class Loop:
         """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
         self._settle()  # the counters and the schedule of every step taken
         self._saved_at = time.monotonic()
+        watchdog.at("checkpoint save", self.state.step)
         self.checkpointer.config = self.config
         self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,
                                                       self.state_dict())

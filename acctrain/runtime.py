@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, memory, seeds, sharded
+from acctrain import barrier, checkpoint, group, memory, seeds, sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import rng_from_files
@@ -43,6 +43,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
         # a test) may choose another. The process group itself (PartialState) is kept.
         AcceleratorState._reset_state()
+    if group.launched():  # bounded by hang_timeout, naming who never joined, new each elastic round
+        group.form("gloo" if cpu or not torch.cuda.is_available() else "nccl", config.hang_timeout, config.output_dir)
     # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
     if plugin is not None:

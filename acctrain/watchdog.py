@@ -1,0 +1,293 @@
+"""No silent hangs: each rank says where it is, a rank that waits too long for the others names who did not come.
+
+    watch = Watchdog.start(rank, world_size, output_dir, hang_timeout)   # during fit, with several processes
+    watch.at("data", step)                                                # the main thread, as the step goes
+    with watch.waiting("the step's all-reduce"): ...                      # around whatever waits for other ranks
+    watch.failed(error)                                                   # this rank raised: end the others now
+    watch.stop()
+
+The side channel is files under `{output_dir}/.ranks/` (multi-node runs already need `output_dir` shared for
+their checkpoints): a rank's status (`rank{r}.json`, rewritten by a background thread every `tick` seconds:
+its step, phase, how long it has been there, whether it waits for the others, host and pid), and markers. Files,
+not the process group's store, because a store lives in one process (rank 0's, or the launcher's) and a
+stopped or dead rank 0 takes it along; a file can be read whoever is stopped, and stays for a person to read.
+
+A hang is a rank that has waited in a collective for `hang_timeout` seconds while another rank has not
+arrived there (is not waiting in the same collective). Only waiting is timed, never a phase: a long
+evaluation, a first compiled step or a long save on every rank makes nobody wait. The rank that sees it writes
+the marker `hang`; every rank's thread, polling, answers with its main thread's Python stack
+(`rank{r}.stack`) and exits with HANG_EXIT_CODE; the main process (or, when it is the one that does not answer,
+the rank that saw the hang) writes `{output_dir}/hang-report.txt` and prints it: which ranks did not arrive,
+each rank's step and phase and for how long, its host and pid, and its stack, or "not responding" (stopped or
+gone; such a rank on this host is killed, SIGKILL, so that no process is left behind).
+
+A rank that raises writes `failed-rank{r}` with its error; the others, polling, exit at once with
+PEER_FAILED_EXIT_CODE, naming it: no rank is left waiting for a peer that raised, whatever the launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from acctrain.errors import HANG_EXIT_CODE, PEER_FAILED_EXIT_CODE
+
+NOT_WAITING = None
+_active: Watchdog | None = None  # this process's watch while a fit with several processes runs
+
+
+def at(phase: str, step: int | None = None) -> None:
+    """The main thread is now in `phase` of optimizer step `step` (None: the same step); a no-op without a watch."""
+    if _active is not None:
+        _active.at(phase, step)
+
+
+def waiting(what: str):
+    """Around code that waits for the other ranks; a no-op context without a watch."""
+    return _active.waiting(what) if _active is not None else contextlib.nullcontext()
+
+
+def tick_for(hang_timeout: float) -> float:
+    """Seconds between two status writes and marker polls: a 60th of the timeout, between 0.1 and 5 s (600 s: 5 s)."""
+    return min(5.0, max(0.1, hang_timeout / 60))
+
+
+class Watchdog:
+    """One rank's side of the watch (see the module's docstring); `at` and `waiting` are the main thread's."""
+
+    def __init__(self, rank: int, world_size: int, output_dir: str | Path, hang_timeout: float):
+        self.rank, self.world_size, self.hang_timeout = rank, world_size, float(hang_timeout)
+        self.dir = Path(output_dir) / ".ranks"
+        self.report_path = Path(output_dir) / "hang-report.txt"
+        self.tick = tick_for(hang_timeout)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self._where: tuple[str, int, float] = ("start", 0, time.time())  # (phase, step, since): one assignment
+        self._wait: tuple[int, str, float] | None = NOT_WAITING  # (sequence number, what, since)
+        self._seq = 0
+        self._stopped = threading.Event()
+        self._main = threading.get_ident()  # the thread that runs fit: its stack is the one to show
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, rank: int, world_size: int, output_dir: str | Path, hang_timeout: float) -> Watchdog:
+        """Start this rank's watch thread (every rank calls this at the start of fit, after a barrier that
+        follows the main rank's `clear`, so that no marker of an earlier launch is read)."""
+        watch = cls(rank, world_size, output_dir, hang_timeout)
+        watch.dir.mkdir(parents=True, exist_ok=True)
+        watch._write_status()
+        watch._thread = threading.Thread(target=watch._run, name=f"acctrain-watchdog-rank{rank}", daemon=True)
+        watch._thread.start()
+        global _active
+        _active = watch
+        return watch
+
+    @staticmethod
+    def clear(output_dir: str | Path) -> None:
+        """Remove an earlier launch's statuses and markers (the main rank, before the others start theirs)."""
+        folder = Path(output_dir) / ".ranks"
+        if folder.is_dir():
+            for path in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    # ------------------------------------------------------------------------------------ the main thread
+
+    def at(self, phase: str, step: int | None = None) -> None:
+        """The main thread is now in `phase` of optimizer step `step` (a tuple assignment: no I/O, no lock)."""
+        where = self._where
+        step = where[1] if step is None else step
+        if where[0] != phase or where[1] != step:
+            self._where = (phase, step, time.time())
+
+    @contextlib.contextmanager
+    def waiting(self, what: str):
+        """Around code that waits for every other rank (a collective, a barrier): the only time that is timed."""
+        self._seq += 1
+        self._wait = (self._seq, what, time.time())
+        try:
+            yield
+        finally:
+            self._wait = NOT_WAITING
+
+    def failed(self, error: BaseException) -> None:
+        """This rank raised `error` (not a stop): tell the other ranks, which exit at once naming it."""
+        text = f"rank {self.rank} ({self.host}, pid {self.pid}) raised {type(error).__name__}: {error}"
+        with contextlib.suppress(OSError):
+            _write_atomic(self.dir / f"failed-rank{self.rank}", text)
+
+    def stop(self) -> None:
+        """End the watch (the end of fit, on every rank): the thread stops and the status says so."""
+        global _active
+        if _active is self:
+            _active = None
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.tick + 1)
+        self._where, self._wait = ("finished", self._where[1], time.time()), NOT_WAITING
+        with contextlib.suppress(OSError):
+            self._write_status()
+
+    # ------------------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.tick):
+            try:
+                self._write_status()
+                if (self.dir / "hang").exists():
+                    self._answer_hang()
+                failed = [p for p in self.dir.glob("failed-rank*") if p.name != f"failed-rank{self.rank}"]
+                if failed:
+                    self._exit_for_peer(failed[0])
+                wait = self._wait
+                if wait is not NOT_WAITING and time.time() - wait[2] > self.hang_timeout:
+                    self._check_hang(wait)
+            except OSError as err:  # a full or vanished output_dir must not kill the run from this thread
+                print(f"acctrain watchdog (rank {self.rank}): {err!r}", file=sys.stderr, flush=True)
+
+    def _status(self) -> dict:
+        phase, step, since = self._where
+        wait = self._wait
+        return {"rank": self.rank, "host": self.host, "pid": self.pid, "time": time.time(), "phase": phase,
+                "step": step, "since": since,
+                "waiting": None if wait is None else {"seq": wait[0], "what": wait[1], "since": wait[2]}}
+
+    def _write_status(self) -> None:
+        _write_atomic(self.dir / f"rank{self.rank}.json", json.dumps(self._status()))
+
+    def _statuses(self) -> dict[int, dict | None]:
+        out: dict[int, dict | None] = {}
+        for rank in range(self.world_size):
+            try:
+                out[rank] = json.loads((self.dir / f"rank{rank}.json").read_text())
+            except (OSError, ValueError):
+                out[rank] = None
+        return out
+
+    def _check_hang(self, wait: tuple[int, str, float]) -> None:
+        """This rank has waited past hang_timeout: a hang if some rank has not arrived at the same collective."""
+        statuses = self._statuses()
+        if self._wait is not wait:  # the wait ended meanwhile: the others may already be past it
+            return
+        stale = time.time() - max(10 * self.tick, self.hang_timeout / 2)  # a status not rewritten since: no thread runs
+        missing = [r for r, s in statuses.items()
+                   if s is None or s["waiting"] is None or s["waiting"]["seq"] < wait[0] or s["time"] < stale]
+        if not missing:
+            return  # every rank is in it: the collective itself is slow (the process group's timeout bounds it)
+        waited = time.time() - wait[2]
+        reason = (f"rank {self.rank} waited {waited:.0f} s (hang_timeout={self.hang_timeout:g}) in {wait[1]} of "
+                  f"optimizer step {self._where[1]}; rank(s) {', '.join(map(str, missing))} did not arrive")
+        try:
+            fd = os.open(self.dir / "hang", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # another rank saw it first: answer its marker at the next tick
+        with os.fdopen(fd, "w") as f:
+            json.dump({"detector": self.rank, "reason": reason, "missing": missing, "time": time.time()}, f)
+        self._answer_hang()
+
+    def _answer_hang(self) -> None:
+        """Write this rank's stack; the reporter (the main rank, else the rank that saw the hang) writes the
+        report; then exit with HANG_EXIT_CODE."""
+        _write_atomic(self.dir / f"rank{self.rank}.stack", self._main_stack())
+        marker = json.loads((self.dir / "hang").read_text())
+        detector = marker["detector"]
+        if self.rank == 0 or (self.rank == detector and not self._answered(0, patience=self._grace())):
+            report = self._report(marker)
+            with contextlib.suppress(OSError):
+                _write_atomic(self.report_path, report)
+            print(report, file=sys.stderr, flush=True)
+        else:
+            print(f"acctrain: rank {self.rank} ends: a hang was detected ({marker['reason']}); see "
+                  f"{self.report_path}", file=sys.stderr, flush=True)
+        _exit(HANG_EXIT_CODE)
+
+    def _grace(self) -> float:
+        """How long the reporter waits for the other ranks' stacks: three ticks, at least 3 s."""
+        return max(3.0, 3 * self.tick)
+
+    def _answered(self, rank: int, patience: float) -> bool:
+        deadline = time.time() + patience
+        while time.time() < deadline:
+            if (self.dir / f"rank{rank}.stack").exists():
+                return True
+            time.sleep(0.05)
+        return (self.dir / f"rank{rank}.stack").exists()
+
+    def _report(self, marker: dict) -> str:
+        deadline = time.time() + self._grace()
+        while time.time() < deadline and not all((self.dir / f"rank{r}.stack").exists()
+                                                  for r in range(self.world_size)):
+            time.sleep(0.05)
+        statuses, now = self._statuses(), time.time()
+        lines = [f"acctrain: HANG - {marker['reason']}.",
+                 f"Every rank that can answer exits with code {HANG_EXIT_CODE}. What each rank was doing:"]
+        for rank in range(self.world_size):
+            s = statuses[rank]
+            if s is None:
+                lines.append(f"\nrank {rank}: no status file (it never started this fit)")
+                continue
+            where = f"step {s['step']}, {s['phase']} for {now - s['since']:.0f} s"
+            waits = f"; waiting in {s['waiting']['what']} for {now - s['waiting']['since']:.0f} s" if s["waiting"] else ""
+            tag = " <- did not arrive" if rank in marker["missing"] else ""
+            lines.append(f"\nrank {rank} ({s['host']}, pid {s['pid']}): {where}{waits}; last heard "
+                         f"{now - s['time']:.0f} s ago{tag}")
+            stack = self.dir / f"rank{rank}.stack"
+            if stack.exists():
+                lines.append(stack.read_text().rstrip())
+            else:
+                lines.append("  not responding: " + self._end_unresponsive(s))
+        lines.append("\nWhat to do: read the stack of the rank that did not arrive (a data loader, a callback, a "
+                     "filesystem); a rank 'not responding' was stopped, swapped out or lost. hang_timeout sets "
+                     "how long a rank may wait; resume=auto continues from the last checkpoint.")
+        return "\n".join(lines) + "\n"
+
+    def _end_unresponsive(self, status: dict) -> str:
+        """Describe (and on this host, kill) a rank that did not answer: stopped, or gone."""
+        if status["host"] != self.host:
+            return f"on host {status['host']}: its launcher or the scheduler must end it"
+        pid = status["pid"]
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return "its process is gone"
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        what = "stopped (SIGSTOP or a debugger)" if state in ("T", "t") else f"process state {state}"
+        return f"{what}; killed (SIGKILL) so that nothing is left waiting"
+
+    def _main_stack(self) -> str:
+        frame = sys._current_frames().get(self._main)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no main thread)\n"
+        return "  " + stack.rstrip().replace("\n", "\n  ") + "\n"
+
+    def _exit_for_peer(self, marker: Path) -> None:
+        try:
+            text = marker.read_text()
+        except OSError:
+            text = marker.name
+        phase, step, _ = self._where
+        print(f"acctrain: rank {self.rank} ends (exit code {PEER_FAILED_EXIT_CODE}) at step {step}, {phase}, because "
+              f"{text}. That rank's traceback says why; resume=auto continues from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        _exit(PEER_FAILED_EXIT_CODE)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _exit(code: int) -> None:
+    """End this process now, from the watch thread (the main thread is blocked in a collective)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
