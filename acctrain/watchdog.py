@@ -286,8 +286,23 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _exit(code: int) -> None:
-    """End this process now, from the watch thread (the main thread is blocked in a collective)."""
+    """End this process now, from the watch thread (the main thread is blocked in a collective), and its child
+    processes (data loader workers, perhaps the very ones stuck), which would otherwise outlive it."""
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
+    for pid in _children():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     os._exit(code)
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux: /proc; elsewhere the multiprocessing children)."""
+    try:
+        return [int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    except OSError:
+        import multiprocessing
+
+        return [p.pid for p in multiprocessing.active_children() if p.pid]

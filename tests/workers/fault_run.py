@@ -6,7 +6,8 @@ Faults (on `rank`, when optimizer step `at` starts):
 - "sigstop": the process stops itself (SIGSTOP), as a debugger or a swapped-out node would;
 - "sleep": a callback sleeps for an hour (a deadlocked callback);
 - "loader": the data loader's worker blocks for an hour in the dataset's __getitem__ (num_workers=1);
-- "raise": a callback raises RuntimeError.
+- "raise": a callback raises RuntimeError;
+- "none": nothing (a run that the test starts with a missing rank).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Fault(Callback):
     def before_step(self, engine):
         if engine.state.step + 1 != self.at or engine.accelerator.process_index != self.rank:
             return
-        print(f"fault: rank {self.rank} {self.fault} at step {self.at}", file=sys.stderr, flush=True)
+        print(f"fault: rank {self.rank} {self.fault} at step {self.at} (t={time.time():.3f})", file=sys.stderr, flush=True)
         if self.fault == "sigstop":
             os.kill(os.getpid(), signal.SIGSTOP)
         elif self.fault == "sleep":
@@ -48,6 +49,8 @@ class BlockingTokens(VarLenTokens):
     def __getitem__(self, index):
         self.reads += 1
         if int(os.environ.get("RANK", "0")) == self.rank and self.reads > self.after:
+            print(f"fault: rank {self.rank} loader at step {self.reads // 4 + 1} (t={time.time():.3f})",
+                  file=sys.stderr, flush=True)
             time.sleep(3600)  # the data loader's worker is stuck: its rank waits for a batch that never comes
         return super().__getitem__(index)
 
