@@ -249,6 +249,12 @@ def test_sbatch_commands_for_four_gpu_nodes(tmp_path, procid):
     assert argv[argv.index("train.py"):] == ["train.py", "my_run.yaml", "output_dir=/shared/runs/a b", "lr=3e-4"]
 
 
+def test_sbatch_elastic_form_restarts_workers_with_a_c10d_rendezvous(tmp_path):
+    _, argv = sbatch_dry_run(tmp_path, 1, MAIN_PROCESS_IP="h0", GPUS_PER_NODE="4", MAX_RESTARTS="3")
+    assert option(argv, "--rdzv_backend") == "c10d" and option(argv, "--max_restarts") == "3"
+    assert argv[argv.index("train.py"):][:2] == ["train.py", "my_run.yaml"]
+
+
 def test_sbatch_commands_for_cpu_nodes_and_overrides(tmp_path):
     srun, argv = sbatch_dry_run(tmp_path, 2, ACCTRAIN_CPU="1", MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="12345",
                                 SRUN_ARGS="--container-image=reg#acctrain --container-mounts=/shared:/shared")

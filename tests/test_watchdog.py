@@ -126,13 +126,13 @@ def test_losing_a_node_carries_on_with_half_the_processes(tmp_path):
     out, port = tmp_path / "run", free_port()
     args = json.dumps({"out_dir": str(out), "stall_at": 7, **options})
 
-    def agent(is_host: bool, env: dict) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lose-a-node",
-               "--rdzv_conf", f"is_host={str(is_host).lower()},last_call_timeout=5", "--max-restarts", "3",
-               "--monitor-interval", "0.5", *ELASTIC, args]
+    def agent(is_host: bool, env: dict) -> subprocess.Popen:  # one "node": launch/torchrun_elastic.sh
+        env = {"NNODES": "1:2", "NPROC": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "lose-a-node",
+               "RDZV_LAST_CALL": "5", "RDZV_CONF": f"is_host={str(is_host).lower()}", "MONITOR_INTERVAL": "0.5",
+               "TORCHRUN": f"{sys.executable} -m torch.distributed.run", "ACCTRAIN_SCRIPT": " ".join(ELASTIC), **env}
         log = open(tmp_path / f"agent-{'host' if is_host else 'lost'}.log", "w")
-        return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(env), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(["bash", "launch/torchrun_elastic.sh", args], cwd=ROOT, env=launch_env(env),
+                                stdout=log, stderr=subprocess.STDOUT)
 
     kept = agent(True, {})  # it hosts the rendezvous store, so it must be the one that survives
     time.sleep(1)

@@ -1,0 +1,147 @@
+"""What the hang watchdog (acctrain.watchdog) costs a step, on the path users run: Engine.fit on 2 processes.
+
+    python benchmarks/watchdog_cost.py                  # 5 rounds x 2 variants, 2 processes, ~3 min on 2 cores
+    python benchmarks/watchdog_cost.py --rounds 9 --steps 600 --json out.json
+
+Two parts:
+
+- calls: the main thread's own cost, in one process. A step with accumulation 4 marks its phases and waits
+  (the step's start, 4 x data, forward/backward and a waiting section, clipping, the all-reduce, the optimizer);
+  timed in a loop with a watch running (its thread writing a status every 0.1 s) and without one.
+- fit: Engine.fit of a small MLP (tiny steps, where a fixed cost shows most) under torchrun on 2 CPU processes
+  (gloo), accumulation 4, default logging, with the watchdog (hang_timeout=600, the default) and without it
+  (the benchmark replaces `Loop._watched` by an empty context in its worker: the library has no switch),
+  alternating within each round. A run's statistic is the median step time of its timed steps; the table
+  shows the median over rounds and the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def calls(n: int = 200_000) -> dict:
+    """Seconds per step of the watchdog calls a step makes (accumulation 4), with and without a watch."""
+    from acctrain import watchdog
+
+    def one_step():
+        watchdog.at("the step's start", 1)
+        for _ in range(4):
+            watchdog.at("data (the next micro-batch)", 1)
+            watchdog.at("forward/backward", 1)
+            with watchdog.waiting("forward/backward (their collectives)"):
+                pass
+        with watchdog.waiting("the step's all-reduce"):
+            pass
+        with watchdog.waiting("clipping (the global gradient norm)"):
+            pass
+        watchdog.at("optimizer step")
+
+    def timed() -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n // 5):
+                one_step()
+            best = min(best, (time.perf_counter() - start) / (n // 5))
+        return best
+
+    without = timed()
+    with tempfile.TemporaryDirectory() as out:
+        watch = watchdog.Watchdog.start(0, 2, out, hang_timeout=6.0)  # tick 0.1 s: 50x the default's writes
+        try:
+            with_watch = timed()
+        finally:
+            watch.stop()
+    return {"without_us": without * 1e6, "with_us": with_watch * 1e6}
+
+
+def worker(options: dict) -> None:
+    """One Engine.fit under torchrun; rank 0 writes the median step time of the timed steps."""
+    import torch
+
+    from acctrain import Callback, Engine, TrainConfig
+    from acctrain.loop import Loop
+
+    if not options["watch"]:
+        Loop._watched = lambda self: contextlib.nullcontext()  # the run without the watchdog
+
+    class Clock(Callback):
+        def __init__(self):
+            self.times = []
+
+        def after_step(self, engine):
+            self.times.append(time.perf_counter())
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    data = [(torch.randn(32), torch.randn(1)) for _ in range(4096)]
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    clock = Clock()
+    cfg = TrainConfig(output_dir=options["out"], global_batch_size=16, micro_batch_size=2,
+                      max_steps=options["steps"], cpu=True, cpu_threads=1, scheduler="constant",
+                      save_every_minutes=0)
+    engine = Engine(model, cfg, data, None, loss_fn=loss_fn, callbacks=[clock])
+    engine.fit()
+    if engine.accelerator.is_main_process:
+        warm = options["steps"] // 5
+        steps = [b - a for a, b in zip(clock.times[warm:], clock.times[warm + 1:])]
+        Path(options["out"], "median.json").write_text(json.dumps({"median": statistics.median(steps)}))
+    engine.close()
+
+
+def fit_round(watch: bool, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        options = json.dumps({"out": out, "steps": steps, "watch": watch})
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(Path(__file__).resolve()), "--worker", options], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+        return json.loads(Path(out, "median.json").read_text())["median"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--json", type=str, default="")
+    parser.add_argument("--worker", type=str, default="")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    result = {"calls": calls(), "rounds": []}
+    print(f"calls per step (accumulation 4): {result['calls']['without_us']:.2f} us without a watch, "
+          f"{result['calls']['with_us']:.2f} us with one", flush=True)
+    for r in range(args.rounds):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        times = {watch: fit_round(watch, args.steps) for watch in order}
+        result["rounds"].append({"with": times[True], "without": times[False]})
+        print(f"round {r + 1}: {times[True] * 1e3:.3f} ms with the watchdog, {times[False] * 1e3:.3f} ms "
+              f"without (ratio {times[True] / times[False]:.3f})", flush=True)
+    with_ms = statistics.median(r["with"] for r in result["rounds"]) * 1e3
+    without_ms = statistics.median(r["without"] for r in result["rounds"]) * 1e3
+    ratio = statistics.median(r["with"] / r["without"] for r in result["rounds"])
+    print(f"\n| variant | median step (ms) |\n|---|---|\n| without the watchdog | {without_ms:.3f} |\n"
+          f"| with the watchdog (default hang_timeout) | {with_ms:.3f} |\n\nratio with/without, median of "
+          f"{args.rounds} paired rounds: {ratio:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
