@@ -148,7 +148,7 @@ class Loop:
                                         self.config.hang_timeout)
         try:
             yield
-        except Exception as err:  # not a stop (SystemExit: every rank stops together) nor a second Ctrl-C
+        except (Exception, KeyboardInterrupt) as err:  # not a stop (SystemExit): every rank stops together then
             watch.failed(err)
             raise
         finally:
@@ -177,7 +177,9 @@ class Loop:
         try:
             with self._signals:
                 return self._run()
-        except BaseException:  # an error, Ctrl-C: count the step in flight; a background save still completes
+        except BaseException as err:  # an error, Ctrl-C: count the step in flight; a background save still completes
+            if isinstance(err, (Exception, KeyboardInterrupt)):
+                watchdog.failed(err)  # the other ranks end now, not after the waits below
             with contextlib.suppress(Exception):
                 self._settle()
             # other ranks' parts of it are waited for a minute at most: those ranks may have died with the run

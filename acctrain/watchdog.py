@@ -53,6 +53,12 @@ def at(phase: str, step: int | None = None) -> None:
 _NO_WAIT = contextlib.nullcontext()
 
 
+def failed(error: BaseException) -> None:
+    """This rank raised `error`: end the other ranks now (see `Watchdog.failed`); a no-op without a watch."""
+    if _active is not None:
+        _active.failed(error)
+
+
 def waiting(what: str):
     """Around code that waits for the other ranks; a no-op context without a watch."""
     return _active.waiting(what) if _active is not None else _NO_WAIT
@@ -163,7 +169,7 @@ class Watchdog:
                 wait = self._wait
                 if wait is not NOT_WAITING and time.time() - wait[2] > self.hang_timeout:
                     self._check_hang(wait)
-            except OSError as err:  # a full or vanished output_dir must not kill the run from this thread
+            except (OSError, ValueError) as err:  # a full or vanished output_dir must not kill the run from here
                 print(f"acctrain watchdog (rank {self.rank}): {err!r}", file=sys.stderr, flush=True)
 
     def _status(self) -> dict:
@@ -198,12 +204,12 @@ class Watchdog:
         waited = time.time() - wait[2]
         reason = (f"rank {self.rank} waited {waited:.0f} s (hang_timeout={self.hang_timeout:g}) in {wait[1]} of "
                   f"optimizer step {self._where[1]}; rank(s) {', '.join(map(str, missing))} did not arrive")
+        mine = self.dir / f".hang-rank{self.rank}"  # written whole, then linked: no rank reads half a marker
+        mine.write_text(json.dumps({"detector": self.rank, "reason": reason, "missing": missing, "time": time.time()}))
         try:
-            fd = os.open(self.dir / "hang", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, self.dir / "hang")
         except FileExistsError:
             return  # another rank saw it first: answer its marker at the next tick
-        with os.fdopen(fd, "w") as f:
-            json.dump({"detector": self.rank, "reason": reason, "missing": missing, "time": time.time()}, f)
         self._answer_hang()
 
     def _answer_hang(self) -> None:
