@@ -19,7 +19,22 @@ def wait_for_everyone(accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
     with watchdog.waiting("a barrier"):
-        if accelerator.device.type == "cpu":
-            dist.barrier()  # gloo: the group's object-collective device, the CPU (no device_ids, no CUDA context)
-        else:
-            accelerator.wait_for_everyone()
+        _barrier(accelerator)
+
+
+def _barrier(accelerator: Accelerator) -> None:
+    if accelerator.device.type == "cpu":
+        dist.barrier()  # gloo: the group's object-collective device, the CPU (no device_ids, no CUDA context)
+    else:
+        accelerator.wait_for_everyone()
+
+
+def after_main(accelerator: Accelerator, what: str) -> None:
+    """A barrier after work the main rank does alone (a checkpoint's write and commit, verifying one): the others
+    first wait for it without a collective (acctrain.watchdog.after_main), so that neither the process group's
+    timeout nor the watchdog cuts a save that takes longer than hang_timeout."""
+    if accelerator.num_processes == 1:
+        return
+    with watchdog.waiting(what):
+        watchdog.after_main(accelerator.is_main_process)
+        _barrier(accelerator)

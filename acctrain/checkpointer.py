@@ -90,12 +90,12 @@ class Checkpointer:
                                   self._commit, stable)
                 return final
             digests = checkpoint.write_files(files)
-            barrier.wait_for_everyone(acc)
+            barrier.after_main(acc, "the main rank's checkpoint write")  # it writes the most, alone
             if acc.is_main_process:
                 self._commit(stage, digests)
         except OSError as err:
             raise self._write_error(err, final) from err
-        barrier.wait_for_everyone(acc)
+        barrier.after_main(acc, "the main rank's checkpoint commit")
         return final
 
     def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -202,7 +202,9 @@ class Checkpointer:
                 choice = [str(path) if path else None]
             except checkpoint.CheckpointError as err:
                 choice = [err]
-        choice = broadcast_object_list(choice) if acc.num_processes > 1 else choice
+        if acc.num_processes > 1:
+            barrier.after_main(acc, "the main rank's choice of a checkpoint")  # verifying reads every byte
+            choice = broadcast_object_list(choice)
         if isinstance(choice[0], Exception):
             raise choice[0]
         return Path(choice[0]) if choice[0] is not None else None

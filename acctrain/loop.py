@@ -552,6 +552,7 @@ class Loop:
         if self._resumed:
             return self.resumed_from
         self._resumed = True
+        watchdog.at("checkpoint load", self.state.step)
         self.checkpointer.config = self.config
         self.resumed_from = self.checkpointer.find()
         if self.resumed_from is not None:

@@ -64,6 +64,20 @@ def waiting(what: str):
     return _active.waiting(what) if _active is not None else _NO_WAIT
 
 
+PATIENT_PHASES = ("checkpoint save", "checkpoint load")
+"""Work the main rank may do alone for longer than hang_timeout while the others wait (`after_main`): a rank
+missing in one of these is busy, not hung, as long as its status is rewritten (its process runs and the
+filesystem answers: the status lives on the same one)."""
+
+
+def after_main(is_main: bool) -> None:
+    """Inside a `waiting` section: return once the main rank has reached it too, without a collective (the
+    process group's timeout would cut a long save short). The main rank says so in a file; the others read it
+    every 50 ms. A no-op without a watch."""
+    if _active is not None:
+        _active.after_main(is_main)
+
+
 class _Waiting:
     """`Watchdog.waiting`'s context: two attribute writes (a generator-based context costs ~1.5 us more)."""
 
@@ -137,6 +151,20 @@ class Watchdog:
         """Around code that waits for every other rank (a collective, a barrier): the only time that is timed."""
         return _Waiting(self, what)
 
+    def after_main(self, is_main: bool) -> None:
+        """See the module function `after_main`."""
+        path, seq = self.dir / "main-arrived", self._seq
+        if is_main:
+            _write_atomic(path, str(seq))
+            return
+        while True:  # a main rank that stops or dies is the watch thread's to name
+            try:
+                if int(path.read_text()) >= seq:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+
     def failed(self, error: BaseException) -> None:
         """This rank raised `error` (not a stop): tell the other ranks, which exit at once naming it."""
         text = f"rank {self.rank} ({self.host}, pid {self.pid}) raised {type(error).__name__}: {error}"
@@ -201,6 +229,9 @@ class Watchdog:
                    if s is None or s["waiting"] is None or s["waiting"]["seq"] < wait[0] or s["time"] < stale]
         if not missing:
             return  # every rank is in it: the collective itself is slow (the process group's timeout bounds it)
+        if all(statuses[r] is not None and statuses[r]["phase"] in PATIENT_PHASES and statuses[r]["time"] >= stale
+               for r in missing):
+            return  # the main rank saves or verifies alone: busy, not hung (see PATIENT_PHASES)
         waited = time.time() - wait[2]
         reason = (f"rank {self.rank} waited {waited:.0f} s (hang_timeout={self.hang_timeout:g}) in {wait[1]} of "
                   f"optimizer step {self._where[1]}; rank(s) {', '.join(map(str, missing))} did not arrive")

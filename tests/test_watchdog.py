@@ -64,6 +64,17 @@ def test_a_stalled_rank_is_named_and_the_job_ends(tmp_path, fault):
         assert sorted(codes) == [-9, HANG_EXIT_CODE]
 
 
+def test_a_save_longer_than_hang_timeout_on_the_main_rank_does_not_trip_it(tmp_path):
+    """Only waiting for a rank that is stuck is a hang: the main rank writing checkpoints (steps 4 and 8, and
+    the end) for hang_timeout + 4 s each, while the other waits, is busy, and the run ends normally."""
+    started = time.time()
+    launch([*FAULT, json.dumps({"out_dir": str(tmp_path), "fault": "slow_save", "hang_timeout": HANG_TIMEOUT})],
+           nproc=2, timeout=240)
+    assert time.time() - started > 2 * (HANG_TIMEOUT + 4)  # the saves were slow
+    assert not (tmp_path / "hang-report.txt").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+
+
 def test_an_error_on_one_rank_ends_the_other_at_once_naming_it(tmp_path):
     proc, seconds = run_fault(tmp_path, "raise")
     print(f"raise: {seconds:.1f} s from the error to the end of the job")
@@ -73,6 +84,33 @@ def test_an_error_on_one_rank_ends_the_other_at_once_naming_it(tmp_path):
                      "RuntimeError: a callback failed on purpose", proc.stderr), proc.stderr[-3000:]
     assert PEER_FAILED_EXIT_CODE in exit_codes(proc.stderr)
     assert not (tmp_path / "hang-report.txt").exists()
+
+
+@pytest.mark.parametrize("fault", ["raise", "sleep"])
+def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
+    """Two plain processes given their ranks as srun gives them (no torchrun to kill the survivor): an error
+    on rank 1 ends rank 0 with 125; a rank asleep in a callback ends both with 124."""
+    port, started = str(free_port()), time.time()
+    procs = [subprocess.Popen([sys.executable, *FAULT, json.dumps({"out_dir": str(tmp_path), "fault": fault,
+                                                                    "hang_timeout": HANG_TIMEOUT})],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=launch_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port}))
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    assert time.time() - started < 120
+    if fault == "raise":
+        assert codes == [PEER_FAILED_EXIT_CODE, 1], outputs
+        assert "because rank 1 " in outputs[0] and "RuntimeError: a callback failed on purpose" in outputs[1]
+    else:
+        assert codes == [HANG_EXIT_CODE, HANG_EXIT_CODE], outputs
+        assert "rank(s) 1 did not arrive" in (tmp_path / "hang-report.txt").read_text()
 
 
 def test_a_rank_that_never_joins_is_named_within_hang_timeout(tmp_path):

@@ -7,7 +7,9 @@ Faults (on `rank`, when optimizer step `at` starts):
 - "sleep": a callback sleeps for an hour (a deadlocked callback);
 - "loader": the data loader's worker blocks for an hour in the dataset's __getitem__ (num_workers=1);
 - "raise": a callback raises RuntimeError;
-- "none": nothing (a run that the test starts with a missing rank).
+- "none": nothing (a run that the test starts with a missing rank);
+- "slow_save": rank 0 takes hang_timeout + 4 s to write each checkpoint (a large save on a slow disk), which
+  must not trip the watchdog: the run ends normally.
 """
 
 from __future__ import annotations
@@ -55,11 +57,26 @@ class BlockingTokens(VarLenTokens):
         return super().__getitem__(index)
 
 
+def slow_saves(seconds: float) -> None:
+    """Make this process's checkpoint writes take `seconds` longer (the library's own write, called late)."""
+    from acctrain import checkpoint
+
+    write = checkpoint.write_files
+
+    def slow_write(files):
+        time.sleep(seconds)
+        return write(files)
+    checkpoint.write_files = slow_write
+
+
 def run(out_dir: str, fault: str, rank: int = 1, at: int = 3, hang_timeout: float = 5.0, steps: int = 8):
     loader = fault == "loader"
+    if fault == "slow_save" and int(os.environ.get("RANK", "0")) == 0:
+        slow_saves(hang_timeout + 4)
     train = BlockingTokens(64, rank, after=4 * (at - 1)) if loader else VarLenTokens(64)
     cfg = TrainConfig(output_dir=out_dir, global_batch_size=8, micro_batch_size=2, max_steps=steps, lr=1e-2,
-                      hang_timeout=hang_timeout, num_workers=1 if loader else 0, cpu=RUN_ON_CPU, log_every=1)
+                      hang_timeout=hang_timeout, num_workers=1 if loader else 0, cpu=RUN_ON_CPU, log_every=1,
+                      save_every=4 if fault == "slow_save" else 0)
     engine = Engine(make_model(0), cfg, train, None, loss_fn=token_loss, collate_fn=collate,
                     callbacks=[] if loader else [Fault(fault, rank, at)])
     engine.fit()
