@@ -19,7 +19,8 @@ the marker `hang`; every rank's thread, polling, answers with its main thread's 
 (`rank{r}.stack`) and exits with HANG_EXIT_CODE; the main process (or, when it is the one that does not answer,
 the rank that saw the hang) writes `{output_dir}/hang-report.txt` and prints it: which ranks did not arrive,
 each rank's step and phase and for how long, its host and pid, and its stack, or "not responding" (stopped or
-gone; such a rank on this host is killed, SIGKILL, so that no process is left behind).
+gone; such a rank on this host is killed, SIGKILL, so that no process is left behind). Each answering rank
+also writes PyTorch's flight recorder (its last collectives) to `{output_dir}/flight-recorder-rank{r}.json`.
 
 A rank that raises writes `failed-rank{r}` with its error; the others, polling, exit at once with
 PEER_FAILED_EXIT_CODE, naming it: no rank is left waiting for a peer that raised, whatever the launcher.
@@ -246,6 +247,7 @@ class Watchdog:
     def _answer_hang(self) -> None:
         """Write this rank's stack; the reporter (the main rank, else the rank that saw the hang) writes the
         report; then exit with HANG_EXIT_CODE."""
+        self._dump_flight_recorder()
         _write_atomic(self.dir / f"rank{self.rank}.stack", self._main_stack())
         marker = json.loads((self.dir / "hang").read_text())
         detector = marker["detector"]
@@ -258,6 +260,19 @@ class Watchdog:
             print(f"acctrain: rank {self.rank} ends: a hang was detected ({marker['reason']}); see "
                   f"{self.report_path}", file=sys.stderr, flush=True)
         _exit(HANG_EXIT_CODE)
+
+    def _dump_flight_recorder(self) -> None:
+        """PyTorch's flight recorder of this rank (its last collectives, each with its sequence number, state
+        and Python stack) as JSON beside the hang report; read them with `python -m
+        torch.distributed.flight_recorder.fr_trace`. Skipped where this torch has none."""
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace_json  # private: none public in torch 2.13
+
+            trace = _dump_fr_trace_json(True, True)
+        except Exception as err:  # an older torch, or no recorder for this backend
+            trace = json.dumps({"unavailable": repr(err)}).encode()
+        _write_atomic(self.report_path.with_name(f"flight-recorder-rank{self.rank}.json"),
+                      trace.decode() if isinstance(trace, bytes) else str(trace))
 
     def _grace(self) -> float:
         """How long the reporter waits for the other ranks' stacks: three ticks, at least 3 s."""
@@ -294,6 +309,8 @@ class Watchdog:
                 lines.append(stack.read_text().rstrip())
             else:
                 lines.append("  not responding: " + self._end_unresponsive(s))
+        lines.append(f"\nEach answering rank's last collectives (PyTorch's flight recorder): "
+                     f"{self.report_path.with_name('flight-recorder-rank{r}.json')}.")
         lines.append("\nWhat to do: read the stack of the rank that did not arrive (a data loader, a callback, a "
                      "filesystem); a rank 'not responding' was stopped, swapped out or lost. hang_timeout sets "
                      "how long a rank may wait; resume=auto continues from the last checkpoint.")

@@ -51,6 +51,8 @@ def test_a_stalled_rank_is_named_and_the_job_ends(tmp_path, fault):
     rank1 = report.split("\nrank 1 ")[1]
     assert "<- did not arrive" in rank1.splitlines()[0]
     assert f"exits with code {HANG_EXIT_CODE}" in report and "acctrain: HANG" in proc.stderr  # printed too
+    recorded = json.loads((tmp_path / "flight-recorder-rank0.json").read_text())  # PyTorch's flight recorder
+    assert recorded["entries"] and all("collective_seq_id" in e for e in recorded["entries"])
     codes = exit_codes(proc.stderr)
     assert HANG_EXIT_CODE in codes  # rank 0; rank 1 too where it could answer
     if fault == "sleep":  # the line of the deadlocked callback, and the phase
