@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from torch.utils.data import default_collate
 
+from acctrain import watchdog
 from acctrain.data import eval_loader, most_eval_batches
 from acctrain.metrics import EvalBatch, Metric, TorchMetric
 
@@ -72,7 +73,9 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
         with eval_mode(model):
             for num_samples, batch in eval_batches(accelerator, dataset, micro_batch, collate_fn):
                 outputs[0] = None  # this batch's output, never the one before
-                loss_sum, items, _ = loss(batch, num_samples)
+                with watchdog.waiting("an evaluation forward (FSDP's gathers, DDP's buffers)"):
+                    loss_sum, items, _ = loss(batch, num_samples)
+                watchdog.at("evaluation")
                 if not num_samples:  # a batch that only keeps this rank in step with the others
                     continue
                 loss_sum = loss_sum.detach().to(dtype)
@@ -85,7 +88,8 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
     finally:
         if hook is not None:
             hook.remove()
-    totals = accelerator.reduce(totals, reduction="sum").cpu()  # note: host-device sync, once
+    with watchdog.waiting("evaluation's all-reduce"):
+        totals = accelerator.reduce(totals, reduction="sum").cpu()  # note: host-device sync, once
     loss_sum, items = totals[:2].tolist()
     values = {"eval/loss": loss_sum / items if items else float("nan")}
     offset = 2

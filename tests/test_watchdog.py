@@ -168,7 +168,7 @@ def test_losing_a_node_carries_on_with_half_the_processes(tmp_path):
 
     def agent(is_host: bool, env: dict) -> subprocess.Popen:  # one "node": launch/torchrun_elastic.sh
         env = {"NNODES": "1:2", "NPROC": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": "lose-a-node",
-               "RDZV_LAST_CALL": "5", "RDZV_CONF": f"is_host={str(is_host).lower()}", "MONITOR_INTERVAL": "0.5",
+               "RDZV_LAST_CALL": "10", "RDZV_CONF": f"is_host={str(is_host).lower()}", "MONITOR_INTERVAL": "0.5",
                "TORCHRUN": f"{sys.executable} -m torch.distributed.run", "ACCTRAIN_SCRIPT": " ".join(ELASTIC), **env}
         log = open(tmp_path / f"agent-{'host' if is_host else 'lost'}.log", "w")
         return subprocess.Popen(["bash", "launch/torchrun_elastic.sh", args], cwd=ROOT, env=launch_env(env),
