@@ -133,26 +133,11 @@ class Loop:
                 return self._complete()
             return self._fit()
 
-    @contextlib.contextmanager
     def _watched(self):
-        """With several processes, the watchdog for the fit (acctrain.watchdog): a hang is named and ended, and an
-        error on this rank ends the others at once."""
+        """The watchdog for the fit, with several processes (acctrain.watchdog)."""
         acc = self.accelerator
-        if acc.num_processes == 1:
-            yield
-            return
-        if acc.is_main_process:
-            watchdog.Watchdog.clear(self.config.output_dir)  # an earlier launch's markers
-        barrier.wait_for_everyone(acc)
-        watch = watchdog.Watchdog.start(acc.process_index, acc.num_processes, self.config.output_dir,
-                                        self.config.hang_timeout)
-        try:
-            yield
-        except (Exception, KeyboardInterrupt) as err:  # not a stop (SystemExit): every rank stops together then
-            watch.failed(err)
-            raise
-        finally:
-            watch.stop()
+        return watchdog.watched(acc.process_index, acc.num_processes, self.config.output_dir, self.config.hang_timeout,
+                                lambda: barrier.wait_for_everyone(acc))
 
     def _complete(self) -> dict[str, float]:
         """A fit with nothing left to train: say so, and how to train on; returns the checkpoint's metrics."""
@@ -296,10 +281,12 @@ class Loop:
             batch = self._to_device(next(batches))
             watchdog.at("forward/backward", step)
             # DDP's gradient all-reduce runs in the last backward, FSDP's gathers in each forward and backward
-            with self.step_ops.no_sync(self.is_last_micro), watchdog.waiting("forward/backward (their collectives)"):
-                self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
+            with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
+                with watchdog.waiting("the forward (its collectives)"):
+                    self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self._fire("after_loss")
-                self.step_ops.backward(self.micro_loss, scale)
+                with watchdog.waiting("the backward (its collectives)"):
+                    self.step_ops.backward(self.micro_loss, scale)
             self._fire("after_backward")
             loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
             num_items = num_items + items

@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from acctrain.errors import HANG_EXIT_CODE, PEER_FAILED_EXIT_CODE
 
@@ -77,6 +78,26 @@ def after_main(is_main: bool) -> None:
     every 50 ms. A no-op without a watch."""
     if _active is not None:
         _active.after_main(is_main)
+
+
+@contextlib.contextmanager
+def watched(rank: int, world_size: int, output_dir: str | Path, hang_timeout: float, barrier: Callable[[], None]):
+    """A watch on every rank for the enclosed code (a fit), with several processes: the main rank clears an
+    earlier launch's markers before `barrier()`; an error or a Ctrl-C raised inside ends the other ranks."""
+    if world_size == 1:
+        yield
+        return
+    if rank == 0:
+        Watchdog.clear(output_dir)
+    barrier()
+    watch = Watchdog.start(rank, world_size, output_dir, hang_timeout)
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:  # not a stop (SystemExit): every rank stops together then
+        watch.failed(err)
+        raise
+    finally:
+        watch.stop()
 
 
 class _Waiting:

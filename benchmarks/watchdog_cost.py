@@ -6,7 +6,8 @@
 Two parts:
 
 - calls: the main thread's own cost, in one process. A step with accumulation 4 marks its phases and waits
-  (the step's start, 4 x data, forward/backward and a waiting section, clipping, the all-reduce, the optimizer);
+  (the step's start, 4 x data, forward and backward, each a waiting section, clipping, the all-reduce, the
+  optimizer);
   timed in a loop with a watch running (its thread writing a status every 0.1 s) and without one.
 - fit: Engine.fit of a small MLP (tiny steps, where a fixed cost shows most) under torchrun on 2 CPU processes
   (gloo), accumulation 4, default logging, with the watchdog (hang_timeout=600, the default) and without it
@@ -40,7 +41,9 @@ def calls(n: int = 200_000) -> dict:
         for _ in range(4):
             watchdog.at("data (the next micro-batch)", 1)
             watchdog.at("forward/backward", 1)
-            with watchdog.waiting("forward/backward (their collectives)"):
+            with watchdog.waiting("the forward (its collectives)"):
+                pass
+            with watchdog.waiting("the backward (its collectives)"):
                 pass
         with watchdog.waiting("the step's all-reduce"):
             pass
