@@ -230,22 +230,22 @@ class Loop:
 
     def _train_step(self, window: Window, batches: Iterator) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
-        state, ops = self.state, self.step_ops
-        watchdog.at("the step's start", state.step + 1)
+        state, ops, watch = self.state, self.step_ops, watchdog.current()
+        watch.at("the step's start", state.step + 1)
         if not self._verdict_on_device:  # there, set once the previous step is counted
             self._set_lr_and_momentum(state.schedule_step)
         self._fire("before_step")  # its cancel requests travel with this step's all-reduce
-        local_loss, local_items, token_weighted = self._accumulate_gradients(window, batches)
-        with watchdog.waiting("the step's all-reduce"):
+        local_loss, local_items, token_weighted = self._accumulate_gradients(window, batches, watch)
+        with watch.waiting("the step's all-reduce"):
             totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
         self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
         if token_weighted:  # rescaled to the step's true item count, summed over micro-batches and ranks
             loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
         for param in self.frozen_params:
             param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        with watchdog.waiting("clipping (the global gradient norm)"):
+        with (watch if ops.collective_passes else watchdog.IDLE).waiting("clipping (FSDP's global norm)"):
             self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
-        watchdog.at("optimizer step")
+        watch.at("optimizer step")
         items = totals.items if token_weighted else None
         if self._verdict_on_device:
             return self._step_on_device(window, totals, items)
@@ -267,7 +267,8 @@ class Loop:
         self._log_step(state.step, loss, norm, self._lr_metrics, items)
         self._fire("after_step")
 
-    def _accumulate_gradients(self, window: Window, batches: Iterator) -> tuple[torch.Tensor, Any, bool]:
+    def _accumulate_gradients(self, window: Window, batches: Iterator,
+                              watch: watchdog.Watchdog | watchdog._Idle) -> tuple[torch.Tensor, Any, bool]:
         """Forward and backward over this rank's micro-batches; DDP's all-reduce on the last one only.
 
         Returns this rank's summed loss and item count, and whether the loss is token-weighted.
@@ -277,15 +278,16 @@ class Loop:
         last, step = len(window.micro_batches) - 1, self.state.step + 1
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
-            watchdog.at("data (the next micro-batch)", step)
+            watch.at("data (the next micro-batch)", step)
             batch = self._to_device(next(batches))
-            watchdog.at("forward/backward", step)
-            # DDP's gradient all-reduce runs in the last backward, FSDP's gathers in each forward and backward
+            watch.at("forward/backward", step)
+            # the passes that wait for the other ranks: DDP's last backward (its all-reduce), or FSDP's every pass
+            waits = watch if self.is_last_micro or self.step_ops.collective_passes else watchdog.IDLE
             with self.step_ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
-                with watchdog.waiting("the forward (its collectives)"):
+                with (watch if self.step_ops.collective_passes else watchdog.IDLE).waiting("the forward (FSDP)"):
                     self.micro_loss, items, weighted = self._loss(batch, micro.num_samples)
                 self._fire("after_loss")
-                with watchdog.waiting("the backward (its collectives)"):
+                with waits.waiting("the backward (its collectives)"):
                     self.step_ops.backward(self.micro_loss, scale)
             self._fire("after_backward")
             loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()

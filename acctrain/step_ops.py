@@ -34,6 +34,9 @@ from accelerate.utils import DistributedType
 class TorchStep:
     """One process or plain DDP: torch's calls, with an optional GradScaler (fp16)."""
 
+    collective_passes = False
+    """Only the last micro-batch's backward waits for the other ranks (DDP's gradient all-reduce); clipping is local."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None = None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
@@ -92,6 +95,9 @@ class TorchStep:
 
 class AccelerateStep:
     """FSDP, DeepSpeed, XLA, ...: Accelerate's backward, clip and step (its GradScaler inside)."""
+
+    collective_passes = True
+    """Every forward and backward, and the clip, may wait for the other ranks (FSDP's gathers, the global norm)."""
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  prepared_optimizer):

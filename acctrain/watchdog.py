@@ -46,6 +46,27 @@ NOT_WAITING = None
 _active: Watchdog | None = None  # this process's watch while a fit with several processes runs
 
 
+class _Idle:
+    """The watch of a process that has none (one process, or outside fit): every call does nothing."""
+
+    __slots__ = ()
+
+    def at(self, phase: str, step: int | None = None) -> None:
+        pass
+
+    def waiting(self, what: str) -> contextlib.nullcontext:
+        return _NO_WAIT
+
+
+_NO_WAIT = contextlib.nullcontext()
+IDLE = _Idle()
+
+
+def current() -> Watchdog | _Idle:
+    """This process's watch, or IDLE: what a hot loop holds for its calls (one lookup a step, not one a call)."""
+    return _active if _active is not None else IDLE
+
+
 def at(phase: str, step: int | None = None) -> None:
     """The main thread is now in `phase` of optimizer step `step` (None: the same step); a no-op without a watch."""
     if _active is not None:
@@ -111,7 +132,7 @@ class _Waiting:
     def __enter__(self) -> None:
         watch = self.watch
         watch._seq += 1
-        watch._wait = (watch._seq, self.what, time.time())
+        watch._wait = (watch._seq, self.what)
 
     def __exit__(self, *exc) -> None:
         self.watch._wait = NOT_WAITING
@@ -131,8 +152,12 @@ class Watchdog:
         self.report_path = Path(output_dir) / "hang-report.txt"
         self.tick = tick_for(hang_timeout)
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self._where: tuple[str, int, float] = ("start", 0, time.time())  # (phase, step, since): one assignment
-        self._wait: tuple[int, str, float] | None = NOT_WAITING  # (sequence number, what, since)
+        # The main thread's two assignments, nothing else: (phase, step) and (sequence number, what) or None. When
+        # each began is what the thread first saw it (`_observe`): a clock read per call costs in a hot loop.
+        self._where: tuple[str, int] = ("start", 0)
+        self._wait: tuple[int, str] | None = NOT_WAITING
+        self._seen_where: tuple[tuple, float] = (self._where, time.time())
+        self._seen_wait: tuple[tuple | None, float] = (NOT_WAITING, time.time())
         self._seq = 0
         self._stopped = threading.Event()
         self._main = threading.get_ident()  # the thread that runs fit: its stack is the one to show
@@ -164,10 +189,7 @@ class Watchdog:
 
     def at(self, phase: str, step: int | None = None) -> None:
         """The main thread is now in `phase` of optimizer step `step` (a tuple assignment: no I/O, no lock)."""
-        where = self._where
-        step = where[1] if step is None else step
-        if where[0] != phase or where[1] != step:
-            self._where = (phase, step, time.time())
+        self._where = (phase, self._where[1] if step is None else step)
 
     def waiting(self, what: str) -> _Waiting:
         """Around code that waits for every other rank (a collective, a barrier): the only time that is timed."""
@@ -201,7 +223,7 @@ class Watchdog:
         self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.tick + 1)
-        self._where, self._wait = ("finished", self._where[1], time.time()), NOT_WAITING
+        self._where, self._wait = ("finished", self._where[1]), NOT_WAITING
         with contextlib.suppress(OSError):
             self._write_status()
 
@@ -216,18 +238,27 @@ class Watchdog:
                 failed = [p for p in self.dir.glob("failed-rank*") if p.name != f"failed-rank{self.rank}"]
                 if failed:
                     self._exit_for_peer(failed[0])
-                wait = self._wait
-                if wait is not NOT_WAITING and time.time() - wait[2] > self.hang_timeout:
-                    self._check_hang(wait)
+                wait, since = self._seen_wait
+                if wait is not NOT_WAITING and time.time() - since > self.hang_timeout:
+                    self._check_hang(wait, since)
             except (OSError, ValueError) as err:  # a full or vanished output_dir must not kill the run from here
                 print(f"acctrain watchdog (rank {self.rank}): {err!r}", file=sys.stderr, flush=True)
 
+    def _observe(self) -> None:
+        """Note when the main thread's phase and wait began: the first tick that sees them (so within a tick)."""
+        now, where, wait = time.time(), self._where, self._wait
+        if where is not self._seen_where[0]:
+            self._seen_where = (where, now)
+        if wait is not self._seen_wait[0]:
+            self._seen_wait = (wait, now)
+
     def _status(self) -> dict:
-        phase, step, since = self._where
-        wait = self._wait
+        self._observe()
+        (phase, step), since = self._seen_where
+        wait, wait_since = self._seen_wait
         return {"rank": self.rank, "host": self.host, "pid": self.pid, "time": time.time(), "phase": phase,
                 "step": step, "since": since,
-                "waiting": None if wait is None else {"seq": wait[0], "what": wait[1], "since": wait[2]}}
+                "waiting": None if wait is None else {"seq": wait[0], "what": wait[1], "since": wait_since}}
 
     def _write_status(self) -> None:
         _write_atomic(self.dir / f"rank{self.rank}.json", json.dumps(self._status()))
@@ -241,7 +272,7 @@ class Watchdog:
                 out[rank] = None
         return out
 
-    def _check_hang(self, wait: tuple[int, str, float]) -> None:
+    def _check_hang(self, wait: tuple[int, str], since: float) -> None:
         """This rank has waited past hang_timeout: a hang if some rank has not arrived at the same collective."""
         statuses = self._statuses()
         if self._wait is not wait:  # the wait ended meanwhile: the others may already be past it
@@ -254,7 +285,7 @@ class Watchdog:
         if all(statuses[r] is not None and statuses[r]["phase"] in PATIENT_PHASES and statuses[r]["time"] >= stale
                for r in missing):
             return  # the main rank saves or verifies alone: busy, not hung (see PATIENT_PHASES)
-        waited = time.time() - wait[2]
+        waited = time.time() - since
         reason = (f"rank {self.rank} waited {waited:.0f} s (hang_timeout={self.hang_timeout:g}) in {wait[1]} of "
                   f"optimizer step {self._where[1]}; rank(s) {', '.join(map(str, missing))} did not arrive")
         mine = self.dir / f".hang-rank{self.rank}"  # written whole, then linked: no rank reads half a marker
@@ -361,7 +392,7 @@ class Watchdog:
             text = marker.read_text()
         except OSError:
             text = marker.name
-        phase, step, _ = self._where
+        phase, step = self._where
         print(f"acctrain: rank {self.rank} ends (exit code {PEER_FAILED_EXIT_CODE}) at step {step}, {phase}, because "
               f"{text}. That rank's traceback says why; resume=auto continues from the last checkpoint.",
               file=sys.stderr, flush=True)
