@@ -57,6 +57,12 @@ class _Idle:
     def waiting(self, what: str) -> contextlib.nullcontext:
         return _NO_WAIT
 
+    def after_main(self, is_main: bool) -> None:
+        pass
+
+    def failed(self, error: BaseException) -> None:
+        pass
+
 
 _NO_WAIT = contextlib.nullcontext()
 IDLE = _Idle()
@@ -68,37 +74,31 @@ def current() -> Watchdog | _Idle:
 
 
 def at(phase: str, step: int | None = None) -> None:
-    """The main thread is now in `phase` of optimizer step `step` (None: the same step); a no-op without a watch."""
-    if _active is not None:
-        _active.at(phase, step)
-
-
-_NO_WAIT = contextlib.nullcontext()
-
-
-def failed(error: BaseException) -> None:
-    """This rank raised `error`: end the other ranks now (see `Watchdog.failed`); a no-op without a watch."""
-    if _active is not None:
-        _active.failed(error)
+    """The main thread is now in `phase` of optimizer step `step` (None: the same step)."""
+    current().at(phase, step)
 
 
 def waiting(what: str):
-    """Around code that waits for the other ranks; a no-op context without a watch."""
-    return _active.waiting(what) if _active is not None else _NO_WAIT
+    """Around code that waits for the other ranks (a collective, a barrier): the only time that is timed."""
+    return current().waiting(what)
+
+
+def failed(error: BaseException) -> None:
+    """This rank raised `error`: end the other ranks now (see `Watchdog.failed`)."""
+    current().failed(error)
+
+
+def after_main(is_main: bool) -> None:
+    """Inside a `waiting` section: return once the main rank has reached it too, without a collective (the
+    process group's timeout would cut a long save short). The main rank says so in a file; the others read it
+    every 50 ms."""
+    current().after_main(is_main)
 
 
 PATIENT_PHASES = ("checkpoint save", "checkpoint load")
 """Work the main rank may do alone for longer than hang_timeout while the others wait (`after_main`): a rank
 missing in one of these is busy, not hung, as long as its status is rewritten (its process runs and the
 filesystem answers: the status lives on the same one)."""
-
-
-def after_main(is_main: bool) -> None:
-    """Inside a `waiting` section: return once the main rank has reached it too, without a collective (the
-    process group's timeout would cut a long save short). The main rank says so in a file; the others read it
-    every 50 ms. A no-op without a watch."""
-    if _active is not None:
-        _active.after_main(is_main)
 
 
 @contextlib.contextmanager
