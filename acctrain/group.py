@@ -57,7 +57,7 @@ def form(backend: str, hang_timeout: float, output_dir: str) -> None:
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "nccl":
-        nccl_defaults(rank, output_dir)
+        nccl_defaults(output_dir)
     try:
         store = round_store(rank, world_size, hang_timeout)
         wait_for_ranks(store, rank, world_size, hang_timeout)
@@ -68,7 +68,7 @@ def form(backend: str, hang_timeout: float, output_dir: str) -> None:
                             world_size=world_size, timeout=timedelta(seconds=hang_timeout + GROUP_TIMEOUT_MARGIN))
 
 
-def nccl_defaults(rank: int, output_dir: str) -> None:
+def nccl_defaults(output_dir: str) -> None:
     """NCCL's error handling and flight recorder (see the module's docstring), where not set already."""
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")

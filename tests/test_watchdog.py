@@ -202,3 +202,19 @@ def test_losing_a_node_carries_on_with_half_the_processes(tmp_path):
     params = [{k: v for k, v in r["tensors"].items() if k.startswith("param.")} for r in (run, ref)]
     print(f"lost node: final weights' relative difference from the uninterrupted run {rel_diff(*params):.2e}")
     assert_same_run(run, ref, exact=False)
+
+
+def test_nccl_gets_error_handling_and_the_flight_recorder_unless_set(monkeypatch, tmp_path):
+    """What acctrain.group sets before an NCCL group forms (run on a GPU only by benchmarks/gpu_check.sh's
+    suite): defaults where the user set nothing, the user's values kept."""
+    from acctrain import group
+
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+                 "TORCH_FR_DUMP_TEMP_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "50")  # the user's
+    group.nccl_defaults(str(tmp_path))
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_FR_BUFFER_SIZE"] == "50"
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "flight-recorder-rank")
