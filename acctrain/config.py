@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -343,6 +344,25 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if prefix and not err.field.startswith(prefix):
             raise ConfigError(prefix + err.field, str(err).split(": ", 1)[1]) from None
         raise
+
+
+def _refuse_unknown_keywords(cls: type) -> type:
+    """Make `cls(...)` refuse an unknown keyword as the command line does (a ConfigError naming it, with the
+    close field names), not with Python's bare TypeError."""
+    init, names = cls.__init__, {f.name for f in fields(cls)}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = {key: value for key, value in kwargs.items() if key not in names}
+        if unknown:
+            _check_known(unknown, cls, "")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+_refuse_unknown_keywords(TrainConfig)
 
 
 def _check_known(values: dict[str, Any], cls: type, prefix: str, extra: dict | None = None) -> None:

@@ -18,8 +18,9 @@ GradScaler skipped, a non-finite step skipped by `nan_policy`, a `CancelStep` - 
 
 The update after `t` earlier updates (t = 0 at the first) is `ema <- decay_t x ema + (1 - decay_t) x weights`
 (computed as `ema.lerp_(weights, 1 - decay_t)`), with, when `warmup` is on (the default),
-`decay_t = min(decay, (1 + t) / (10 + t))` - TensorFlow's `num_updates` warm-up, also diffusers' and timm's
-default: 0.1 for the first update, 0.5 after 8, 0.9 after 80, 0.99 after 890 - so that the average is not
+`decay_t = min(decay, (1 + t) / (10 + t))` - the warm-up of TensorFlow's `ExponentialMovingAverage` with
+`num_updates` (timm's default has no warm-up; diffusers' `EMAModel` differs at the first update): 0.1 for the
+first update, 0.5 after 8, 0.9 after 80, 0.99 after 890 - so that the average is not
 dominated by the initial weights; without warm-up `decay_t = decay`. `decay` is per update: with `every=k` the
 average forgets per optimizer step as with a decay of `decay ** (1/k)`. The average starts as the weights at
 the start of the first fit (the resumed ones, when a checkpoint without EMA state is resumed: said so).

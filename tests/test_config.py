@@ -187,3 +187,10 @@ def test_precision_is_the_configs_else_the_launchers_and_a_conflict_is_refused(m
     else:
         assert TrainConfig(mixed_precision=config).mixed_precision == used
         assert TrainConfig(mixed_precision=config).to_dict()["mixed_precision"] == used  # what checkpoints record
+
+
+def test_an_unknown_keyword_in_python_is_refused_as_on_the_command_line():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(warmup_step=3)
+    assert err.value.field == "warmup_step"
+    assert "Did you mean warmup_steps" in str(err.value) and "Known keys: output_dir" in str(err.value)
