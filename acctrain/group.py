@@ -9,7 +9,7 @@ Why acctrain forms the group itself, rather than leaving it to `Accelerator()`:
   (`TORCHELASTIC_USE_AGENT_STORE=True`). Since torch 2.5 that store is shared across restarts without a
   per-round prefix (pytorch/pytorch#135712: `TORCHELASTIC_RESTART_COUNT` is per agent, so it cannot name a
   round), so a restarted round can read the previous round's keys: gloo then dials the dead workers'
-  addresses (`Gloo connectFullMesh failed ... Connection refused`) or waits for ever (seen for 45 minutes).
+  addresses (`Gloo connectFullMesh failed ... Connection refused`) or waits for ever (a restart inside acctrain was reported waiting 45 minutes).
   acctrain uses the agent's store only to find a store of the round's own: rank 0 starts a fresh one on a free
   port and publishes its address and a token; the others take the published address only once a store answers
   there with that token, so a stale address (its server died with the previous round) is never used.

@@ -8,9 +8,9 @@ Three parts:
 - interleaved: one process, Engine.fit at accumulation 8, the watch's calls turned on and off every 20 steps
   by a callback (the steps of both kinds alternate within one run, so the machine's drift cancels), with an
   A/A control whose "on" is a watch that does nothing: the difference of the median step times.
-- calls: the main thread's own cost, in one process. A step with accumulation 4 marks its phases and waits
-  (the step's start, 4 x data, forward and backward, each a waiting section, clipping, the all-reduce, the
-  optimizer);
+- calls: the main thread's own cost, in one process: the watchdog calls of one DDP step with accumulation 4,
+  as the loop makes them (the step's start, 4 x data and forward/backward, the last backward and the step's
+  all-reduce as waiting sections, the optimizer);
   timed in a loop with a watch running (its thread writing a status every 0.1 s) and without one.
 - fit: Engine.fit of a small MLP (tiny steps, where a fixed cost shows most), accumulation 4, default logging,
   with the watchdog (hang_timeout=600, the default) and without it (the benchmark replaces `Loop._watched` by
@@ -41,20 +41,21 @@ def calls(n: int = 200_000) -> dict:
     """Seconds per step of the watchdog calls a step makes (accumulation 4), with and without a watch."""
     from acctrain import watchdog
 
-    def one_step():
-        watchdog.at("the step's start", 1)
-        for _ in range(4):
-            watchdog.at("data (the next micro-batch)", 1)
-            watchdog.at("forward/backward", 1)
-            with watchdog.waiting("the forward (its collectives)"):
+    def one_step():  # the calls of Loop._train_step under DDP (TorchStep): as the loop makes them
+        watch = watchdog.current()
+        watch.at("the step's start", 1)
+        for micro in range(4):
+            watch.at("data (the next micro-batch)", 1)
+            watch.at("forward/backward", 1)
+            with watchdog.IDLE.waiting("the forward (FSDP)"):
                 pass
-            with watchdog.waiting("the backward (its collectives)"):
+            with (watch if micro == 3 else watchdog.IDLE).waiting("the backward (its collectives)"):
                 pass
-        with watchdog.waiting("the step's all-reduce"):
+        with watch.waiting("the step's all-reduce"):
             pass
-        with watchdog.waiting("clipping (the global gradient norm)"):
+        with watchdog.IDLE.waiting("clipping (FSDP's global norm)"):
             pass
-        watchdog.at("optimizer step")
+        watch.at("optimizer step")
 
     def timed() -> float:
         best = float("inf")
