@@ -125,11 +125,24 @@ class Callbacks:
         """Each callback's state, in order, under its class name."""
         return [{"class": type(cb).__name__, "state": cb.state_dict()} for cb in self.items]
 
-    def load_state_dict(self, saved: list[dict]) -> None:
-        """Give each callback its saved state (matched by position and class name)."""
-        for cb, saved_cb in zip(self.items, saved):
-            if type(cb).__name__ == saved_cb["class"]:
-                cb.load_state_dict(saved_cb["state"])
+    def load_state_dict(self, saved: list[dict]) -> list[str]:
+        """Give each callback its saved state: the k-th callback of a class gets the k-th state saved under that
+        class name, so that adding or removing a callback leaves the others' states in place. Returns a line
+        for each callback added or dropped since (a callback without state, e.g. BnFreeze, is not one)."""
+        mine = [(type(cb).__name__, cb) for cb in self.items]
+        theirs = [(s["class"], s["state"]) for s in saved]
+        changes = []
+        for name in dict.fromkeys([n for n, _ in mine] + [n for n, _ in theirs]):
+            ours, stored = [cb for n, cb in mine if n == name], [st for n, st in theirs if n == name]
+            for cb, state in zip(ours, stored):
+                cb.load_state_dict(state)
+            added = [cb for cb in ours[len(stored):] if cb.state_dict()]
+            if added:
+                changes.append(f"{len(added)} {name} callback(s) not in the checkpoint start with fresh state")
+            if any(stored[len(ours):]):
+                changes.append(f"the checkpoint's state of {len(stored) - len(ours)} {name} callback(s) is not "
+                               "loaded: this run has none")
+        return changes
 
 
 def metric(engine, name: str, user: str) -> float:

@@ -82,6 +82,8 @@ _SAFETENSORS_DTYPE = {  # the format's names (safetensors' README)
     torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
 }
 
+_DTYPE_BYTES = {name: dtype.itemsize for dtype, name in _SAFETENSORS_DTYPE.items()}
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted, or does not fit the model or the run."""
@@ -300,6 +302,122 @@ def verify(path: Path) -> None:
     for name, expected in files.items():
         if digests[path / name] != expected[algorithm]:
             raise CheckpointError(f"{path / name}: {algorithm} digest differs from the manifest (corrupted)")
+    check_contents(path, manifest)
+
+
+def check_contents(path: Path, manifest: dict) -> None:
+    """Raise CheckpointError unless the checkpoint holds what its own trainer_state.json says it must, and every
+    safetensors file is well formed: a format version this acctrain reads; every rank's RNG files (the run's
+    world size); the files and state the writer declared (`contents`: callbacks' tensors, scaler, a stream's
+    position); and each tensor's name, dtype and shape as declared, in a header whose offsets tile its data.
+    What the checkpoint must fit in this run (the model's keys, shapes, dtypes) is checked on load."""
+    files = manifest["files"]
+    check_version(path, manifest)
+    try:
+        state = read_json(path / "trainer_state.json")
+        world = int(state["plan"].get("world_size", 1))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({type(err).__name__}: {err})") from None
+    contents = state.get("contents") or {}
+    needed = [f"rng-rank{r}.{ext}" for r in range(world) for ext in ("safetensors", "json")]
+    needed += [name for name in contents.get("files", []) if name not in needed]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                              f"({len(missing)} of the files its trainer_state.json says it holds), so it is incomplete")
+    empty = [key for key in contents.get("state", []) if state.get(key) is None]
+    if empty:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: holds no {', '.join(empty)}, which it says it holds")
+    declared = contents.get("tensors", {})
+    for name in sorted(files):
+        if name.endswith(".safetensors"):
+            found = tensor_index(path / name)
+            if name in declared:
+                _compare_index(path / name, found, declared[name])
+
+
+def check_version(path: Path, manifest: dict) -> None:
+    """Refuse a format version this acctrain does not read, naming it, who wrote it, and what to do."""
+    import acctrain
+
+    version, readable = manifest.get("format_version", 1), READABLE_VERSIONS
+    if version in readable:
+        return
+    try:
+        writer = read_json(path / "trainer_state.json").get("versions", {}).get("acctrain")
+    except (OSError, ValueError, AttributeError):
+        writer = None
+    if writer and _version_key(writer) > _version_key(acctrain.__version__):
+        hint = f"acctrain {writer} wrote it: upgrade acctrain to {writer} or later to resume it"
+    else:
+        hint = (f"its trainer_state.json says acctrain {writer or '(unknown)'} wrote it, which writes format "
+                f"{FORMAT_VERSION} at most: the manifest was edited or damaged")
+    raise CheckpointError(f"{path}: checkpoint format version {version}; this acctrain ({acctrain.__version__}) reads "
+                          f"versions {min(readable)} to {max(readable)}; {hint}")
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", str(version))[:3])
+
+
+def tensor_index(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """A safetensors file's tensors as {name: (dtype, shape)}, from its header, checked: valid JSON, known dtypes,
+    and offsets that tile the data after the header exactly (each tensor's bytes its dtype x shape); a
+    CheckpointError names the file and the tensor otherwise. Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8 or length > 100 << 20:
+            raise CheckpointError(f"{path}: not a safetensors file (its header length {length} does not fit its "
+                                  f"{size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed safetensors header (not an object)")
+    header.pop("__metadata__", None)
+    index, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            width = _DTYPE_BYTES[dtype]
+            if not all(type(d) is int and d >= 0 for d in shape) or not (type(start) is type(stop) is int):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if stop - start != math.prod(shape) * width:
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype} of shape {shape} ({math.prod(shape) * width} "
+                                  f"bytes) but its data_offsets {[start, stop]} span {stop - start}")
+        index[name] = (dtype, list(shape))
+        spans.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {start} of the data, expected {end} "
+                                  "(overlapping or missing bytes)")
+        end = stop
+    if end != size - 8 - length:
+        raise CheckpointError(f"{path}: its tensors hold {end} bytes of data, the file {size - 8 - length}")
+    return index
+
+
+def _compare_index(path: Path, found: dict, declared: dict) -> None:
+    """The tensors of a file against those trainer_state.json declares for it: names, dtypes, shapes."""
+    missing, unexpected = sorted(set(declared) - set(found)), sorted(set(found) - set(declared))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors {missing or unexpected} are {'missing' if missing else 'unexpected'} "
+                              "(trainer_state.json lists the tensors it was written with)")
+    for name, (dtype, shape) in declared.items():
+        if tuple(found[name]) != (dtype, list(shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} is {found[name][0]} of shape {found[name][1]}, "
+                                  f"trainer_state.json says {dtype} of shape {list(shape)}")
+
+
+def describe_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """{name: [dtype, shape]} as safetensors names them: what `check_contents` compares a file's header with."""
+    return {name: [_SAFETENSORS_DTYPE.get(t.dtype, str(t.dtype)), list(t.shape)] for name, t in tensors.items()}
 
 
 def manifest_hash(manifest: dict) -> str:
@@ -396,11 +514,14 @@ def recover(root: Path) -> Path | None:
 
 
 def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint `latest` names if it verifies, else the newest that does; a warning for each skipped.
-    A commit that a kill interrupted is finished first (`recover`).
+    """The checkpoint to resume: the newest that verifies, of the trajectory `latest` names; a warning for each
+    skipped. A commit that a kill interrupted is finished first (`recover`).
 
-    `latest` first: after a roll-back (resume=PATH) it names the new trajectory's newest checkpoint, while
-    the rolled-back run's higher-numbered ones may still exist (until this trajectory replaces them).
+    `latest` decides the trajectory: after a roll-back (resume=PATH) it names the new trajectory's newest
+    checkpoint, while the rolled-back run's higher-numbered ones may still exist (until this trajectory replaces
+    them). A checkpoint numbered after `latest` is taken when it is of the same trajectory (its
+    trainer_state.json's `trajectory`): a kill between its commit and the update of `latest` left it complete.
+    When `latest`'s does not verify, the newest that does is taken, as before trajectories were recorded.
     """
     warnings = []
     if checkpoints_root(output_dir).is_dir():
@@ -408,14 +529,31 @@ def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     named = latest_checkpoint(output_dir)
     candidates = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
     if named in candidates:
-        candidates = [named] + [p for p in candidates if p != named]
+        ours = trajectory(named)
+        newer = [p for p in candidates if _step_of(p) > _step_of(named)]
+        same = [p for p in newer if ours is not None and trajectory(p) == ours]
+        candidates = same + [named] + [p for p in candidates if p != named and p not in same]
     for path in candidates:
         try:
             verify(path)
-            return path, warnings
         except CheckpointError as err:
             warnings.append(f"skipping checkpoint {path.name}: {err}")
+            continue
+        if named is not None and STEP_DIR.match(named.name) and _step_of(path) > _step_of(named):
+            warnings.append(f"{path.name} is complete and newer than {named.name}, which `latest` names (a kill "
+                            f"between its commit and the update of `latest`): resuming {path.name}")
+        return path, warnings
     return None, warnings
+
+
+def trajectory(path: Path) -> str | None:
+    """The trajectory a checkpoint belongs to (trainer_state.json's `trajectory`: a run from scratch or a roll-back
+    starts one, a resume=auto continues it), or None when unreadable or not recorded."""
+    try:
+        value = read_json(path / "trainer_state.json").get("trajectory")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def has_checkpoints(output_dir: str | Path) -> bool:

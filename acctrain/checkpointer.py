@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from acctrain import barrier, checkpoint, sharded
+from acctrain import barrier, checkpoint, data_identity, sharded
 from acctrain.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -153,9 +153,10 @@ class Checkpointer:
                 files[stage / "optimizer.safetensors"] = opt_tensors
                 files[stage / "optimizer.json"] = opt_meta
             state, tensors = trainer_state(meta, optimizer)
-            files[stage / "trainer_state.json"] = state
             if tensors:
                 files[stage / "callbacks.safetensors"] = tensors
+            state["contents"] = contents(files, stage, state)
+            files[stage / "trainer_state.json"] = state
         return files
 
     def _commit(self, stage: Path, digests: dict[Path, str]) -> None:
@@ -239,7 +240,8 @@ class Checkpointer:
         return best
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             plan: dict[str, Any], settings: dict[str, Any] = {}) -> tuple[dict[str, Any], tuple | None]:
+             plan: dict[str, Any], settings: dict[str, Any] = {},
+             data: dict[str, Any] | None = None) -> tuple[dict[str, Any], tuple | None]:
         """Load weights and optimizer state from `path` in place; return its meta and this rank's RNG state.
 
         `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's, and so
@@ -252,6 +254,7 @@ class Checkpointer:
         check_format(path)
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"], plan)
+        self._check_data(meta.get("data"), data, path)
         check_settings(meta.get("settings", {}), settings, path)
         if sharded.is_sharded_checkpoint(path) != sharded.is_fsdp(acc):
             kind = "sharded (FSDP)" if sharded.is_sharded_checkpoint(path) else "a full (DDP) checkpoint"
@@ -268,6 +271,9 @@ class Checkpointer:
             optimizer.load_state_dict(optimizer_from_files(
                 checkpoint.read_tensors(path / "optimizer.safetensors"), checkpoint.read_json(path / "optimizer.json")))
         rng = path / f"rng-rank{acc.process_index}.safetensors"
+        if acc.process_index < meta["plan"].get("world_size", 1) and not rng.is_file():  # verify requires them too
+            raise checkpoint.CheckpointError(f"{rng}: missing; the checkpoint's run had "
+                                             f"{meta['plan'].get('world_size')} processes, each with its RNG state")
         rng_state = (checkpoint.read_tensors(rng), checkpoint.read_json(rng.with_suffix(".json"))) if rng.is_file() else None
         self.loaded = path
         return callbacks_with_tensors(meta, path), rng_state
@@ -282,6 +288,23 @@ class Checkpointer:
         if saved.get("world_size") != now["world_size"] and self.accelerator.is_main_process:
             print(f"resuming on {now['world_size']} processes (checkpoint: {saved.get('world_size')}); "
                   f"accumulation {saved.get('accumulation')} -> {now['accumulation']}, same global samples per step")
+
+
+    def _check_data(self, saved: dict[str, Any] | None, now: dict[str, Any] | None, path: Path) -> None:
+        """Refuse a resume onto other training data, with a diff (acctrain.data_identity), unless allowed; say
+        when the eval data changed (a checkpoint written before data was recorded is not checked)."""
+        if not saved or not now:
+            return
+        diff = data_identity.differences(saved["train"], now["train"])
+        if diff and not self.config.allow_plan_change:
+            raise ConfigError("resume", f"{path} was trained on other data (" + "; ".join(diff) + "); give the run "
+                              "the data it trained on, or set allow_plan_change=true to continue on this data anyway.")
+        if diff and self.accelerator.is_main_process:
+            print(f"resuming on other training data (allow_plan_change): {'; '.join(diff)}")
+        eval_diff = data_identity.differences(saved["eval"], now["eval"]) if saved.get("eval") and now.get("eval") else []
+        if eval_diff and self.accelerator.is_main_process:
+            print(f"the eval data differs from the checkpoint's run ({'; '.join(eval_diff)}): its eval metrics "
+                  "(and keep_best) compare with this data from here")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -308,6 +331,19 @@ def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tup
     return state, tensors
 
 
+def contents(files: dict[Path, Any], stage: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint says it holds (trainer_state.json's `contents`, checked by acctrain.checkpoint's
+    `check_contents`): the main process's files, the tensors of each (name, dtype, shape), and the parts of its
+    state that are set (scaler, a stream's position, a torch LR scheduler). Every rank's RNG files are required
+    by the plan's world size."""
+    written = {str(path.relative_to(stage)): content for path, content in files.items()
+               if not path.name.startswith("rng-rank")}
+    return {"files": sorted(written),
+            "tensors": {name: checkpoint.describe_tensors(content) for name, content in written.items()
+                        if name.endswith(".safetensors")},
+            "state": [key for key in ("scaler", "stream", "lr_scheduler") if state.get(key) is not None]}
+
+
 def callbacks_with_tensors(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """`meta` with the callbacks' tensors (callbacks.safetensors) back in place of their placeholders."""
     stored = path / "callbacks.safetensors"
@@ -320,19 +356,7 @@ def callbacks_with_tensors(meta: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def check_format(path: Path) -> None:
     """Refuse a checkpoint format this acctrain cannot read, saying which versions it reads and what to do."""
-    import acctrain
-
-    version, readable = checkpoint.format_version(path), checkpoint.READABLE_VERSIONS
-    if type(version) is int and version in readable:
-        return
-    newer = type(version) is int and version > max(readable)
-    writer = (checkpoint.read_json(path / "trainer_state.json").get("versions", {}).get("acctrain", "unknown")
-              if newer else "")
-    hint = (f"it was written by a newer acctrain ({writer}): upgrade acctrain to resume it" if newer else
-            "it is no format acctrain ever wrote (edited or damaged manifest.json)")
-    raise checkpoint.CheckpointError(
-        f"{path}: checkpoint format version {version!r}; this acctrain ({acctrain.__version__}) reads versions "
-        f"{min(readable)} to {max(readable)}; {hint}, or resume another checkpoint (resume=PATH)")
+    checkpoint.check_version(path, checkpoint.read_json(path / checkpoint.MANIFEST))
 
 
 def check_optimizer(saved: dict[str, Any] | None, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -379,9 +403,12 @@ def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], sou
     unexpected = sorted(set(saved) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
                     for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
+    dtypes = sorted(f"{k}: checkpoint {saved[k].dtype}, model {expected[k].dtype}"
+                    for k in set(saved) & set(expected) if saved[k].dtype != expected[k].dtype)
+    if missing or unexpected or shapes or dtypes:
         raise checkpoint.CheckpointError(
             f"{source} does not fit the model:\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
-            f"\n  shape mismatches: {shapes}"
+            f"\n  shape mismatches: {shapes}" + (f"\n  dtype mismatches: {dtypes} (build the model in the dtype "
+                                                f"it was trained in)" if dtypes else "")
         )
     model.load_state_dict(saved, strict=True)

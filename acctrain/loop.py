@@ -14,14 +14,15 @@ import contextlib
 import dataclasses
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast_object_list, send_to_device
 
-from acctrain import agreement, barrier, checkpoint, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, \
+from acctrain import agreement, barrier, checkpoint, data_identity, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, \
     sharded, watchdog
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
@@ -101,6 +102,10 @@ class Loop:
         self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
         self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
         self.feed, self._stream_state = None, None  # the run's data; a stream's position at the resumed step
+        self.data_identity: dict[str, Any] | None = None
+        """Which data the run trains and evaluates on (acctrain.data_identity), recorded in each checkpoint."""
+        self.trajectory = uuid.uuid4().hex
+        """The run's line of checkpoints: kept on resume=auto, new from scratch or on a roll-back (resume=PATH)."""
         self.best_checkpoint: Path | None = None
         """With load_best_at_end: the checkpoint whose weights the model holds after fit."""
 
@@ -544,18 +549,39 @@ class Loop:
         watchdog.at("checkpoint load", self.state.step)
         self.checkpointer.config = self.config
         self.resumed_from = self.checkpointer.find()
+        saved = checkpoint.read_json(self.resumed_from / "trainer_state.json") if self.resumed_from else {}
+        self.data_identity = self._identify_data(saved.get("data") or {})
+        # a fresh start or a roll-back (resume=PATH) starts a trajectory; resume=auto continues the checkpoint's
+        self.trajectory = (saved.get("trajectory") if self.config.resume == "auto" else None) or uuid.uuid4().hex
         if self.resumed_from is not None:
             wanted = optim.settings(self.torch_optimizer.param_groups)  # this run's, which the checkpoint replaces
             meta, self._restored_rng = self.checkpointer.load(self.resumed_from, self.model, self.torch_optimizer,
                                                               {**self.plan.describe(), "seed": self.plan.seed},
-                                                              self.settings)
+                                                              self.settings, self.data_identity)
             self.load_state_dict(meta)
             self._check_keep_best(self._saved_metrics)  # before this run's first save rotates anything
             self.print(f"resumed from {self.resumed_from} at optimizer step {self.state.step}")
+            for change in resume_changes(meta.get("config", {}), self.config.to_dict(), self.state.step):
+                self.print(change)
             changed = optim.reapply(self.torch_optimizer.param_groups, wanted, self.schedule.momentum(0) is not None)
             if changed:
                 self.print("this run's optimizer settings replace the checkpoint's: " + ", ".join(changed))
         return self.resumed_from
+
+    def _identify_data(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The identity of the training and eval data (acctrain.data_identity), taken on the main process (a token
+        file is hashed once, not once per rank) and shared; `saved` is the checkpoint's, whose digests are reused
+        for unchanged files."""
+        acc = self.accelerator
+        found: list[Any] = [None]
+        if acc.is_main_process:
+            found = [{"train": data_identity.identify(self.train_data, saved.get("train")),
+                      "eval": data_identity.identify(self.eval_data, saved.get("eval"))
+                      if self.eval_data is not None else None}]
+        if acc.num_processes > 1:
+            barrier.after_main(acc, "the main rank's identity of the data")  # hashing a corpus takes a while
+            found = broadcast_object_list(found)
+        return found[0]
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's state as JSON (trainer_state.json): counters, plan, config, schedule, scaler, callbacks."""
@@ -571,6 +597,8 @@ class Loop:
             "scaler": jsonable(scaler.state_dict()) if scaler is not None else None,
             "callbacks": self.callbacks.state_dict(),
             "model": export.model_record(self.unwrapped_model),  # what `acctrain export` writes it as
+            "data": self.data_identity,  # a resume onto other data is refused (acctrain.data_identity)
+            "trajectory": self.trajectory,  # which checkpoints continue one another (acctrain.checkpoint)
             "stream": self.feed.reader.state_dict() if self.plan.stream and self.feed else None,
             "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
                         **(self.last_eval if self._eval_step == self.state.step else {})},
@@ -587,7 +615,8 @@ class Loop:
             self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
         if self.step_ops.scaler is not None and meta["scaler"]:
             self.step_ops.scaler.load_state_dict(meta["scaler"])
-        self.callbacks.load_state_dict(meta["callbacks"])
+        for change in self.callbacks.load_state_dict(meta["callbacks"]):
+            self.print(change)
         self._stream_state = (self.state.step, meta["stream"]) if meta.get("stream") else None
 
     def _start_run(self) -> None:
@@ -627,3 +656,23 @@ class Loop:
         self.checkpointer.wait()
         self.accelerator.end_training()
 
+
+
+RESUME_CONSEQUENCES = {
+    "mixed_precision": "the weights and optimizer state stay fp32; from here the forward and backward run in the "
+                       "new precision (a loss scale starts afresh for fp16, the checkpoint's is dropped otherwise)",
+    "ema_decay": "an EMA added starts from this step's weights; one dropped is not loaded (its average stays in the "
+                 "checkpoint: `acctrain export --ema` writes it)",
+    "compile": "speed only: the same computation",
+    "activation_checkpointing": "memory and speed only: the same computation",
+    "activation_checkpointing_block": "memory and speed only: the same computation",
+}
+"""Settings a resume may change that no other check reports, and what the change does."""
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
+    """One line for each setting of RESUME_CONSEQUENCES that differs from the checkpoint's config, saying what
+    changes from optimizer step `step` (those that change the data or the model are refused elsewhere)."""
+    return [f"resuming with {key}={now[key]!r} (the checkpoint's run: {saved[key]!r}) from optimizer step {step}: "
+            f"{consequence}" for key, consequence in RESUME_CONSEQUENCES.items()
+            if key in saved and key in now and saved[key] != now[key]]

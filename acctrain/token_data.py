@@ -12,7 +12,7 @@ out. Shards are concatenated in the order given: the sample count is the sum of 
 until a sample is asked for, so the corpus can be larger than memory, and every rank maps the same files.
 
 `acctrain tokenize` writes such a `.bin` and its sidecar `{OUT}.json` (dtype, vocab_size, token count,
-tokenizer, sources): byte-level by default (vocabulary 256, no dependency), or a `tiktoken` encoding or a
+tokenizer, sources, and the file's digest with its size and mtime, which a run records: acctrain.data_identity): byte-level by default (vocabulary 256, no dependency), or a `tiktoken` encoding or a
 `tokenizers` tokenizer file when that package is installed. The sidecar is read back by `TokenWindows`
 (dtype, and the vocabulary that every window is checked against).
 """
@@ -138,9 +138,11 @@ def tokenize(inputs: Iterable[str | Path], out: str | Path, tokenizer: str = "by
                     ids = np.asarray(encode(chunk), dtype=DTYPES[name])
                     f.write(ids.tobytes())
                     count += len(ids)
-    meta = {"dtype": name, "vocab_size": vocab_size, "tokens": count, "tokenizer": tokenizer,
-            "sources": [str(p) for p in inputs]}
     partial.replace(out)  # the file appears whole or not at all, its sidecar after it
+    from acctrain.data_identity import file_record
+
+    meta = {"dtype": name, "vocab_size": vocab_size, "tokens": count, "tokenizer": tokenizer,
+            "sources": [str(p) for p in inputs], "digest": file_record(out)}
     sidecar(out).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 

@@ -280,10 +280,24 @@ def test_the_format_version_is_written_and_others_are_refused(six, tmp_path):
     assert manifest["format_version"] == FORMAT_VERSION == 3
     assert set(state["versions"]) == {"acctrain", "torch", "accelerate"}
     assert state["optimizer"]["class"] == "AdamW" and len(state["optimizer"]["param_groups"]) == 2
-    (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))  # a newer acctrain's
+    # A newer acctrain's (its trainer_state.json names it): resume=PATH refuses it, naming the version that wrote
+    # it; resume=auto skips it like a damaged one and falls back to step 3.
+    rewrite(newest, "trainer_state.json", json.dumps({**state, "versions": {**state["versions"], "acctrain": "9.1.0"}}).encode())
+    edited = json.loads((newest / "manifest.json").read_text())
+    (newest / "manifest.json").write_text(json.dumps({**edited, "format_version": 4}))
     with pytest.raises(CheckpointError, match="format version 4") as err:
-        resume_run.run(str(out), steps=8)
+        resume_run.run(str(out), steps=8, resume=str(newest))
     assert str(newest) in str(err.value) and "reads versions 1 to 3" in str(err.value)
+    assert "acctrain 9.1.0 wrote it: upgrade acctrain to 9.1.0 or later" in str(err.value)
+    path, skipped = find_resumable(out)
+    assert path == out / "checkpoints" / STEP3 and "acctrain 9.1.0 wrote it" in skipped[0]
+    # The version edited alone (the writer is this acctrain): named as an edited or damaged manifest.
+    (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
+    rewrite(newest, "trainer_state.json", json.dumps(state).encode())
+    edited = json.loads((newest / "manifest.json").read_text())
+    (newest / "manifest.json").write_text(json.dumps({**edited, "format_version": 4}))
+    path, skipped = find_resumable(out)
+    assert path == out / "checkpoints" / STEP3 and "the manifest was edited or damaged" in skipped[0]
     for damaged in (0, "2", None):  # no version acctrain ever wrote: a damaged manifest, skipped for step 3
         (newest / "manifest.json").write_text(json.dumps({**manifest, "format_version": damaged}))
         assert find_resumable(out) == (out / "checkpoints" / STEP3,

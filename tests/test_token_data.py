@@ -9,9 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+import xxhash
 import torch
 
 from acctrain import ConfigError
+from acctrain.checkpoint import HASH
 from acctrain.token_data import TokenWindows, open_tokens, tokenize
 from tests.support import CPU_ARGS, ROOT, launch
 
@@ -73,8 +75,11 @@ def test_tokenize_bytes_writes_the_tokens_and_a_sidecar_read_back(tmp_path):
     (tmp_path / "b.txt").write_bytes("wörld\n".encode())
     meta = tokenize([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "c.bin")
     raw = b"hello " + "wörld\n".encode()
+    stat = (tmp_path / "c.bin").stat()  # the digest a run records, as checkpoints hash their files
+    digest = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              HASH: xxhash.xxh3_128_hexdigest(xxhash.xxh3_128_digest(np.array(list(raw), np.uint16).tobytes()))}
     assert meta == {"dtype": "uint16", "vocab_size": 256, "tokens": len(raw), "tokenizer": "bytes",
-                    "sources": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]}
+                    "sources": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], "digest": digest}
     assert np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist() == list(raw)
     assert json.loads((tmp_path / "c.bin.json").read_text()) == meta and not (tmp_path / "c.bin.partial").exists()
     data = TokenWindows(tmp_path / "c.bin", context_len=4)
