@@ -527,13 +527,7 @@ def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     if checkpoints_root(output_dir).is_dir():
         recover(checkpoints_root(output_dir))
     named = latest_checkpoint(output_dir)
-    candidates = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
-    if named in candidates:
-        ours = trajectory(named)
-        newer = [p for p in candidates if _step_of(p) > _step_of(named)]
-        same = [p for p in newer if ours is not None and trajectory(p) == ours]
-        candidates = same + [named] + [p for p in candidates if p != named and p not in same]
-    for path in candidates:
+    for path in resume_order(output_dir):
         try:
             verify(path)
         except CheckpointError as err:
@@ -544,6 +538,18 @@ def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
                             f"between its commit and the update of `latest`): resuming {path.name}")
         return path, warnings
     return None, warnings
+
+
+def resume_order(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in the order resume=auto tries them (the first that verifies is taken): those of
+    `latest`'s trajectory numbered after it, newest first, then `latest`'s, then the others, newest first."""
+    named = latest_checkpoint(output_dir)
+    candidates = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
+    if named not in candidates:
+        return candidates
+    ours = trajectory(named)
+    same = [p for p in candidates if _step_of(p) > _step_of(named) and ours is not None and trajectory(p) == ours]
+    return same + [named] + [p for p in candidates if p != named and p not in same]
 
 
 def trajectory(path: Path) -> str | None:

@@ -192,6 +192,23 @@ class Checkpointer:
 
         return self._chosen_on_main(select)
 
+    def check_resume_path(self) -> None:
+        """resume=PATH must name a checkpoint (a directory with a manifest): refused before anything is written.
+        (Its files are verified when the run resumes it.)"""
+        resume = self.config.resume
+        if resume in ("auto", "none"):
+            return
+        path = Path(resume)
+        if not path.is_dir() or not (path / checkpoint.MANIFEST).is_file():
+            found = sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else []
+            what = (f"a directory without {checkpoint.MANIFEST} (it holds {found})" if path.is_dir() else
+                    "a file" if path.exists() else "not there")
+            inside = checkpoint.checkpoints_root(path)
+            hint = (f"; it looks like a run's output_dir: name one of {inside}/step-*, or give output_dir={path} "
+                    "with resume=auto" if inside.is_dir() else "")
+            raise ConfigError("resume", f"{path} is {what}, not a checkpoint; give a checkpoint directory "
+                              f"(output_dir/checkpoints/step-N), or resume=auto{hint}.")
+
     def _chosen_on_main(self, choose: Callable[[], Path | None]) -> Path | None:
         """`choose()` run on the main process only (verifying reads every byte: once), its answer - a path, None
         or a CheckpointError, raised - shared with every rank."""

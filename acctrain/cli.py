@@ -8,6 +8,7 @@
     acctrain lr-find [CONFIG] [key=value ...] [num_it=N]   # LR range test: suggestions and lr_find.png
     acctrain summary [CONFIG] [key=value ...]   # parameter counts per module, trainable and frozen
     acctrain tokenize FILE... --out OUT.bin [--tokenizer bytes|tiktoken:NAME|tokenizers:PATH]   # a token file for data.path
+    acctrain verify CHECKPOINT_DIR|RUN_DIR   # check every checkpoint (digests, files, tensor headers); exit 1 if damaged
     acctrain --help                           # commands and every config field with its sentence
     acctrain COMMAND --help                   # that command's usage
 
@@ -287,6 +288,13 @@ def tokenize_main(args: list[str]) -> int:
     return 0
 
 
+def verify_main(args: list[str]) -> int:
+    """`acctrain verify CHECKPOINT_DIR|RUN_DIR` (acctrain.checkpoint_report)."""
+    from acctrain.checkpoint_report import verify_main as report
+
+    return report(args)
+
+
 def _help() -> str:
     lines = [__doc__.strip(), "", "Config fields (key=value, or in a YAML/TOML file):"]
     defaults = TrainConfig()
@@ -315,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="acctrain", description=_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["train", "plan", "plot-schedule", "export", "lr-find", "summary",
-                                            "tokenize"])
+                                            "tokenize", "verify"])
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG] [key=value ...]")
     ns = parser.parse_args(argv)
     if _wants_help(ns.args):  # before the arguments are read as a config file
         return _print_usage(ns.command)
     commands = {"train": train_main, "plan": plan_main, "plot-schedule": plot_schedule_main, "export": export_main,
-                "lr-find": lr_find_main, "summary": summary_main, "tokenize": tokenize_main}
+                "lr-find": lr_find_main, "summary": summary_main, "tokenize": tokenize_main, "verify": verify_main}
     return commands[ns.command](ns.args)
 
 

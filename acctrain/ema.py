@@ -98,6 +98,8 @@ class EMA(Callback):
             metrics = engine.eval_metrics()
         named = {"eval_ema/" + name.split("/", 1)[-1]: value for name, value in metrics.items()}
         engine.last_eval.update(named)
+        if not engine.fitting:  # evaluate() outside fit: returned, not logged (nor printed twice)
+            return
         engine.accelerator.log(named, step=engine.state.step)
         engine.print(f"eval at step {engine.state.step} with the EMA weights | "
                      + ", ".join(f"{k} {v:.4f}" for k, v in named.items()))

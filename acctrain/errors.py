@@ -17,6 +17,12 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class DataError(ValueError):
+    """Samples that cannot become a batch, or a first micro-batch the model or the loss cannot take: the message
+    names the samples (their indices in the dataset), what failed, and the fix; raised before anything is written
+    when it is the run's first micro-batch (acctrain.preflight)."""
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm was not finite (nan_policy='halt', or too many skipped steps)."""
 

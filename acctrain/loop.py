@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import broadcast_object_list, send_to_device
 
-from acctrain import agreement, barrier, checkpoint, data_identity, ema, export, hf_data, loss_scaling, memory, optim, run_lock, runtime, \
-    sharded, watchdog
+from acctrain import agreement, barrier, checkpoint, data_identity, ema, export, hf_data, loss_scaling, memory, optim, \
+    preflight, run_lock, runtime, sharded, watchdog
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
 from acctrain.checkpointer import Checkpointer
@@ -131,6 +131,11 @@ class Loop:
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
+        # before anything is written: what resume=PATH names, and the first micro-batch (acctrain.preflight)
+        self.checkpointer.check_resume_path()
+        if self._fits == 0:
+            preflight.first_micro_batch(self.accelerator, self.unwrapped_model, self.train_data, self.plan,
+                                        self.collate_fn, self._loss_of, self._to_device)
         with run_lock.owned(self.accelerator, self.config.output_dir), self._watched():
             self.resume()
             self._fits += 1
@@ -406,7 +411,11 @@ class Loop:
         return Requests(stop, cancel, save) if stop or cancel or save else agreement.NO_REQUESTS
 
     def _loss(self, batch: Any, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | float, bool]:
-        out = self.loss_fn(self.model, batch) if self.loss_fn is not None else loss_scaling.model_loss(self.model, batch)
+        return self._loss_of(self.model, batch, num_samples)
+
+    def _loss_of(self, model: torch.nn.Module, batch: Any, num_samples: int) -> tuple[torch.Tensor, Any, bool]:
+        """(summed loss, item count, token-weighted?) of `model` on a batch of `num_samples` counted samples."""
+        out = self.loss_fn(model, batch) if self.loss_fn is not None else loss_scaling.model_loss(model, batch)
         return loss_scaling.normalise(out, num_samples, self._item_dtype)
 
     def _fire(self, event: str):
@@ -456,12 +465,20 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once)."""
+        """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once) and the metrics.
+
+        Inside fit this is the run's evaluation: logged, and seen by the schedule (reduce_on_plateau), keep_best
+        and the callbacks' after_evaluate (EarlyStopping, SaveBest, ...). Outside fit it only evaluates: the
+        metrics are printed and returned, with those of callbacks that add metrics (`adds_metrics`, e.g. the
+        EMA's), and nothing that watches training reacts or is logged again.
+        """
         self.resume()  # outside fit too: the weights a fit would continue from
         self._settle()  # the counters of every step taken, for after_evaluate
-        self.last_eval = {}
         if self.eval_data is None:
+            self.last_eval = {}
             return {}
+        if not self._fitting:
+            return self._evaluate_only()
         watchdog.at("evaluation", self.state.step)
         self.last_eval = self.eval_metrics()
         self.accelerator.log(self.last_eval, step=self.state.step)
@@ -472,6 +489,20 @@ class Loop:
         self._fire("after_evaluate")
         self._check_keep_best(self.last_eval)
         return self.last_eval
+
+    def _evaluate_only(self) -> dict[str, float]:
+        """evaluate() outside fit: the metrics, with what metric-adding callbacks add; nothing logged or watched."""
+        self.last_eval, self._eval_step = self.eval_metrics(), -1  # not this step's evaluation, for a save
+        adds = [cb for cb in self.callbacks.items if cb.adds_metrics(list(self.last_eval))]
+        Callbacks(adds)("after_evaluate", self)
+        self.print(f"evaluated at step {self.state.step} (outside fit: not logged) | " + ", ".join(
+            f"{name} {value:.4f}" for name, value in self.last_eval.items()))
+        return self.last_eval
+
+    @property
+    def fitting(self) -> bool:
+        """Whether `fit` is running (callbacks log and react to evaluations only then)."""
+        return self._fitting
 
     @torch.no_grad()
     def eval_metrics(self) -> dict[str, float]:

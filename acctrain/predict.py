@@ -22,6 +22,7 @@ logits of batches padded to different lengths) a list of per-sample tensors come
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,7 +63,7 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence,
     template, problem = None, None  # an output's dtype and dimensions, even on a rank without samples
     with eval_mode(model):
         for num_samples, batch in eval_batches(accelerator, dataset, micro_batch, collate_fn):
-            out = EvalBatch(forward(model, batch), None, None, 0).logits.detach()
+            out = EvalBatch(_called(forward, model, batch), None, None, 0).logits.detach()
             template = out[:0] if out.dim() else out.reshape(1)[:0]
             if not num_samples:  # a batch that only keeps this rank in step with the others (acctrain.evaluation)
                 continue
@@ -78,6 +79,49 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence,
     if accelerator.num_processes > 1 and template is not None:
         batches = _gathered(accelerator, batches, template)
     return _joined([b.cpu() for b in batches])  # note: host-device sync
+
+
+def _called(forward: Callable, model: torch.nn.Module, batch: Any) -> Any:
+    """`forward(model, batch)`; when the default forward calls the model with what its forward does not take, a
+    TypeError saying so and naming `forward=`."""
+    try:
+        return forward(model, batch)
+    except TypeError as err:
+        if forward is not default_forward or not _refuses(model, batch):
+            raise
+        given = (f"model(**batch) with the keys {sorted(k for k in batch if k != 'labels')} (labels left out)"
+                 if isinstance(batch, Mapping) else "model(*inputs) of a tuple batch (its last element left out as "
+                 "the labels)" if isinstance(batch, (tuple, list)) else "model(batch)")
+        raise TypeError(f"predict called {given}, which {_name(model)}.forward{inspect.signature(_forward_of(model))} "
+                        f"does not take ({err}); pass forward= to predict, e.g. predict(dataset, forward=lambda model, "
+                        "batch: model(batch['input_ids']))") from err
+
+
+def _forward_of(model: torch.nn.Module) -> Callable:
+    inner = getattr(model, "module", model)  # DDP's wrapped module
+    return inner.forward
+
+
+def _name(model: torch.nn.Module) -> str:
+    return type(getattr(model, "module", model)).__name__
+
+
+def _refuses(model: torch.nn.Module, batch: Any) -> bool:
+    """Whether the model's forward signature refuses the arguments the default forward gives it."""
+    try:
+        signature = inspect.signature(_forward_of(model))
+    except (TypeError, ValueError):
+        return False
+    try:
+        if isinstance(batch, Mapping):
+            signature.bind(**{k: v for k, v in batch.items() if k != "labels"})
+        elif isinstance(batch, (tuple, list)):
+            signature.bind(*(batch[:-1] if len(batch) > 1 else batch))
+        else:
+            signature.bind(batch)
+    except TypeError:
+        return True
+    return False
 
 
 def _agree(accelerator: Accelerator, problem: str | None) -> None:
