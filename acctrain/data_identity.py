@@ -102,8 +102,7 @@ def _digest(path: Path, stat: os.stat_result, recorded: dict | None, side: Path)
 def file_record(path: Path) -> dict[str, Any]:
     """A token file's size, mtime and digest, as `acctrain tokenize` writes it into the sidecar."""
     stat = path.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            checkpoint.HASH: _digest(path, stat, None, Path("/nonexistent"))}
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, checkpoint.HASH: checkpoint.file_digests([path])[path]}
 
 
 def _is_hf(dataset: Any) -> bool:
