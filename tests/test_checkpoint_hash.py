@@ -15,29 +15,12 @@ import torch
 import xxhash
 
 from acctrain.checkpoint import CHUNK, HASH, CheckpointError, file_digests, find_resumable, verify, write_files
+from tests.support.runs import copy_of, reference_digest
 from tests.workers import resume_run
 
 STEP3, STEP6 = "step-00000003", "step-00000006"
 NAMES = ["model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json",
          "rng-rank0.safetensors", "rng-rank0.json"]
-
-
-def reference_digest(data: bytes) -> str:
-    """The manifest's digest from its definition: XXH3-128 of the XXH3-128 digests of the 64 MiB chunks."""
-    chunks = [data[i:i + 64 * 2**20] for i in range(0, len(data), 64 * 2**20)]
-    return xxhash.xxh3_128(b"".join(xxhash.xxh3_128(c).digest() for c in chunks)).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def six(tmp_path_factory):
-    """A run to step 6 with checkpoints at 3 and 6; tests work on copies."""
-    out = tmp_path_factory.mktemp("six")
-    return out, resume_run.run(str(out), steps=6, save_every=3)
-
-
-def copy_of(six, tmp_path) -> Path:
-    shutil.copytree(six[0], tmp_path / "run")
-    return tmp_path / "run"
 
 
 def manifest_of(ckpt: Path) -> dict:

@@ -19,28 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from acctrain import Callback, Engine, TrainConfig
-from acctrain.checkpoint import FORMAT_VERSION, CheckpointError, find_resumable, manifest_hash, verify
+from acctrain.checkpoint import FORMAT_VERSION, CheckpointError, find_resumable, verify
 from acctrain.errors import Preempted
 from tests.support import ROOT, ckpts
+from tests.support.runs import copy_of, rewrite
 from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
-from tests.test_checkpoint_hash import reference_digest
 from tests.workers import resume_run
 
 WORKER = ["-m", "tests.workers.resume_run"]
 STEP3, STEP6 = "step-00000003", "step-00000006"
-
-
-@pytest.fixture(scope="module")
-def six(tmp_path_factory):
-    """An uninterrupted run to step 6 with checkpoints at 3 and 6 (tests work on copies of its directory)."""
-    out = tmp_path_factory.mktemp("six")
-    result = resume_run.run(str(out), steps=6, save_every=3)
-    return out, result
-
-
-def copy_of(six, tmp_path) -> Path:
-    shutil.copytree(six[0], tmp_path / "run")
-    return tmp_path / "run"
 
 
 def params(tensors: dict) -> dict:
@@ -57,16 +44,6 @@ def assert_bitwise(a: dict, b: dict) -> None:
 def leftovers(out: Path) -> list[str]:
     """Anything in checkpoints/ but complete checkpoints and the `latest` pointer."""
     return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "latest" and p.name not in ckpts(out))
-
-
-def rewrite(ckpt: Path, name: str, content: bytes) -> None:
-    """Replace a file of a checkpoint and its manifest entry, so that the checkpoint still verifies."""
-    (ckpt / name).write_bytes(content)
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    algorithm = manifest_hash(manifest)
-    digest = hashlib.sha256(content).hexdigest() if algorithm == "sha256" else reference_digest(content)
-    manifest["files"][name] = {"size": len(content), algorithm: digest}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
 def start_worker(out: Path, env: dict, **options) -> subprocess.Popen:

@@ -21,7 +21,8 @@ from acctrain.checkpoint import HASH, CheckpointError, file_digests, find_resuma
 from acctrain.ema import EMA
 from acctrain.token_data import TokenWindows, tokenize
 from tests.support.tiny import RUN_ON_CPU, VOCAB, VarLenTokens, collate, make_model, token_loss
-from tests.test_checkpoint_safety import STEP3, STEP6, copy_of, rewrite, six  # noqa: F401  (a fixture)
+from tests.support.runs import copy_of, rewrite
+from tests.test_checkpoint_safety import STEP3, STEP6
 from tests.workers import resume_run
 
 

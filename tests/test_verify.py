@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from tests.support import ROOT
-from tests.test_checkpoint_safety import STEP3, STEP6, copy_of, rewrite, six  # noqa: F401  (a fixture)
+from tests.support.runs import copy_of, rewrite
+from tests.test_checkpoint_safety import STEP3, STEP6
 
 
 def verify(*args) -> subprocess.CompletedProcess:

@@ -3,10 +3,13 @@ full-batch reference of the gradient runs (tests/workers/grad_run.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from tests.support.processes import CPU_ARGS
@@ -59,3 +62,28 @@ def reference(clip: float):
 
     plan = DataPlan(grad_run.DATASET_LEN, grad_run.GLOBAL_BATCH, grad_run.GLOBAL_BATCH, 1, seed=0, epochs=grad_run.EPOCHS)
     return reference_sgd(make_model(0), VarLenTokens(grad_run.DATASET_LEN), plan, grad_run.LR, clip)
+
+
+# ---- copies of checkpointed runs, altered (the `six` fixture: tests/conftest.py) -------------------------------
+
+
+def copy_of(six, tmp_path) -> Path:
+    """A copy of the `six` fixture's run directory, for a test to alter."""
+    shutil.copytree(six[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def reference_digest(data: bytes) -> str:
+    """The manifest's digest from its definition: XXH3-128 of the XXH3-128 digests of the 64 MiB chunks."""
+    chunks = [data[i:i + 64 * 2**20] for i in range(0, len(data), 64 * 2**20)]
+    return xxhash.xxh3_128(b"".join(xxhash.xxh3_128(c).digest() for c in chunks)).hexdigest()
+
+
+def rewrite(ckpt: Path, name: str, content: bytes) -> None:
+    """Replace a file of a checkpoint and its manifest entry, so that the checkpoint still verifies its digests."""
+    (ckpt / name).write_bytes(content)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    algorithm = manifest.get("hash", "sha256")
+    digest = hashlib.sha256(content).hexdigest() if algorithm == "sha256" else reference_digest(content)
+    manifest["files"][name] = {"size": len(content), algorithm: digest}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
