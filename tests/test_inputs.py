@@ -125,7 +125,8 @@ def test_tracker_that_is_not_installed_is_refused_with_the_install(tmp_path, tra
 # ---- commands ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "plot-schedule", "export", "lr-find", "summary", "tokenize"])
+@pytest.mark.parametrize("command", ["train", "plan", "plot-schedule", "export", "lr-find", "summary", "tokenize",
+                                     "verify"])
 def test_command_help_prints_its_usage(command):
     proc = run(["-m", "acctrain.cli", command, "--help"], timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
