@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from acctrain.errors import PREEMPTED_EXIT_CODE
 from tests.support import ROOT, STEPS, TINY
+from tests.support.runs import rewrite
 
 TIMEOUT = 300
 TINY_CPU = [*TINY, "cpu=true"]
@@ -208,7 +209,15 @@ def test_export_refuses_a_checkpoint_format_it_does_not_know(trained, tmp_path):
     manifest = json.loads((newer / "manifest.json").read_text())
     (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     proc = run(["-m", "acctrain.cli", "export", str(newer), str(tmp_path / "m.safetensors")])
-    refused(proc, "format", "upgrade acctrain", code=1)
+    refused(proc, "format version 99", "acctrain 0.1.0 wrote it, which writes format 3 at most: the manifest was "
+            "edited or damaged", code=1)
+    state = json.loads((newer / "trainer_state.json").read_text())  # written by a newer acctrain: named
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    rewrite(newer, "trainer_state.json", json.dumps({**state, "versions": {**state["versions"], "acctrain": "2.0"}}).encode())
+    (newer / "manifest.json").write_text(json.dumps({**json.loads((newer / "manifest.json").read_text()),
+                                                     "format_version": 99}))
+    proc = run(["-m", "acctrain.cli", "export", str(newer), str(tmp_path / "m.safetensors")])
+    refused(proc, "format version 99", "acctrain 2.0 wrote it: upgrade acctrain to 2.0 or later", code=1)
     assert not (tmp_path / "m.safetensors").exists()
 
 
