@@ -3,13 +3,18 @@
     first_micro_batch(accelerator, model, train_data, plan, collate_fn, loss_of)   # raises a DataError, or returns
 
 A model that returns no loss, a `loss_fn` that breaks its contract, or samples that do not collate would
-otherwise fail only once the run has made its output_dir, its lock and its TensorBoard files. Each rank
+otherwise fail only once the run has made its output_dir, its lock and its TensorBoard files. An error of the
+dataset, the model or the loss is raised as it is, with a note naming the samples; samples that do not collate
+raise a DataError naming their indices and the fix. Each rank
 tries its own first micro-batch of step 1 (the plan's), in eval mode and without gradients, eager even
 when compiled (`torch.compiler.set_stance`), with every RNG put back after: nothing of the run changes, no
 BatchNorm statistic, no dropout draw, no compiled graph. The ranks then agree, so that every rank raises
 (the failing ones their own error, the others naming them). Costs one forward of one micro-batch per fit.
 
-A stream is not tried: reading it would consume it (its first batch fails at the first step instead).
+Your dataset's `__getitem__` (for those samples) and your `loss_fn` are called once more than training calls
+them, under `torch.no_grad()` and with the model in eval mode: code that counts its calls can tell this one
+apart by `torch.is_grad_enabled()`. A stream is not tried: reading it would consume it (its first batch fails
+at the first step instead).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from acctrain.evaluation import eval_mode
 from acctrain.state import rng_from_files, rng_to_files
 
 
+@torch.no_grad()  # the reads too: a dataset or loss_fn can tell this call from training by torch.is_grad_enabled()
 def first_micro_batch(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence, plan: DataPlan,
                       collate_fn: Callable | None, loss_of: Callable[[torch.nn.Module, Any, int], Any],
                       to_device: Callable[[Any], Any]) -> None:
@@ -49,7 +55,6 @@ def first_micro_batch(accelerator: Accelerator, model: torch.nn.Module, dataset:
         _agree(accelerator, problem, "collate")  # before a forward that may be a collective (FSDP)
         try:
             with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.no_grad())
                 stack.enter_context(eval_mode(model))
                 stack.enter_context(torch.compiler.set_stance("force_eager"))  # compiling is the first step's work
                 loss_of(model, batch, micro.num_samples)
@@ -64,10 +69,11 @@ def first_micro_batch(accelerator: Accelerator, model: torch.nn.Module, dataset:
         rng_from_files(*rng)
 
 
-def _named(err: Exception, what: str) -> DataError:
-    named = DataError(f"{what}: {type(err).__name__}: {str(err).rstrip('.')}. Nothing was written; fix this and run again.")
-    named.__cause__ = err
-    return named
+def _named(err: Exception, what: str) -> Exception:
+    """The error as raised (its type and message: a TypeError of the loss contract stays one), with a note (shown
+    under its message in the traceback) saying where it came from and that nothing was written."""
+    err.add_note(f"acctrain: {what}, before anything was written; fix this and run again.")
+    return err
 
 
 def _agree(accelerator: Accelerator, problem: Exception | None, stage: str) -> None:

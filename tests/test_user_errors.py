@@ -31,25 +31,37 @@ def engine_for(out, train, steps: int = 2, eval_data=None, **kwargs) -> Engine:
 # ------------------------------------------------------------------------------------------- 6. before anything
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no loss", "failed in the model's forward or the loss: TypeError: TinyTokenModel.forward() got an unexpected "
-                "keyword argument 'labels'"),
-    ("loss returns a dict", "failed in the model's forward or the loss: TypeError: loss_fn must return a tensor"),
-    ("ragged samples", "could not be collated into a micro-batch: RuntimeError: stack expects each tensor to be "
-                       "equal size"),
+@pytest.mark.parametrize("case, error, message", [
+    ("no loss", TypeError, "TinyTokenModel.forward() got an unexpected keyword argument 'labels'"),
+    ("loss returns a dict", TypeError, "loss_fn must return a tensor"),
+    ("ragged samples", DataError, "could not be collated into a micro-batch: RuntimeError: stack expects each "
+                                  "tensor to be equal size"),
+    ("dataset raises", KeyError, "'no such row'"),
 ])
-def test_the_first_micro_batch_fails_before_anything_is_written(tmp_path, case, message):
+def test_the_first_micro_batch_fails_before_anything_is_written(tmp_path, case, error, message):
     out = tmp_path / "run"
     kwargs = {"no loss": {"collate_fn": collate}, "loss returns a dict": {"collate_fn": collate,
-              "loss_fn": lambda model, batch: {"loss": 1.0}}, "ragged samples": {"loss_fn": token_loss}}[case]
-    engine = engine_for(out, VarLenTokens(26), **kwargs)
+              "loss_fn": lambda model, batch: {"loss": 1.0}}, "ragged samples": {"loss_fn": token_loss},
+              "dataset raises": {"loss_fn": token_loss, "collate_fn": collate}}[case]
+    engine = engine_for(out, Raising(26) if case == "dataset raises" else VarLenTokens(26), **kwargs)
     first = next(iter(engine.plan.rank_windows(0, 0, 0, 1))).micro_batches[0].indices
-    with pytest.raises(DataError) as err:
+    with pytest.raises(error) as err:
         engine.fit()
-    assert message in str(err.value) and f"{first}" in str(err.value)
+    assert message in str(err.value)
+    said = str(err.value) + "".join(getattr(err.value, "__notes__", []))  # the error as raised, and acctrain's note
+    assert f"{first}" in said and ("before anything was written" in said or case == "ragged samples")
     assert not out.exists()  # no output_dir, no .lock, no TensorBoard files
     if case == "ragged samples":
         assert "collate_fn=acctrain.hf_data.PadCollator(pad_token_id)" in str(err.value)
+    if case in ("no loss", "loss returns a dict"):
+        assert "failed in the model's forward or the loss" in said
+
+
+class Raising(VarLenTokens):
+    """A dataset whose reads fail."""
+
+    def __getitem__(self, i):
+        raise KeyError("no such row")
 
 
 class OneOddSample(torch.utils.data.Dataset):
@@ -110,7 +122,8 @@ def test_a_first_micro_batch_failing_on_one_rank_stops_every_rank_before_anythin
                                                                       "fault": fault})], check=False, timeout=180)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "error on rank 1: DataError" in text and "error on rank 0: DataError: the first micro-batch failed " \
+    assert f"error on rank 1: {'DataError' if fault == 'collate' else 'RuntimeError'}" in text
+    assert "error on rank 0: DataError: the first micro-batch failed " \
         f"({'collate' if fault == 'collate' else 'forward and loss'}) on rank(s) [1]" in text
     assert not out.exists()
 
