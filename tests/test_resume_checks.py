@@ -19,6 +19,7 @@ from acctrain import Callback, ConfigError, Engine, TrainConfig
 from acctrain import data_identity
 from acctrain.checkpoint import HASH, CheckpointError, file_digests, find_resumable, verify
 from acctrain.ema import EMA
+from acctrain.loop import RESUME_CONSEQUENCES, resume_changes
 from acctrain.token_data import TokenWindows, tokenize
 from tests.support.tiny import RUN_ON_CPU, VOCAB, VarLenTokens, collate, make_model, token_loss
 from tests.support.runs import copy_of, rewrite
@@ -104,7 +105,7 @@ class Fingerprinted(VarLenTokens):
         self.fingerprint = f"varlen-{n}-{seed}"
 
 
-def test_a_dataset_with_a_fingerprint_is_checked_by_it_and_others_by_their_length(tmp_path):
+def test_a_dataset_with_a_fingerprint_is_checked_by_it_and_others_by_their_length(tmp_path, capsys):
     def engine(train, steps):
         cfg = TrainConfig(output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=2, max_steps=steps,
                           cpu=RUN_ON_CPU)
@@ -113,6 +114,17 @@ def test_a_dataset_with_a_fingerprint_is_checked_by_it_and_others_by_their_lengt
     engine(Fingerprinted(26, seed=1), 2).fit()
     with pytest.raises(ConfigError, match=r"fingerprint: 'varlen-26-1' -> 'varlen-26-2'"):
         engine(Fingerprinted(26, seed=2), 4).fit()
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=2, max_steps=3,
+                      cpu=RUN_ON_CPU)  # other eval data: said, not refused
+    Engine(make_model(0), cfg, Fingerprinted(26, seed=1), Fingerprinted(6, seed=5), loss_fn=token_loss,
+           collate_fn=collate).fit()
+    assert "the eval data differs from the checkpoint's run" not in capsys.readouterr().out  # none recorded before
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=2, max_steps=4,
+                      cpu=RUN_ON_CPU)
+    Engine(make_model(0), cfg, Fingerprinted(26, seed=1), Fingerprinted(6, seed=6), loss_fn=token_loss,
+           collate_fn=collate).fit()
+    assert ("the eval data differs from the checkpoint's run (fingerprint: 'varlen-6-5' -> 'varlen-6-6')"
+            in capsys.readouterr().out)
     shutil.rmtree(tmp_path / "run")
     engine(VarLenTokens(26, seed=1), 2).fit()  # a plain dataset: its class and length, documented as weaker
     assert engine(VarLenTokens(26, seed=2), 4).data_identity is None  # (not resumed yet)
@@ -157,6 +169,18 @@ class Counter(Callback):
 
     def load_state_dict(self, state):
         self.seen = state["seen"]
+
+
+def test_every_setting_a_resume_may_change_silently_has_its_line():
+    saved = {"mixed_precision": "no", "ema_decay": 0.0, "compile": False, "activation_checkpointing": False,
+             "activation_checkpointing_block": "", "lr": 1.0}
+    now = {"mixed_precision": "bf16", "ema_decay": 0.99, "compile": True, "activation_checkpointing": True,
+           "activation_checkpointing_block": "Block", "lr": 2.0}
+    lines = resume_changes(saved, now, 7)
+    assert [line.split("=")[0].removeprefix("resuming with ") for line in lines] == list(RESUME_CONSEQUENCES)
+    assert lines[2] == ("resuming with compile=True (the checkpoint's run: False) from optimizer step 7: speed only: "
+                        "the same computation")
+    assert resume_changes(saved, saved, 7) == []
 
 
 def test_a_callback_added_in_front_leaves_the_others_state_in_place(tmp_path, capsys):
