@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from acctrain import seeds
 from acctrain import permutation as orders
-from acctrain.errors import ConfigError, DataError
+from acctrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -196,57 +196,29 @@ def is_stream(data: Any) -> bool:
 def stream_batches(reader: StreamReader, windows: Iterable[Window], collate_fn: Callable | None) -> Iterator[Any]:
     """This rank's micro-batches of `windows` from a stream: every rank reads the whole stream in order and keeps
     the samples at its own positions (the window's slots, as for a map-style dataset), skipping the others'."""
-    collate = NamedCollate(collate_fn, "stream positions")
+    collate = collate_fn or default_collate
     for window in windows:
         for micro in window.micro_batches:  # a stream's windows are full: no padding micro-batch
             reader.skip_to(micro.indices[0])  # other ranks' samples, or those consumed before a resume
-            yield collate(Samples([reader.next() for _ in micro.indices], micro.indices))
+            yield collate([reader.next() for _ in micro.indices])
 
 
-class Samples(list):
-    """A micro-batch's samples, and their indices in the dataset (or positions in a stream), for NamedCollate."""
-
-    def __init__(self, samples: Iterable[Any], indices: Sequence[int]):
-        super().__init__(samples)
-        self.indices = list(indices)
-
-
-class Indexed(Dataset):
-    """A map-style dataset whose batched reads (`__getitems__`, as DataLoader makes them) keep their indices."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> Samples:
-        many = getattr(self.dataset, "__getitems__", None)
-        return Samples(many(indices) if many is not None else [self.dataset[i] for i in indices], indices)
+def read_samples(dataset: Any, indices: list[int]) -> Any:
+    """The samples at `indices`, as DataLoader reads them: the dataset's own batched read (`__getitems__`) when it
+    has one (which may return a batch already), else one by one."""
+    many = getattr(dataset, "__getitems__", None)
+    return many(indices) if many is not None else [dataset[i] for i in indices]
 
 
-class NamedCollate:
-    """`collate_fn` (default: torch's default_collate) whose failure names the samples and the fix (a DataError)."""
-
-    def __init__(self, collate_fn: Callable | None, what: str = "indices"):
-        self.collate_fn, self.what = collate_fn or default_collate, what
-
-    def __call__(self, samples: list) -> Any:
-        try:
-            return self.collate_fn(samples)
-        except Exception as err:
-            indices = getattr(samples, "indices", None)
-            which = f"the samples at {self.what} {indices}" if indices is not None else f"{len(samples)} samples"
-            raise DataError(
-                f"{which} could not be collated into a micro-batch: {type(err).__name__}: "
-                f"{str(err).rstrip('.')}. The samples: {'; '.join(describe_sample(s) for s in samples[:4])}"
-                f"{' ...' if len(samples) > 4 else ''}. Samples of different sizes need a collate_fn= that pads "
-                "them (for dicts of token ids: collate_fn=acctrain.hf_data.PadCollator(pad_token_id)); "
-                f"{'this is the default collate' if self.collate_fn is default_collate else 'the given collate_fn raised'}."
-            ) from err
+def note_samples(err: BaseException, indices: Sequence[int], what: str) -> None:
+    """Name, on an error raised while reading or collating samples (in the loader's workers too), the samples'
+    indices and, for samples that do not stack, the fix. A note (shown under the error's message): the error
+    keeps its type and message. Added where the batch is taken, so that it costs nothing per batch."""
+    hint = (" Samples of different sizes need a collate_fn= that pads them (for dicts of token ids: "
+            "collate_fn=acctrain.hf_data.PadCollator(pad_token_id))." if isinstance(err, RuntimeError) and "size" in
+            str(err) else "")
+    err.add_note(f"acctrain: reading (dataset[i]) or collating (collate_fn) the samples at indices {list(indices)} "
+                 f"of {what} failed.{hint}")
 
 
 def describe_sample(sample: Any) -> str:
@@ -373,9 +345,9 @@ def micro_batch_loader(
     """
     batches = (mb.indices for w in windows for mb in w.micro_batches)  # lazily, as the loader asks
     loader = DataLoader(
-        Indexed(dataset),  # a collate failure names its samples' indices
+        dataset,
         batch_sampler=batches,
-        collate_fn=NamedCollate(collate_fn),
+        collate_fn=collate_fn or default_collate,
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=pin_memory,  # page-locked host batches: the copy to the GPU overlaps compute
@@ -388,9 +360,9 @@ def eval_loader(dataset: Dataset, rank: int, world_size: int, micro_batch: int, 
     """This rank's contiguous shard of `dataset` in micro-batches: every sample once over all ranks, none padded."""
     n = len(dataset)
     return DataLoader(
-        Indexed(dataset),  # a collate failure names its samples' indices
+        dataset,
         batch_sampler=ShardBatches(n * rank // world_size, n * (rank + 1) // world_size, micro_batch),
-        collate_fn=NamedCollate(collate_fn),
+        collate_fn=collate_fn or torch.utils.data.default_collate,
         generator=torch.Generator(),  # creating the iterator must not draw from the global RNG
     )
 

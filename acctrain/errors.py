@@ -18,9 +18,8 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-    """Samples that cannot become a batch, or a first micro-batch the model or the loss cannot take: the message
-    names the samples (their indices in the dataset), what failed, and the fix; raised before anything is written
-    when it is the run's first micro-batch (acctrain.preflight)."""
+    """Another rank's first micro-batch failed (acctrain.preflight): raised on the ranks whose own did not, naming
+    the failing ranks, before anything is written (those ranks raise their own error)."""
 
 
 class NonFiniteError(RuntimeError):

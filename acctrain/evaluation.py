@@ -23,7 +23,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import default_collate
 
 from acctrain import watchdog
-from acctrain.data import eval_loader, most_eval_batches
+from acctrain.data import eval_loader, most_eval_batches, note_samples
 from acctrain.metrics import EvalBatch, Metric, TorchMetric
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, Any, bool]]
@@ -36,7 +36,13 @@ def eval_batches(accelerator: Accelerator, dataset: Sequence, micro_batch: int,
     count 0 until the rank has run as many as the rank with the most (see the module's docstring)."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     loader = eval_loader(dataset, rank, world, micro_batch, collate_fn)
-    for indices, batch in zip(loader.batch_sampler, loader):
+    batches = iter(loader)
+    for indices in loader.batch_sampler:
+        try:
+            batch = next(batches)
+        except Exception as err:  # no cost per batch: only when raised
+            note_samples(err, indices, "the evaluated dataset")
+            raise
         yield len(indices), send_to_device(batch, device, non_blocking=True)
     for _ in range(most_eval_batches(len(dataset), world, micro_batch) - len(loader.batch_sampler)):
         yield 0, send_to_device((collate_fn or default_collate)([dataset[0]]), device, non_blocking=True)

@@ -28,7 +28,7 @@ from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
 from acctrain.checkpointer import Checkpointer
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, Window
+from acctrain.data import DataPlan, Feed, Window, note_samples
 from acctrain import metrics as metrics_module
 from acctrain.evaluation import evaluate
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
@@ -131,11 +131,11 @@ class Loop:
 
     def fit(self) -> dict[str, float]:
         """Train for the planned optimizer steps; evaluate, log and save as configured. Returns the last metrics."""
-        # before anything is written: what resume=PATH names, and the first micro-batch (acctrain.preflight)
+        # before anything is written: what resume=PATH names, and the first micro-batches (acctrain.preflight)
         self.checkpointer.check_resume_path()
         if self._fits == 0:
-            preflight.first_micro_batch(self.accelerator, self.unwrapped_model, self.train_data, self.plan,
-                                        self.collate_fn, self._loss_of, self._to_device)
+            preflight.first_micro_batches(self.accelerator, self.unwrapped_model, self.train_data, self.eval_data,
+                                          self.plan, self.collate_fn, self._loss_of, self._to_device)
         with run_lock.owned(self.accelerator, self.config.output_dir), self._watched():
             self.resume()
             self._fits += 1
@@ -289,7 +289,11 @@ class Loop:
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
             watch.at("data (the next micro-batch)", step)
-            batch = self._to_device(next(batches))
+            try:
+                batch = self._to_device(next(batches))
+            except Exception as err:  # no cost per batch: only when raised
+                note_samples(err, micro.indices, f"train_data (optimizer step {step})")
+                raise
             watch.at("forward/backward", step)
             # the passes that wait for the other ranks: DDP's last backward (its all-reduce), or FSDP's every pass
             waits = watch if self.is_last_micro or self.step_ops.collective_passes else watchdog.IDLE

@@ -1,15 +1,16 @@
-"""The run's first micro-batch, tried before anything is written: read, collate, forward, loss.
+"""The run's first micro-batches, tried before anything is written: read, collate, forward, loss.
 
-    first_micro_batch(accelerator, model, train_data, plan, collate_fn, loss_of)   # raises a DataError, or returns
+    first_micro_batches(accelerator, model, train_data, eval_data, plan, collate_fn, loss_of, to_device)
 
 A model that returns no loss, a `loss_fn` that breaks its contract, or samples that do not collate would
-otherwise fail only once the run has made its output_dir, its lock and its TensorBoard files. An error of the
-dataset, the model or the loss is raised as it is, with a note naming the samples; samples that do not collate
-raise a DataError naming their indices and the fix. Each rank
-tries its own first micro-batch of step 1 (the plan's), in eval mode and without gradients, eager even
-when compiled (`torch.compiler.set_stance`), with every RNG put back after: nothing of the run changes, no
-BatchNorm statistic, no dropout draw, no compiled graph. The ranks then agree, so that every rank raises
-(the failing ones their own error, the others naming them). Costs one forward of one micro-batch per fit.
+otherwise fail only once the run has made its output_dir, its lock and its TensorBoard files (or, for the
+eval data, after a whole stretch of training). Each rank tries its own first training micro-batch of the run
+(the plan's) and its first eval micro-batch, in eval mode and without gradients, eager even when compiled
+(`torch.compiler.set_stance`), with every RNG put back after: nothing of the run changes, no BatchNorm
+statistic, no dropout draw, no compiled graph. An error is raised as it is (its type and message), with a
+note naming the samples and, for samples that do not stack, the fix. The ranks agree first, so that every
+rank raises: the failing ones their own error, the others a DataError naming them. Costs two forwards of one
+micro-batch per fit.
 
 Your dataset's `__getitem__` (for those samples) and your `loss_fn` are called once more than training calls
 them, under `torch.no_grad()` and with the model in eval mode: code that counts its calls can tell this one
@@ -19,61 +20,62 @@ at the first step instead).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import default_collate
 
-from acctrain.data import DataPlan, NamedCollate, Samples, describe_sample
+from acctrain.data import DataPlan, describe_sample, note_samples, read_samples
 from acctrain.errors import DataError
 from acctrain.evaluation import eval_mode
 from acctrain.state import rng_from_files, rng_to_files
 
 
 @torch.no_grad()  # the reads too: a dataset or loss_fn can tell this call from training by torch.is_grad_enabled()
-def first_micro_batch(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence, plan: DataPlan,
-                      collate_fn: Callable | None, loss_of: Callable[[torch.nn.Module, Any, int], Any],
-                      to_device: Callable[[Any], Any]) -> None:
-    """Try this rank's first micro-batch of the run (see the module's docstring); `loss_of(model, batch, n)`
-    is the loop's loss on a batch of n counted samples, checked against the loss contract."""
-    if plan.stream:
-        return
-    micro = next(iter(plan.rank_windows(0, accelerator.process_index, 0, 1))).micro_batches[0]
+def first_micro_batches(accelerator: Accelerator, model: torch.nn.Module, train_data: Sequence,
+                        eval_data: Sequence | None, plan: DataPlan, collate_fn: Callable | None,
+                        loss_of: Callable[[torch.nn.Module, Any, int], Any], to_device: Callable[[Any], Any]) -> None:
+    """Try this rank's first training and eval micro-batches (see the module's docstring); `loss_of(model, batch,
+    n)` is the loop's loss on a batch of n counted samples, checked against the loss contract."""
     rng = rng_to_files()  # a dataset's augmentation may draw: the run's RNGs stay as they were
-    batch, problem = None, None
     try:
-        try:
-            samples = [dataset[i] for i in micro.indices]
-        except Exception as err:
-            problem = _named(err, f"reading samples {micro.indices} of train_data (dataset[i]) failed")
-        if problem is None:
-            try:
-                batch = to_device(NamedCollate(collate_fn)(Samples(samples, micro.indices)))
-            except DataError as err:
-                problem = err
-        _agree(accelerator, problem, "collate")  # before a forward that may be a collective (FSDP)
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(eval_mode(model))
-                stack.enter_context(torch.compiler.set_stance("force_eager"))  # compiling is the first step's work
-                loss_of(model, batch, micro.num_samples)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:
-            what = "; ".join(describe_sample(s) for s in samples[:2])
-            problem = _named(err, f"the first micro-batch (samples {micro.indices} of train_data: {what}"
-                                  f"{' ...' if len(samples) > 2 else ''}) failed in the model's forward or the loss")
-        _agree(accelerator, problem, "forward and loss")
+        if not plan.stream:
+            micro = next(iter(plan.rank_windows(0, accelerator.process_index, 0, 1))).micro_batches[0]
+            _try(accelerator, model, train_data, "train_data", micro.indices, micro.num_samples, collate_fn, loss_of,
+                 to_device)
+        if eval_data is not None and len(eval_data):
+            rank, world = accelerator.process_index, accelerator.num_processes
+            start, stop = len(eval_data) * rank // world, len(eval_data) * (rank + 1) // world
+            indices = list(range(start, min(stop, start + plan.micro_batch))) or [0]  # a rank without samples
+            _try(accelerator, model, eval_data, "eval_data", indices, stop - start and len(indices), collate_fn,
+                 loss_of, to_device)  # runs a forward on sample 0, as evaluation does (acctrain.evaluation)
     finally:
         rng_from_files(*rng)
 
 
-def _named(err: Exception, what: str) -> Exception:
-    """The error as raised (its type and message: a TypeError of the loss contract stays one), with a note (shown
-    under its message in the traceback) saying where it came from and that nothing was written."""
-    err.add_note(f"acctrain: {what}, before anything was written; fix this and run again.")
-    return err
+def _try(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence, what: str, indices: list[int],
+         num_samples: int, collate_fn: Callable | None, loss_of: Callable, to_device: Callable) -> None:
+    batch, samples, problem = None, None, None
+    try:
+        samples = read_samples(dataset, indices)
+        batch = to_device((collate_fn or default_collate)(samples))
+    except Exception as err:
+        note_samples(err, indices, f"{what} (its first micro-batch, before anything was written)")
+        problem = err
+    _agree(accelerator, problem, f"reading {what}")  # before a forward that may be a collective (FSDP)
+    try:
+        with eval_mode(model), torch.compiler.set_stance("force_eager"):  # compiling is the first step's work
+            loss_of(model, batch, num_samples)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        shown = ("; ".join(describe_sample(s) for s in samples[:2]) + (" ..." if len(samples) > 2 else "")
+                 if isinstance(samples, list) else describe_sample(samples))
+        err.add_note(f"acctrain: the first micro-batch of {what} (samples {indices}: {shown}) failed in the model's "
+                     "forward or the loss, before anything was written; fix this and run again.")
+        problem = err
+    _agree(accelerator, problem, f"the forward and loss on {what}")
 
 
 def _agree(accelerator: Accelerator, problem: Exception | None, stage: str) -> None:
@@ -82,7 +84,7 @@ def _agree(accelerator: Accelerator, problem: Exception | None, stage: str) -> N
     failed = [accelerator.process_index] if problem is not None else []
     if accelerator.num_processes > 1:
         flags = torch.tensor([float(problem is not None)], device=accelerator.device)
-        # note: host-device sync, once per fit
+        # note: host-device sync, twice per fit
         failed = [rank for rank, flag in enumerate(accelerator.gather(flags).tolist()) if flag]
     if problem is not None:
         raise problem

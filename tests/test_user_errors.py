@@ -15,8 +15,7 @@ from acctrain import Engine, TrainConfig
 from acctrain.callbacks import EarlyStopping
 from acctrain.data import DataPlan
 from acctrain.ema import EMA
-from acctrain.errors import DataError
-from acctrain.preflight import first_micro_batch
+from acctrain.preflight import first_micro_batches
 from tests.support import launch, logged
 from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
 
@@ -34,8 +33,7 @@ def engine_for(out, train, steps: int = 2, eval_data=None, **kwargs) -> Engine:
 @pytest.mark.parametrize("case, error, message", [
     ("no loss", TypeError, "TinyTokenModel.forward() got an unexpected keyword argument 'labels'"),
     ("loss returns a dict", TypeError, "loss_fn must return a tensor"),
-    ("ragged samples", DataError, "could not be collated into a micro-batch: RuntimeError: stack expects each "
-                                  "tensor to be equal size"),
+    ("ragged samples", RuntimeError, "stack expects each tensor to be equal size"),
     ("dataset raises", KeyError, "'no such row'"),
 ])
 def test_the_first_micro_batch_fails_before_anything_is_written(tmp_path, case, error, message):
@@ -49,10 +47,10 @@ def test_the_first_micro_batch_fails_before_anything_is_written(tmp_path, case, 
         engine.fit()
     assert message in str(err.value)
     said = str(err.value) + "".join(getattr(err.value, "__notes__", []))  # the error as raised, and acctrain's note
-    assert f"{first}" in said and ("before anything was written" in said or case == "ragged samples")
+    assert f"{first}" in said and "before anything was written" in said
     assert not out.exists()  # no output_dir, no .lock, no TensorBoard files
     if case == "ragged samples":
-        assert "collate_fn=acctrain.hf_data.PadCollator(pad_token_id)" in str(err.value)
+        assert "collate_fn=acctrain.hf_data.PadCollator(pad_token_id)" in said
     if case in ("no loss", "loss returns a dict"):
         assert "failed in the model's forward or the loss" in said
 
@@ -85,9 +83,21 @@ def test_a_sample_that_does_not_collate_later_in_training_is_named_by_its_index(
     step, micro = next((k, mb) for k in range(4) for mb in engine.plan.split(engine.plan.window(0, k), 0)
                        if 0 in mb.indices)
     assert step > 0 or micro.indices != next(iter(engine.plan.rank_windows(0, 0, 0, 1))).micro_batches[0].indices
-    with pytest.raises(Exception, match=r"the samples at indices \[[0-9, ]*\] could not be collated") as err:
+    with pytest.raises(RuntimeError) as err:
         engine.fit()
-    assert f"{micro.indices}" in str(err.value) and "{input_ids: tensor(3,) int64" in str(err.value)
+    notes = "".join(err.value.__notes__)
+    assert (f"acctrain: reading (dataset[i]) or collating (collate_fn) the samples at indices {micro.indices} of "
+            f"train_data (optimizer step {step + 1}) failed. Samples of different sizes need a collate_fn= that pads "
+            "them") in notes
+
+
+def test_eval_samples_that_do_not_collate_are_found_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    engine = engine_for(out, OneOddSample(32, odd=-1), eval_data=OneOddSample(8, odd=1), loss_fn=token_loss)
+    with pytest.raises(RuntimeError) as err:
+        engine.fit()
+    assert "the samples at indices [0, 1] of eval_data (its first micro-batch" in "".join(err.value.__notes__)
+    assert not out.exists()
 
 
 class Drawing(torch.utils.data.Dataset):
@@ -108,8 +118,8 @@ def test_the_first_micro_batch_leaves_the_weights_statistics_rngs_and_mode_as_th
     engine = Engine(model, cfg, Drawing(), loss_fn=lambda m, b: m(b).square().mean())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    first_micro_batch(engine.accelerator, engine.unwrapped_model, engine.train_data,
-                      DataPlan.for_run(engine.train_data, None, cfg, 1), None, engine._loss_of, engine._to_device)
+    first_micro_batches(engine.accelerator, engine.unwrapped_model, engine.train_data, Drawing(),
+                        DataPlan.for_run(engine.train_data, None, cfg, 1), None, engine._loss_of, engine._to_device)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm's running stats too
     assert torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
     assert rngs[2] == random.getstate() and model.training
@@ -122,9 +132,9 @@ def test_a_first_micro_batch_failing_on_one_rank_stops_every_rank_before_anythin
                                                                       "fault": fault})], check=False, timeout=180)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert f"error on rank 1: {'DataError' if fault == 'collate' else 'RuntimeError'}" in text
+    assert "error on rank 1: RuntimeError" in text
     assert "error on rank 0: DataError: the first micro-batch failed " \
-        f"({'collate' if fault == 'collate' else 'forward and loss'}) on rank(s) [1]" in text
+        f"({'reading train_data' if fault == 'collate' else 'the forward and loss on train_data'}) on rank(s) [1]" in text
     assert not out.exists()
 
 
