@@ -4,6 +4,6 @@ from acctrain.callbacks import Callback
 from acctrain.config import TrainConfig, load_config
 from acctrain.engine import Engine
 from acctrain.errors import ConfigError
+from acctrain.version import __version__
 
-__all__ = ["Callback", "ConfigError", "Engine", "TrainConfig", "load_config"]
-__version__ = "0.1.0"
+__all__ = ["Callback", "ConfigError", "Engine", "TrainConfig", "__version__", "load_config"]

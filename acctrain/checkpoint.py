@@ -51,6 +51,8 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
+from acctrain.version import __version__
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 DISCARD = ".discard"
@@ -338,8 +340,6 @@ def check_contents(path: Path, manifest: dict) -> None:
 
 def check_version(path: Path, manifest: dict) -> None:
     """Refuse a format version this acctrain does not read, naming it, who wrote it, and what to do."""
-    import acctrain
-
     version, readable = manifest.get("format_version", 1), READABLE_VERSIONS
     if version in readable:
         return
@@ -347,12 +347,12 @@ def check_version(path: Path, manifest: dict) -> None:
         writer = read_json(path / "trainer_state.json").get("versions", {}).get("acctrain")
     except (OSError, ValueError, AttributeError):
         writer = None
-    if writer and _version_key(writer) > _version_key(acctrain.__version__):
+    if writer and _version_key(writer) > _version_key(__version__):
         hint = f"acctrain {writer} wrote it: upgrade acctrain to {writer} or later to resume it"
     else:
         hint = (f"its trainer_state.json says acctrain {writer or '(unknown)'} wrote it, which writes format "
                 f"{FORMAT_VERSION} at most: the manifest was edited or damaged")
-    raise CheckpointError(f"{path}: checkpoint format version {version}; this acctrain ({acctrain.__version__}) reads "
+    raise CheckpointError(f"{path}: checkpoint format version {version}; this acctrain ({__version__}) reads "
                           f"versions {min(readable)} to {max(readable)}; {hint}")
 
 

@@ -37,6 +37,7 @@ from acctrain import barrier, checkpoint, data_identity, sharded
 from acctrain.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
+from acctrain.version import __version__
 from acctrain.state import (
     optimizer_from_files,
     optimizer_record,
@@ -334,8 +335,6 @@ def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tup
     callbacks.safetensors), and what this module checks on load: the versions and the optimizer's record."""
     import accelerate
 
-    import acctrain
-
     state, tensors = dict(meta), {}
     if "callbacks" in meta:
         state["callbacks"] = []
@@ -343,7 +342,7 @@ def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tup
             plain, found = tensors_to_files(saved["state"], str(i))
             state["callbacks"].append({**saved, "state": plain})
             tensors.update(found)
-    state["versions"] = {"acctrain": acctrain.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__}
+    state["versions"] = {"acctrain": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__}
     state["optimizer"] = optimizer_record(optimizer)
     return state, tensors
 

@@ -61,6 +61,8 @@ class DataPlan:
     stream: bool = False
     """The samples come from a stream (an IterableDataset): the order is the stream's, step k takes its
     samples [k x global_batch, (k+1) x global_batch); `dataset_len` is then max_steps x global_batch."""
+    seed_scheme: int = seeds.SCHEME
+    """How the order's and the loader's seeds derive from `seed` (acctrain.seeds): a resume keeps its checkpoint's."""
 
     def __post_init__(self) -> None:
         if self.dataset_len < 1:
@@ -78,8 +80,6 @@ class DataPlan:
         """The plan of a run of `config` (a TrainConfig) on `train_data`, a map-style dataset or a stream."""
         micro = config.micro_batch_size
         if micro == "auto":  # the whole per-rank batch until acctrain.memory.fit_micro_batch finds what fits
-            from acctrain.memory import per_rank_batch
-
             micro = per_rank_batch(config.global_batch_size, world_size)
         return cls(dataset_len=stream_length(train_data, eval_data, config) or len(train_data),
                    global_batch=config.global_batch_size, micro_batch=micro, world_size=world_size,
@@ -112,7 +112,8 @@ class DataPlan:
 
     @functools.lru_cache(maxsize=1)
     def _permutation(self, epoch: int):
-        return _Identity() if self.stream else orders.permutation(self.dataset_len, seeds.order_seed(self.seed, epoch))
+        return _Identity() if self.stream else orders.permutation(self.dataset_len,
+                                                                   seeds.order_seed(self.seed, epoch, self.seed_scheme))
 
     @property
     def order_kind(self) -> str:
@@ -185,6 +186,14 @@ class _Identity:
 
     def take(self, start: int, stop: int) -> list[int]:
         return list(range(start, stop))
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The samples of a full optimizer step on one rank: the largest micro-batch 'auto' may choose."""
+    if global_batch % world_size:
+        raise ConfigError("global_batch_size", f"{global_batch} is not divisible by the world size {world_size}, so "
+                          f"ranks cannot share it equally (micro_batch_size=auto); choose a multiple of {world_size}.")
+    return global_batch // world_size
 
 
 def is_stream(data: Any) -> bool:
@@ -312,7 +321,8 @@ class Feed:
             self.batches = stream_batches(self.reader, loaded, collate_fn)
         else:
             self.batches = micro_batch_loader(dataset, loaded, collate_fn, num_workers,
-                                              seed=seeds.loader_seed(plan.seed, epoch), pin_memory=pin_memory)
+                                              seed=seeds.loader_seed(plan.seed, epoch, plan.seed_scheme),
+                                              pin_memory=pin_memory)
 
     def epoch(self, num_steps: int) -> Iterator[Window]:
         """The next `num_steps` windows: the rest of the current epoch."""

@@ -30,6 +30,8 @@ from typing import Any
 
 from acctrain import checkpoint
 from acctrain.data import is_stream
+from acctrain.hf_data import is_hf_dataset
+from acctrain.token_data import TokenWindows, sidecar
 
 _digests: dict[tuple[str, int, int], str] = {}
 """Digests computed in this process, by (path, size, mtime_ns): each file is hashed at most once."""
@@ -38,8 +40,6 @@ _digests: dict[tuple[str, int, int], str] = {}
 def identify(dataset: Any, known: dict | None = None) -> dict[str, Any]:
     """The identity of `dataset` as plain JSON (see the module's docstring); `known` is an identity recorded
     earlier (a checkpoint's), whose digests are reused for files of the same path, size and mtime."""
-    from acctrain.token_data import TokenWindows, sidecar
-
     if isinstance(dataset, TokenWindows):
         recorded = {f.get("path"): f for f in (known or {}).get("files", [])}
         files = []
@@ -50,7 +50,7 @@ def identify(dataset: Any, known: dict | None = None) -> dict[str, Any]:
             files.append(entry)
         return {"kind": "token files", "files": files, "context_len": dataset.context_len,
                 "windows": list(dataset.range)}
-    fingerprint = getattr(dataset, "_fingerprint", None) if _is_hf(dataset) else getattr(dataset, "fingerprint", None)
+    fingerprint = getattr(dataset, "_fingerprint", None) if is_hf_dataset(dataset) else getattr(dataset, "fingerprint", None)
     fingerprint = fingerprint() if callable(fingerprint) else fingerprint
     if isinstance(fingerprint, str):
         return {"kind": "fingerprint", "class": type(dataset).__name__, "fingerprint": fingerprint}
@@ -97,18 +97,6 @@ def _digest(path: Path, stat: os.stat_result, recorded: dict | None, side: Path)
     if key not in _digests:
         _digests[key] = checkpoint.file_digests([path], checkpoint.HASH)[path]
     return _digests[key]
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """A token file's size, mtime and digest, as `acctrain tokenize` writes it into the sidecar."""
-    stat = path.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, checkpoint.HASH: checkpoint.file_digests([path])[path]}
-
-
-def _is_hf(dataset: Any) -> bool:
-    from acctrain.hf_data import is_hf_dataset
-
-    return is_hf_dataset(dataset)
 
 
 def _what(identity: dict[str, Any]) -> str:

@@ -585,6 +585,8 @@ class Loop:
         self.checkpointer.config = self.config
         self.resumed_from = self.checkpointer.find()
         saved = checkpoint.read_json(self.resumed_from / "trainer_state.json") if self.resumed_from else {}
+        if saved:  # the seeds' scheme the checkpoint was trained with (acctrain.seeds; none recorded: the first)
+            self.plan = dataclasses.replace(self.plan, seed_scheme=saved["plan"].get("seed_scheme", 1))
         self.data_identity = self._identify_data(saved.get("data") or {})
         # a fresh start or a roll-back (resume=PATH) starts a trajectory; resume=auto continues the checkpoint's
         self.trajectory = (saved.get("trajectory") if self.config.resume == "auto" else None) or uuid.uuid4().hex
@@ -624,7 +626,7 @@ class Loop:
         return {
             "state": dataclasses.asdict(self.state),
             "epoch": self.state.step // plan.steps_per_epoch,
-            "plan": {**plan.describe(), "seed": plan.seed},
+            "plan": {**plan.describe(), "seed": plan.seed, "seed_scheme": plan.seed_scheme},
             "config": self.config.to_dict(),
             "settings": self.settings,
             "schedule": self.schedule.state_dict(),
@@ -658,7 +660,7 @@ class Loop:
         """Clear, synchronise, start trackers and RNGs (runtime.start_run), print the plan (nothing is written before)."""
         cfg = self.config
         runtime.start_run(self.accelerator, cfg, self.state.step, self.settings, self._restored_rng,
-                          resumed=self.resumed_from is not None)
+                          resumed=self.resumed_from is not None, seed_scheme=self.plan.seed_scheme)
         self.model.train()
         if not self._summarised:
             self.print(model_summary(self.unwrapped_model, self.is_frozen))

@@ -34,12 +34,11 @@ import torch
 from torch import nn
 
 from acctrain import loss_scaling
+from acctrain.data import DataPlan, is_stream, per_rank_batch
 from acctrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from acctrain.data import DataPlan
 
 AUTO = "auto"
 BLOCK_FIELD = "activation_checkpointing_block"
@@ -164,14 +163,6 @@ def refuse_accelerate_checkpointing(fsdp_plugin: Any) -> None:
 # ------------------------------------------------------------------------------------ micro_batch_size='auto'
 
 
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """The samples of a full optimizer step on one rank: the largest micro-batch 'auto' may choose."""
-    if global_batch % world_size:
-        raise ConfigError("global_batch_size", f"{global_batch} is not divisible by the world size {world_size}, so "
-                          f"ranks cannot share it equally (micro_batch_size=auto); choose a multiple of {world_size}.")
-    return global_batch // world_size
-
-
 def check_micro_batch(config: Any, accelerator: Accelerator) -> None:
     """Refuse micro_batch_size='auto' where it cannot be found: off CUDA, and where a trial forward would need
     the other ranks (FSDP's all-gathers, DeepSpeed's engine), so that one rank's out-of-memory error would
@@ -279,8 +270,6 @@ def _optimizer_room(model: nn.Module, device: torch.device) -> torch.Tensor:
 
 def _first_samples(train_data: Any, plan: DataPlan, count: int) -> list:
     """The run's first `count` samples (those of its first optimizer step, in order), repeated if fewer."""
-    from acctrain.data import is_stream
-
     if is_stream(train_data):
         first = list(itertools.islice(iter(train_data), count))
     else:

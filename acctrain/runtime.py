@@ -103,7 +103,7 @@ def flat_config(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_run(accelerator: Accelerator, config: TrainConfig, step: int, settings: dict[str, Any],
-              restored_rng: tuple | None, resumed: bool) -> None:
+              restored_rng: tuple | None, resumed: bool, seed_scheme: int = seeds.SCHEME) -> None:
     """The start of a fit on every rank: `overwrite` clears the old checkpoints (resume=none), then the
     trackers, and the global RNG (dropout): the checkpoint's, else seeded per rank, reproducibly; a rank that
     the resumed run did not have gets a seed of its own."""
@@ -114,7 +114,8 @@ def start_run(accelerator: Accelerator, config: TrainConfig, step: int, settings
     if restored_rng is not None:
         rng_from_files(*restored_rng)
     else:
-        torch.manual_seed(seeds.rank_seed(config.seed, accelerator.process_index, step if resumed else None))
+        torch.manual_seed(seeds.rank_seed(config.seed, accelerator.process_index, step if resumed else None,
+                                          seed_scheme))
 
 def start_trackers(accelerator: Accelerator, config: TrainConfig, step: int, settings: dict[str, Any] = {}) -> None:
     """Trackers (TensorBoard by default) under `{output_dir}/logs`, with the config (and the job's other

@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from acctrain import checkpoint
 from acctrain.errors import ConfigError
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -139,12 +140,17 @@ def tokenize(inputs: Iterable[str | Path], out: str | Path, tokenizer: str = "by
                     f.write(ids.tobytes())
                     count += len(ids)
     partial.replace(out)  # the file appears whole or not at all, its sidecar after it
-    from acctrain.data_identity import file_record
-
     meta = {"dtype": name, "vocab_size": vocab_size, "tokens": count, "tokenizer": tokenizer,
             "sources": [str(p) for p in inputs], "digest": file_record(out)}
     sidecar(out).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def file_record(path: Path) -> dict:
+    """A token file's size, mtime and digest (the checkpoints' HASH), as the sidecar records it: a run's record of
+    its data (acctrain.data_identity) reuses the digest while the file keeps that size and mtime."""
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, checkpoint.HASH: checkpoint.file_digests([path])[path]}
 
 
 def _tokenizer(spec: str):
