@@ -91,7 +91,7 @@ class TrainConfig:
     overwrite: bool = False
     """With resume='none', delete the checkpoints already in output_dir instead of refusing to start."""
     allow_plan_change: bool = False
-    """Let a resume change the global batch, dataset length or seed (the run continues at the same optimizer step)."""
+    """Let a resume change the global batch, dataset length, seed or training data (the run continues at the same optimizer step)."""
     nan_policy: Literal["skip", "halt"] = "skip"
     """On a non-finite loss or gradient norm: 'skip' the update (counted, logged) or 'halt' with an error."""
     max_skipped_steps: int = 10
