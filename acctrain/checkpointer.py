@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from acctrain import barrier, checkpoint, data_identity, sharded
+from acctrain import barrier, checkpoint, checkpoint_format, data_identity, sharded
 from acctrain.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -355,7 +355,7 @@ def contents(files: dict[Path, Any], stage: Path, state: dict[str, Any]) -> dict
     written = {str(path.relative_to(stage)): content for path, content in files.items()
                if not path.name.startswith("rng-rank")}
     return {"files": sorted(written),
-            "tensors": {name: checkpoint.describe_tensors(content) for name, content in written.items()
+            "tensors": {name: checkpoint_format.describe_tensors(content) for name, content in written.items()
                         if name.endswith(".safetensors")},
             "state": [key for key in ("scaler", "stream", "lr_scheduler") if state.get(key) is not None]}
 
@@ -428,3 +428,22 @@ def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], sou
                                                 f"it was trained in)" if dtypes else "")
         )
     model.load_state_dict(saved, strict=True)
+
+RESUME_CONSEQUENCES = {
+    "mixed_precision": "the weights and optimizer state stay fp32; from here the forward and backward run in the "
+                       "new precision (a loss scale starts afresh for fp16, the checkpoint's is dropped otherwise)",
+    "ema_decay": "an EMA added starts from this step's weights; one dropped is not loaded (its average stays in the "
+                 "checkpoint: `acctrain export --ema` writes it)",
+    "compile": "speed only: the same computation",
+    "activation_checkpointing": "memory and speed only: the same computation",
+    "activation_checkpointing_block": "memory and speed only: the same computation",
+}
+"""Settings a resume may change that no other check reports, and what the change does."""
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
+    """One line for each setting of RESUME_CONSEQUENCES that differs from the checkpoint's config, saying what
+    changes from optimizer step `step` (those that change the data or the model are refused elsewhere)."""
+    return [f"resuming with {key}={now[key]!r} (the checkpoint's run: {saved[key]!r}) from optimizer step {step}: "
+            f"{consequence}" for key, consequence in RESUME_CONSEQUENCES.items()
+            if key in saved and key in now and saved[key] != now[key]]

@@ -17,6 +17,10 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted, or does not fit the model or the run."""
+
+
 class DataError(ValueError):
     """Another rank's first micro-batch failed (acctrain.preflight): raised on the ranks whose own did not, naming
     the failing ranks, before anything is written (those ranks raise their own error)."""

@@ -26,7 +26,7 @@ from acctrain import agreement, barrier, checkpoint, data_identity, ema, export,
     preflight, run_lock, runtime, sharded, watchdog
 from acctrain.agreement import Policy, Requests, Verdict
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit, EarlyStopping, SaveBest
-from acctrain.checkpointer import Checkpointer
+from acctrain.checkpointer import Checkpointer, resume_changes
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Feed, Window, note_samples
 from acctrain import metrics as metrics_module
@@ -694,22 +694,3 @@ class Loop:
         self.accelerator.end_training()
 
 
-
-RESUME_CONSEQUENCES = {
-    "mixed_precision": "the weights and optimizer state stay fp32; from here the forward and backward run in the "
-                       "new precision (a loss scale starts afresh for fp16, the checkpoint's is dropped otherwise)",
-    "ema_decay": "an EMA added starts from this step's weights; one dropped is not loaded (its average stays in the "
-                 "checkpoint: `acctrain export --ema` writes it)",
-    "compile": "speed only: the same computation",
-    "activation_checkpointing": "memory and speed only: the same computation",
-    "activation_checkpointing_block": "memory and speed only: the same computation",
-}
-"""Settings a resume may change that no other check reports, and what the change does."""
-
-
-def resume_changes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
-    """One line for each setting of RESUME_CONSEQUENCES that differs from the checkpoint's config, saying what
-    changes from optimizer step `step` (those that change the data or the model are refused elsewhere)."""
-    return [f"resuming with {key}={now[key]!r} (the checkpoint's run: {saved[key]!r}) from optimizer step {step}: "
-            f"{consequence}" for key, consequence in RESUME_CONSEQUENCES.items()
-            if key in saved and key in now and saved[key] != now[key]]

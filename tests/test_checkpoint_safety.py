@@ -351,7 +351,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, a
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("acctrain.checkpoint.CheckpointError: could not write checkpoint step-00000004"), proc.stderr
+    assert error.startswith("acctrain.errors.CheckpointError: could not write checkpoint step-00000004"), proc.stderr
     assert str(tmp_path / "checkpoints") in error and "File too large" in error
     assert "the previous checkpoint step-00000002 is intact" in error
     assert ckpts(tmp_path) == ["step-00000002"]
@@ -373,7 +373,7 @@ def test_a_full_disk_on_one_of_two_ranks_ends_the_job_naming_it(tmp_path, failin
                   check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert (f"[rank{failing}]: acctrain.checkpoint.CheckpointError: could not write checkpoint step-00000004 in "
+    assert (f"[rank{failing}]: acctrain.errors.CheckpointError: could not write checkpoint step-00000004 in "
             f"{tmp_path / 'checkpoints'}: File too large; the previous checkpoint step-00000002 is intact") in output
     if async_save and failing == 1:
         assert "rank 1 could not write its part (OSError: [Errno 27] File too large)" in output
