@@ -262,14 +262,14 @@ class Checkpointer:
              data: dict[str, Any] | None = None) -> tuple[dict[str, Any], tuple | None]:
         """Load weights and optimizer state from `path` in place; return its meta and this rank's RNG state.
 
-        `plan` is this run's plan (DataPlan.describe() and the seed), checked against the checkpoint's, and so
-        are the job's `settings` (e.g. `model.*`) and the format version, before any weight is loaded; the
-        optimizer's class and param groups before its state is. Callbacks' tensors come back inside `meta`.
+        `path` is one `find` returned, verified (its format version too). `plan` is this run's plan
+        (DataPlan.describe() and the seed), checked against the checkpoint's, and so are the data's identity
+        (`data`) and the job's `settings` (e.g. `model.*`), before any weight is loaded; the optimizer's class
+        and param groups before its state is. Callbacks' tensors come back inside `meta`.
         The RNG state is None for a rank the checkpointed run did not have (more processes now).
         """
         acc = self.accelerator
         self.wait_copied()  # the weights are about to change in place
-        check_format(path)
         meta = checkpoint.read_json(path / "trainer_state.json")
         self._check_plan(meta["plan"], plan)
         self._check_data(meta.get("data"), data, path)
@@ -348,7 +348,7 @@ def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tup
 
 
 def contents(files: dict[Path, Any], stage: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint says it holds (trainer_state.json's `contents`, checked by acctrain.checkpoint's
+    """What a checkpoint says it holds (trainer_state.json's `contents`, checked by acctrain.checkpoint_format's
     `check_contents`): the main process's files, the tensors of each (name, dtype, shape), and the parts of its
     state that are set (scaler, a stream's position, a torch LR scheduler). Every rank's RNG files are required
     by the plan's world size."""
@@ -368,11 +368,6 @@ def callbacks_with_tensors(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         return {**meta, "callbacks": tensors_from_files(meta.get("callbacks", []), tensors)}
     except ValueError as err:
         raise checkpoint.CheckpointError(f"{stored}: {err}, which trainer_state.json's callbacks name") from None
-
-
-def check_format(path: Path) -> None:
-    """Refuse a checkpoint format this acctrain cannot read, saying which versions it reads and what to do."""
-    checkpoint.check_version(path, checkpoint.read_json(path / checkpoint.MANIFEST))
 
 
 def check_optimizer(saved: dict[str, Any] | None, optimizer: torch.optim.Optimizer, path: Path) -> None:

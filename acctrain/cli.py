@@ -183,7 +183,6 @@ def export_main(args: list[str]) -> int:
     from pathlib import Path
 
     from acctrain import checkpoint
-    from acctrain.checkpointer import check_format
     from acctrain.export import ExportError, export
 
     ema = "--ema" in args
@@ -195,8 +194,7 @@ def export_main(args: list[str]) -> int:
     try:
         if not (source / "trainer_state.json").is_file() and checkpoint.checkpoints_root(source).is_dir():
             source = _newest_checkpoint(source)
-        checkpoint.verify(source)
-        check_format(source)  # a newer acctrain's checkpoint: say so, rather than export what may not fit
+        checkpoint.verify(source)  # with the format version: a newer acctrain's is named, not exported
         print(export(source, out, ema=ema))
     except (CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)

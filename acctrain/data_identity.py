@@ -24,6 +24,7 @@ data.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,8 @@ def identify(dataset: Any, known: dict | None = None) -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between two identities, one phrase each; [] when they are the same data. A weaker identity
-    than the other's (e.g. a length where a digest was recorded) compares what both have."""
+    """What differs between two identities, one phrase each; [] when they are the same data. Identities of two
+    kinds (e.g. a length where a fingerprint was recorded) differ."""
     if saved.get("kind") != now.get("kind"):
         return [f"{_what(saved)} -> {_what(now)}"]
     if saved["kind"] == "token files":
@@ -85,8 +86,6 @@ def _digest(path: Path, stat: os.stat_result, recorded: dict | None, side: Path)
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     candidates = [recorded or {}]
     if side.is_file():
-        import json
-
         try:
             candidates.append(json.loads(side.read_text()).get("digest") or {})
         except ValueError:

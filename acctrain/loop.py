@@ -102,10 +102,8 @@ class Loop:
         self._resumed, self._restored_rng, self._saved_metrics = False, None, {}
         self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
         self.feed, self._stream_state = None, None  # the run's data; a stream's position at the resumed step
-        self.data_identity: dict[str, Any] | None = None
-        """Which data the run trains and evaluates on (acctrain.data_identity), recorded in each checkpoint."""
-        self.trajectory = uuid.uuid4().hex
-        """The run's line of checkpoints: kept on resume=auto, new from scratch or on a roll-back (resume=PATH)."""
+        self.data_identity: dict[str, Any] | None = None  # the data's identity (acctrain.data_identity), set by resume
+        self.trajectory = uuid.uuid4().hex  # the run's line of checkpoints (acctrain.checkpoint.find_resumable)
         self.best_checkpoint: Path | None = None
         """With load_best_at_end: the checkpoint whose weights the model holds after fit."""
 
