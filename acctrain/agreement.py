@@ -1,24 +1,36 @@
-"""What every rank agrees on at the end of an optimizer step, and the decision taken from it.
+"""What every rank agrees on: the end of an optimizer step and the decision taken from it, and errors.
 
     totals = reduce_step(accelerator, loss_sum, items, Requests(stop=..., cancel=...))  # ONE collective
-    verdict = decide(loss, grad_norm, totals.requests, Policy(...), step=k)              # a pure function
+    readout = StepReadout.of(totals.values(loss, grad_norm, counted).tolist(), counted)  # one host read
+    verdict = decide(readout.loss, readout.grad_norm, readout.flags, Policy(...), step=k)  # a pure function
     ops.step(verdict.apply)
     verdict.raise_if_cancelled()
 
 All ranks hold the same reduced numbers, so they take the same decision without another collective. The
 NaN policy is `decide`: a plain function of the step's loss, gradient norm, loss scale and skip count,
 unit-tested without processes (tests/test_agreement.py).
+
+An error that one rank meets must be raised on every rank, or the others wait for it in the next collective
+until the watchdog ends them. Two ways, for the two cases, and no other:
+
+    value = main_answers(accelerator, compute, "what it waits for")   # work only the main rank does
+    raise_on_every_rank(accelerator, problem, "what failed")          # work every rank does
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
+from acctrain import barrier
 from acctrain.callbacks import CANCELS, Cancel, strongest
+from acctrain.errors import DataError
 
 MIN_LOSS_SCALE = 1.0
 """An fp16 overflow with the loss scale at or below this is no longer the GradScaler's to fix: the gradients
@@ -61,6 +73,32 @@ class StepTotals:
     items: torch.Tensor | float
     requests: torch.Tensor | list[float]
     """Summed `Requests.flags()`: a device tensor with several processes, host numbers with one."""
+
+    def values(self, loss: torch.Tensor, grad_norm: torch.Tensor, items_counted: bool) -> torch.Tensor:
+        """What the host reads of the step, as one device vector (one copy): the loss, the gradient norm, the item
+        count when the loss counts items, and the requests when they rode the all-reduce (`StepReadout.of`)."""
+        flags = self.requests if torch.is_tensor(self.requests) else ()
+        items = (self.items,) if items_counted else ()
+        return torch.stack([v.to(grad_norm.dtype) for v in (loss, grad_norm, *items, *flags)])
+
+
+@dataclass(frozen=True)
+class StepReadout:
+    """The step's numbers on the host: the same on every rank."""
+
+    loss: float
+    grad_norm: float
+    items: float | None
+    """The item count of a loss that counts items (summed over ranks and micro-batches), else None."""
+    flags: list[float]
+    """The summed request flags, when they rode the all-reduce (several processes); else empty."""
+
+    @staticmethod
+    def of(host: list[float], items_counted: bool) -> StepReadout:
+        """`StepTotals.values(...)` as read to the host."""
+        loss, norm, *rest = host
+        items = rest.pop(0) if items_counted else None
+        return StepReadout(loss, norm, items, rest)
 
 
 def reduce_step(accelerator: Accelerator, loss_sum: torch.Tensor, items: torch.Tensor | float, requests: Requests,
@@ -147,3 +185,51 @@ def decide(loss: float, grad_norm: float, requests: list[float] | Requests, poli
 
 APPLY = Verdict(apply=True, finite=True)
 """The verdict of almost every step: finite, nothing asked (one object, not one per step)."""
+
+
+T = TypeVar("T")
+
+
+def main_answers(accelerator: Accelerator, compute: Callable[[], T], what: str) -> T:
+    """`compute()` on the main process only (hashing a corpus, verifying a checkpoint, taking the run's lock):
+    every rank returns its answer, or raises the error it raised. `what` names the wait, for the watchdog."""
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [(True, compute())]
+        except Exception as err:  # the main rank raises its own; the others a copy (or its text, if unpicklable)
+            answer = [(False, err)]
+    if accelerator.num_processes > 1:
+        barrier.after_main(accelerator, what)  # the main rank's work may take longer than hang_timeout
+        sent = answer if accelerator.is_main_process else [None]
+        if accelerator.is_main_process and not answer[0][0] and not _picklable(answer[0][1]):
+            sent = [(False, RuntimeError(f"{type(answer[0][1]).__name__} on the main rank: {answer[0][1]}"))]
+        received = broadcast_object_list(sent)
+        answer = answer if accelerator.is_main_process else received
+    ok, value = answer[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _picklable(err: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(err))
+        return True
+    except Exception:
+        return False
+
+
+def raise_on_every_rank(accelerator: Accelerator, problem: Exception | None, what: str,
+                        others: type[Exception] = DataError, then: str = "") -> None:
+    """Raise on every rank when any rank met a problem: its own error on a failing rank, and on the others
+    `others("{what} on rank(s) [...]; their error says why.{then}")` (one small all-gather)."""
+    failed = [accelerator.process_index] if problem is not None else []
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(problem is not None)], device=accelerator.device)
+        # note: host-device sync; rare (start-up, predict), never per step
+        failed = [rank for rank, flag in enumerate(accelerator.gather(flags).tolist()) if flag]
+    if problem is not None:
+        raise problem
+    if failed:
+        raise others(f"{what} on rank(s) {failed}; their error says why.{then}")

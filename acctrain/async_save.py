@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from acctrain import checkpoint
+from acctrain import checkpoint, private_apis
 
 Layout = dict[tuple[str, str], tuple[tuple[int, ...], torch.dtype]]
 """(file name, tensor name) -> (shape, dtype): the tensors of one rank's part of a checkpoint."""
@@ -118,7 +118,7 @@ def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tenso
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
             tensor = tensor.detach()
             if tensor.numel() and tensor.data_ptr() in stable:
-                later.append((buffer, tensor, tensor._version))
+                later.append((buffer, tensor, private_apis.tensor_version(tensor)))
             else:
                 buffer.copy_(tensor)
             snapshot[path][name] = used[(path.name, name)] = buffer
@@ -132,7 +132,7 @@ def _copy(later: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
     checkpoint._slow_save_hook()
     for buffer, tensor, _ in later:
         buffer.copy_(tensor)
-    changed = sum(tensor._version != version for _, tensor, version in later)
+    changed = sum(private_apis.tensor_version(tensor) != version for _, tensor, version in later)
     if changed:
         raise RuntimeError(
             f"{changed} parameter or optimizer-state tensors changed in place while an async save copied them, so "

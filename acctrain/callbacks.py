@@ -36,9 +36,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 
-from acctrain import watchdog
+from acctrain import private_apis, watchdog
+from acctrain.metrics import better
 
 EVENTS = (
     "before_fit",
@@ -178,15 +178,14 @@ class EarlyStopping(Callback):
 
     def after_evaluate(self, engine) -> None:
         value = metric(engine, self.metric, type(self).__name__)
-        sign = 1.0 if self.mode == "min" else -1.0
-        if self.best is None or (math.isfinite(value) and sign * (self.best - value) > self.min_delta):
+        if better(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
             engine.print(
-                f"early stopping at step {engine.state.step}: {self.metric} has not improved on {self.best:.6g} "
-                f"for {self.wait} evaluations",
+                f"early stopping at step {engine.state.step}: {self.metric} has not improved on "
+                f"{'no finite value' if self.best is None else f'{self.best:.6g}'} for {self.wait} evaluations",
             )
             raise CancelFit()
 
@@ -227,7 +226,7 @@ class BnFreeze(Callback):
 
     def after_evaluate(self, engine) -> None:  # evaluate() ends with model.train()
         for module in engine.unwrapped_model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+            if isinstance(module, private_apis.BATCH_NORM) and module.training:
                 params = list(module.parameters())
                 if params and all(engine.is_frozen(p) for p in params):
                     module.eval()
@@ -248,8 +247,7 @@ class SaveBest(Callback):
 
     def after_evaluate(self, engine) -> None:
         value = metric(engine, self.metric, type(self).__name__)
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better and math.isfinite(value):
+        if better(value, self.best, self.mode):
             self.best = value
             engine.save()
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import mmap
 import os
 import re
@@ -48,6 +47,7 @@ import xxhash
 from safetensors.torch import load_file
 
 from acctrain.errors import CheckpointError
+from acctrain.metrics import better
 from acctrain.checkpoint_format import (  # noqa: F401  (re-exported: the checkpoint's format, named here too)
     DIGEST_HEX,
     FORMAT_VERSION,
@@ -257,8 +257,12 @@ def best_checkpoint(output_dir: str | Path, metric: str, mode: str = "min", newe
     complete = sorted(_step_dirs(output_dir), key=_step_of, reverse=True)
     if newest is not None:
         complete = [p for p in complete if _step_of(p) <= _step_of(newest)]
-    scored = [(m, p) for p in complete if isinstance(m := _metric(p, metric), (int, float)) and math.isfinite(m)]
-    return (min if mode == "min" else max)(scored, key=lambda mp: mp[0])[1] if scored else None
+    best, value = None, None
+    for path in complete:  # newest first: an equal value is no improvement, so the newest of equals stays
+        m = _metric(path, metric)
+        if isinstance(m, (int, float)) and better(m, value, mode):
+            best, value = path, m
+    return best
 
 
 # ------------------------------------------------------------------------------------------- reading

@@ -1,6 +1,6 @@
 """A run's checkpoints, given its state: save, find, verify and load, never reading or writing the trainer.
 
-    checkpointer = Checkpointer(accelerator, config)
+    checkpointer = Checkpointer(accelerator, lambda: config)  # the run's config as it is at each call
     checkpointer.save(step, model, optimizer, meta)   # all ranks: weights, optimizer, this rank's RNG, meta
     checkpointer.wait()                               # a background save (async_save) has committed
     path = checkpointer.find()                        # per config.resume: auto, none, or a path (verified)
@@ -31,9 +31,8 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
-from acctrain import barrier, checkpoint, checkpoint_format, data_identity, sharded
+from acctrain import agreement, barrier, checkpoint, checkpoint_format, data_identity, sharded
 from acctrain.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -54,13 +53,18 @@ PLAN_KEYS = ("global_batch", "dataset_len", "seed", "order")
 class Checkpointer:
     """Checkpoints of one run (one output_dir); every rank makes the same calls."""
 
-    def __init__(self, accelerator: Accelerator, config: TrainConfig):
-        self.accelerator, self.config = accelerator, config
+    def __init__(self, accelerator: Accelerator, config: Callable[[], TrainConfig]):
+        self.accelerator, self._config = accelerator, config
         self.writer = AsyncWriter()
         self.last_path: Path | None = None
         """The newest checkpoint this run wrote (committed, or being committed in the background)."""
         self.loaded: Path | None = None
         """The checkpoint this run resumed from: the one existing checkpoint `save` keeps rather than replaces."""
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's config as it is now (a new phase may have changed output_dir, keep_last, resume, ...)."""
+        return self._config()
 
     # ------------------------------------------------------------------------------------ saving
 
@@ -191,7 +195,7 @@ class Checkpointer:
                 print(f"warning: {message}")
             return path
 
-        return self._chosen_on_main(select)
+        return agreement.main_answers(self.accelerator, select, "the main rank's choice of a checkpoint")
 
     def check_resume_path(self) -> None:
         """resume=PATH must name a checkpoint (a directory with a manifest): refused before anything is written.
@@ -210,24 +214,6 @@ class Checkpointer:
             raise ConfigError("resume", f"{path} is {what}, not a checkpoint; give a checkpoint directory "
                               f"(output_dir/checkpoints/step-N), or resume=auto{hint}.")
 
-    def _chosen_on_main(self, choose: Callable[[], Path | None]) -> Path | None:
-        """`choose()` run on the main process only (verifying reads every byte: once), its answer - a path, None
-        or a CheckpointError, raised - shared with every rank."""
-        acc = self.accelerator
-        choice: list[Any] = [None]
-        if acc.is_main_process:
-            try:
-                path = choose()
-                choice = [str(path) if path else None]
-            except checkpoint.CheckpointError as err:
-                choice = [err]
-        if acc.num_processes > 1:
-            barrier.after_main(acc, "the main rank's choice of a checkpoint")  # verifying reads every byte
-            choice = broadcast_object_list(choice)
-        if isinstance(choice[0], Exception):
-            raise choice[0]
-        return Path(choice[0]) if choice[0] is not None else None
-
     def load_best(self, model: torch.nn.Module, newest: Path | None) -> Path | None:
         """load_best_at_end: the weights of the best checkpoint by `keep_best` (among those up to `newest`, the
         run's last) into `model`, verified first; returns its path, or None, said, when none holds the metric.
@@ -245,7 +231,7 @@ class Checkpointer:
                 checkpoint.verify(best)
             return best
 
-        best = self._chosen_on_main(select)
+        best = agreement.main_answers(self.accelerator, select, "the main rank's choice of a checkpoint")
         if best is None:
             if acc.is_main_process:
                 print(f"warning: load_best_at_end: no checkpoint in {cfg.output_dir} holds {cfg.keep_best!r}; the "

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from acctrain import seeds
@@ -217,6 +218,13 @@ def read_samples(dataset: Any, indices: list[int]) -> Any:
     has one (which may return a batch already), else one by one."""
     many = getattr(dataset, "__getitems__", None)
     return many(indices) if many is not None else [dataset[i] for i in indices]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch on the run's device: the one move of batches (training, evaluation, predict, the first micro-batch's
+    check, micro_batch_size=auto). CPU batches are where they must be; pinned host batches go to a GPU without
+    blocking the host (an unpinned one is copied synchronously, as a blocking copy would be)."""
+    return batch if device.type == "cpu" else send_to_device(batch, device, non_blocking=True)
 
 
 def note_samples(err: BaseException, indices: Sequence[int], what: str) -> None:

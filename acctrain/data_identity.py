@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from acctrain import checkpoint
+from acctrain import checkpoint, private_apis
 from acctrain.data import is_stream
 from acctrain.hf_data import is_hf_dataset
 from acctrain.token_data import TokenWindows, sidecar
@@ -51,7 +51,7 @@ def identify(dataset: Any, known: dict | None = None) -> dict[str, Any]:
             files.append(entry)
         return {"kind": "token files", "files": files, "context_len": dataset.context_len,
                 "windows": list(dataset.range)}
-    fingerprint = getattr(dataset, "_fingerprint", None) if is_hf_dataset(dataset) else getattr(dataset, "fingerprint", None)
+    fingerprint = private_apis.hf_fingerprint(dataset) if is_hf_dataset(dataset) else getattr(dataset, "fingerprint", None)
     fingerprint = fingerprint() if callable(fingerprint) else fingerprint
     if isinstance(fingerprint, str):
         return {"kind": "fingerprint", "class": type(dataset).__name__, "fingerprint": fingerprint}

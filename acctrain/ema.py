@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from acctrain import private_apis
 from acctrain.callbacks import Callback
 from acctrain.errors import ConfigError
 
@@ -133,7 +134,7 @@ class EMA(Callback):
             for average, value in zip(averages, current):  # FSDP: per shard
                 average.lerp_(value, weight)
         elif averages:
-            torch._foreach_lerp_(averages, current, weight)  # one kernel per group of tensors on a GPU
+            private_apis.foreach_lerp_(averages, current, weight)  # one kernel per group of tensors on a GPU
         for name, buffer in self.buffers.items():
             buffer.copy_(self._targets[name])
         self.updates += 1

@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from acctrain import hf_data, predict
+from acctrain import evaluation, hf_data, predict
 from acctrain.callbacks import Callbacks
 from acctrain.data import stream_length
 from acctrain.errors import ConfigError
-from acctrain.loop import Loop
+from acctrain.loop import Loop, schedule_for, settled
 from acctrain.optim import reference_group, select
 from acctrain.schedules import build_schedule
-from acctrain.state import Snapshot, TrainState
+from acctrain.state import RunState, Snapshot, TrainState
 from acctrain.tracking import MetricLog
 
 
@@ -48,6 +48,7 @@ class Engine(Loop):
 
     # ------------------------------------------------------------------------------------ inference
 
+    @settled
     def predict(self, dataset: Sequence, out_dir: str | Path | None = None, forward: Callable | None = None,
                 micro_batch_size: int | None = None) -> Any:
         """The model's output for every sample of `dataset` once, in dataset order, on every rank: a CPU tensor
@@ -57,7 +58,6 @@ class Engine(Loop):
         inputs of a tuple batch). Outside fit it first resumes as fit would (resume=auto: the checkpoint's
         weights). With an EMA callback, `with ema.applied(engine): engine.predict(...)` uses the average."""
         self.resume()
-        self._settle()
         dataset, _, collate = hf_data.adapt(self.unwrapped_model, dataset, None, self.collate_fn, self.loss_fn)
         return predict.predict(self.accelerator, self.model, dataset, micro_batch_size or self.plan.micro_batch,
                                collate, forward, out_dir)
@@ -65,20 +65,18 @@ class Engine(Loop):
     # ------------------------------------------------------------------------------------ trials
 
     @contextlib.contextmanager
+    @settled  # a step left pending by the fit is counted in the real state, and no save is copying the weights
     def trial(self):
         """Try something on the Engine and undo it: on exit the weights (bitwise), the optimizer, the loss
-        scaler, the RNGs and the loop's state (counters, schedule, callbacks, logs, config) are as before."""
-        self._settle()  # a step left pending by the fit is counted in the real state first
-        self.checkpointer.wait_copied()  # the trial changes the weights in place: not during a save's copy
-        saved = Snapshot(self.unwrapped_model, self.torch_optimizer, self.step_ops.scaler)
-        names = ("state", "schedule", "callbacks", "metrics", "config", "lr_scheduler", "_verdict_on_device", "_asked")
-        loop = {name: getattr(self, name) for name in names}
+        scaler, the RNGs and the run's state (acctrain.state.RunState: counters, schedule, callbacks, logs,
+        config) are as before."""
+        saved, snapshot = self.run_state, Snapshot(self.unwrapped_model, self.torch_optimizer, self.step_ops.scaler)
+        self.run_state = saved.copy()
         try:
             yield self
         finally:
-            saved.restore()
-            for name, value in loop.items():
-                setattr(self, name, value)
+            snapshot.restore()
+            self.run_state = saved
 
     def train_steps(self, num_steps: int, lr_at: Callable[[int], float]) -> Iterator[float]:
         """Optimizer steps on the plan's batches from its start, yielding each step's loss (all ranks' mean).
@@ -88,11 +86,11 @@ class Engine(Loop):
         """
         groups = self.torch_optimizer.param_groups
         reference = groups[reference_group(groups)]["base_lr"]
-        self.schedule = build_schedule(lambda k: lr_at(k) / reference, num_steps)
-        self.callbacks, self.lr_scheduler, self.state = Callbacks(()), None, TrainState()
-        self._verdict_on_device = False  # each step's loss is read at once anyway
-        self.metrics = MetricLog(self.accelerator, num_steps)  # never flushed
-        self.config = dataclasses.replace(self.config, nan_policy="skip", max_skipped_steps=10**9)
+        run = self.run_state
+        self.run_state = dataclasses.replace(  # each step's loss is read at once anyway: not a step late
+            run, schedule=build_schedule(lambda k: lr_at(k) / reference, num_steps), callbacks=Callbacks(()),
+            lr_scheduler=None, counters=TrainState(), reads_late=False, metrics=MetricLog(self.accelerator, num_steps),
+            config=dataclasses.replace(run.config, nan_policy="skip", max_skipped_steps=10**9))  # never flushed
         feed = self._feed(start=0, stop=num_steps)  # the plan's steps from its start, past its end if need be
         for i, window in enumerate(feed.epoch(num_steps)):
             self.state.schedule_step = i  # step i uses lr_at(i), even after a skipped one
@@ -171,15 +169,14 @@ class Engine(Loop):
             self.print(f"a new phase after {self._fits} fit(s) of this Engine: output_dir={changes['output_dir']}")
         if self.config.resume not in ("auto", "none"):  # a given checkpoint belongs to the first phase only
             changes.setdefault("resume", "auto")
-        self.config = dataclasses.replace(self.config, **changes)
-        cfg = self.config
-        self.plan = dataclasses.replace(self.plan, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
-                                        dataset_len=stream_samples or self.plan.dataset_len)
-        self.schedule = self._build_schedule(cfg.scheduler)
-        self.check_watched()  # a phase's keep_best or schedule_args.metric, before anything of it is written
+        config = dataclasses.replace(self.config, **changes)
+        plan = dataclasses.replace(self.plan, epochs=config.epochs, max_steps=config.max_steps, seed=config.seed,
+                                   dataset_len=stream_samples or self.plan.dataset_len)
+        schedule = schedule_for(config.scheduler, config, plan)
+        # a phase's keep_best or schedule_args.metric, before anything of it is written
+        evaluation.check_watched(config, self.callbacks, schedule, self.measures, self.eval_data is not None)
         for group in self.torch_optimizer.param_groups:  # the Engine's groups know their multiplier
-            group["base_lr"] = cfg.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * cfg.lr / old_lr
-        self.metrics = self._metric_log()
-        self.state, self.last_eval, self._eval_step = TrainState(), {}, -1
-        self.checkpointer.wait()  # the phase's checkpoints go to its output_dir (save and resume pass the config)
-        self.resumed_from, self._resumed, self._restored_rng = None, False, None
+            group["base_lr"] = config.lr * group["lr_mult"] if "lr_mult" in group else group["base_lr"] * config.lr / old_lr
+        self.checkpointer.wait()  # the phase's checkpoints go to its output_dir
+        self.run_state = RunState(config, plan, schedule, self.lr_scheduler, self.callbacks,
+                                  self._metric_log(config, plan))

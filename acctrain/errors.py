@@ -16,6 +16,16 @@ class ConfigError(ValueError):
         self.field = field
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # as it is, for the other ranks (acctrain.agreement.main_answers), subclasses too
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type, args: tuple, attributes: dict) -> BaseException:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(attributes)
+    return err
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted, or does not fit the model or the run."""

@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
 from torch.utils.data import default_collate
 
 from acctrain import watchdog
-from acctrain.data import eval_loader, most_eval_batches, note_samples
+from acctrain.data import eval_loader, most_eval_batches, note_samples, to_device
+from acctrain import metrics as metrics_module
+from acctrain.errors import ConfigError
 from acctrain.metrics import EvalBatch, Metric, TorchMetric
 
 LossFn = Callable[[Any, int], tuple[torch.Tensor, Any, bool]]
@@ -43,9 +44,9 @@ def eval_batches(accelerator: Accelerator, dataset: Sequence, micro_batch: int,
         except Exception as err:  # no cost per batch: only when raised
             note_samples(err, indices, "the evaluated dataset")
             raise
-        yield len(indices), send_to_device(batch, device, non_blocking=True)
+        yield len(indices), to_device(batch, device)
     for _ in range(most_eval_batches(len(dataset), world, micro_batch) - len(loader.batch_sampler)):
-        yield 0, send_to_device((collate_fn or default_collate)([dataset[0]]), device, non_blocking=True)
+        yield 0, to_device((collate_fn or default_collate)([dataset[0]]), device)
 
 
 @contextlib.contextmanager
@@ -103,3 +104,52 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence
         values[f"eval/{metric.name}"] = metric.compute(totals[offset:offset + metric.size])
         offset += metric.size
     return values
+
+
+# ------------------------------------------------------------------------------------ what evaluations give
+
+def metric_names(measures: Sequence[Metric], callbacks: Any, has_eval_data: bool) -> list[str]:
+    """What each evaluation gives: eval/loss, the metrics, and what callbacks add (`Callback.adds_metrics`)."""
+    names = ["eval/loss", *(f"eval/{m.name}" for m in measures)] if has_eval_data else []
+    for cb in callbacks.items:
+        names += cb.adds_metrics(list(names))
+    return names
+
+
+def check_watched(config: Any, callbacks: Any, schedule: Any, measures: Sequence[Metric], has_eval_data: bool) -> None:
+    """Refuse a metric name that settings or callbacks watch and no evaluation gives, naming the field and the
+    metrics there are: when the Engine is made and when `replan` starts a phase, before anything is written."""
+    from acctrain.callbacks import EarlyStopping, SaveBest
+
+    if not has_eval_data:
+        refuse_without_eval_data(config, schedule, measures)
+    watched = {"keep_best": config.keep_best} if config.keep_best else {}
+    for cb in callbacks.items:
+        if isinstance(cb, (EarlyStopping, SaveBest)):
+            watched[f"{type(cb).__name__}.metric"] = cb.metric
+    metrics_module.check_watched(watched, metric_names(measures, callbacks, has_eval_data))
+    if schedule.name == "reduce_on_plateau" and has_eval_data:
+        own = ["eval/loss", *(f"eval/{m.name}" for m in measures)]
+        metrics_module.check_watched({"schedule_args.metric": schedule.watches}, own, "reduce_on_plateau "
+                                     "is stepped before callbacks add theirs: watch eval/loss or one of metrics=")
+
+
+def refuse_without_eval_data(config: Any, schedule: Any, measures: Sequence[Metric]) -> None:
+    """Refuse the settings that need evaluations, naming each, when the Engine has no eval data."""
+    if config.load_best_at_end:
+        raise ConfigError("load_best_at_end", "the best checkpoint is chosen by evaluations: pass eval_data to "
+                          "the Engine, or set load_best_at_end=false.")
+    if config.keep_best:
+        raise ConfigError("keep_best", f"{config.keep_best!r} needs evaluations: pass eval_data to the Engine.")
+    if schedule.name == "reduce_on_plateau":
+        raise ConfigError("scheduler", "reduce_on_plateau reacts to eval/loss: pass eval_data to the Engine.")
+    if measures:
+        raise ConfigError("metrics", f"{[m.name for m in measures]} are computed by evaluations: pass "
+                          "eval_data to the Engine, or leave metrics out.")
+
+
+def check_keep_best(keep_best: str, metrics: dict[str, float]) -> None:
+    """Refuse a keep_best that evaluation does not give (rotation would protect nothing and delete the best)."""
+    if keep_best and any(k.startswith("eval/") for k in metrics) and keep_best not in metrics:
+        raise ConfigError("keep_best", f"no evaluation gives {keep_best!r}; the metrics are {sorted(metrics)}: use "
+                          "one of them, or a callback that adds it in after_evaluate.")

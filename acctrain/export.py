@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from acctrain import private_apis
+
 RECORD_FILE = "acctrain_model.json"
 
 
@@ -47,8 +49,7 @@ class ExportError(Exception):
 
 def model_record(model: torch.nn.Module) -> dict[str, Any]:
     """What the checkpoint records of the model for export: its class and its configuration as JSON."""
-    while hasattr(model, "_orig_mod"):  # torch.compile's wrapper
-        model = model._orig_mod
+    model = private_apis.uncompiled(model)  # torch.compile's wrapper
     cls = _model_class(model)
     config = getattr(model, "config", None)
     if cls.__module__.split(".")[0] == "transformers" and hasattr(model, "save_pretrained") and hasattr(config, "to_json_string"):
@@ -151,7 +152,7 @@ def plain_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Names without torch.compile's `_orig_mod.` parts (a compiled model or submodule)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        plain = ".".join(part for part in name.split(".") if part != "_orig_mod")
+        plain = private_apis.uncompiled_name(name)
         if plain in out:
             raise ExportError(f"two tensors are named {plain!r} once `_orig_mod.` is removed")
         out[plain] = tensor

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from acctrain import private_apis
+
 
 def normalise(out: Any, num_samples: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | int, bool]:
     """(summed loss, item count, token-weighted?) of one micro-batch from what the loss function returned.
@@ -72,7 +74,7 @@ def correct(params, factor: torch.Tensor) -> None:
         from torch.distributed.tensor.experimental import implicit_replication
 
         with implicit_replication():  # FSDP's DTensor gradients times a plain (replicated) scalar
-            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+            private_apis.foreach_mul_(grads, factor.to(grads[0].dtype))
 
 
 def model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

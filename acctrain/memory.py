@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from acctrain import loss_scaling
-from acctrain.data import DataPlan, is_stream, per_rank_batch
+from acctrain.data import DataPlan, is_stream, per_rank_batch, to_device
 from acctrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -248,10 +248,8 @@ def _trying(model: nn.Module, device: torch.device):
 
 def _fits(model: nn.Module, batch: Any, size: int, loss_fn: Callable | None, device: torch.device) -> bool:
     """Whether a forward and backward of `batch` runs without running out of GPU memory; no gradient is kept."""
-    from accelerate.utils import send_to_device
-
     try:
-        batch = send_to_device(batch, device)
+        batch = to_device(batch, device)
         out = loss_fn(model, batch) if loss_fn is not None else loss_scaling.model_loss(model, batch)
         loss_sum, _, _ = loss_scaling.normalise(out, size, torch.float32)
         loss_sum.backward()

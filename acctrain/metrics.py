@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from acctrain import private_apis
 from acctrain.errors import ConfigError
 
 
@@ -158,7 +159,8 @@ class TorchMetric(Metric):
         self.states = _summed_states(metric)
         """Each state's default (its shape and dtype), when all of them are summed; else None."""
         if self.states is not None:  # the evaluation's all-reduce sums them
-            metric.sync_on_compute = metric._to_sync = False
+            metric.sync_on_compute = False
+            private_apis.set_metric_sync(metric, False)
         self.size = sum(default.numel() for default in self.states.values()) if self.states is not None else 0
 
     def update(self, batch: EvalBatch) -> torch.Tensor:
@@ -179,7 +181,7 @@ class TorchMetric(Metric):
                 chunk = totals[offset:offset + default.numel()].reshape(default.shape)
                 setattr(metric, state, chunk.to(metric.device, default.dtype))
                 offset += default.numel()
-            metric._update_count = 1  # the totals stand for the updates (else torchmetrics warns)
+            private_apis.set_metric_update_count(metric, 1)  # the totals stand for the updates (else torchmetrics warns)
         value = metric.compute()  # note: without summed states, torchmetrics' own collectives and host sync
         metric.reset()
         if value.numel() != 1:
@@ -192,7 +194,7 @@ def _summed_states(metric: Any) -> dict[str, torch.Tensor] | None:
     """A torchmetrics metric's state defaults by name, when every state is a tensor its ranks sum; else None."""
     from torchmetrics.utilities.data import dim_zero_sum
 
-    defaults, reductions = metric._defaults, metric._reductions
+    defaults, reductions = private_apis.metric_states(metric)
     if all(torch.is_tensor(default) and reductions[state] is dim_zero_sum for state, default in defaults.items()):
         return dict(defaults)
     return None
@@ -224,6 +226,21 @@ def _is_torchmetric(metric: Any) -> bool:
     except ImportError:
         return False
     return isinstance(metric, torchmetrics.Metric)
+
+
+def better(value: float, best: float | None, mode: str = "min", min_delta: float = 0.0,
+           threshold: float = 0.0) -> bool:
+    """Whether `value` improves on `best` (None: nothing yet): the one rule of keep_best, load_best_at_end,
+    EarlyStopping, SaveBest and reduce_on_plateau. A NaN or an infinity never improves. For mode 'min' the
+    value must lie below `best x (1 - threshold) - min_delta` (for 'max', above `best x (1 + threshold) +
+    min_delta`): `threshold` is torch's relative rule (ReduceLROnPlateau, threshold_mode='rel'), `min_delta`
+    the absolute one (EarlyStopping, Keras'); an equal value is no improvement."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    sign = 1.0 if mode == "min" else -1.0
+    return sign * (best * (1 - sign * threshold) - value) > min_delta
 
 
 def check_watched(watched: dict[str, str], known: Sequence[str],

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acctrain import barrier
+from acctrain.agreement import raise_on_every_rank
 from acctrain.data import is_stream
 from acctrain.evaluation import eval_batches, eval_mode
 from acctrain.metrics import EvalBatch
@@ -73,7 +74,8 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Sequence,
                                       "forward= that returns a tensor (samples, ...)")
                 continue
             batches.append(out.cpu() if out_dir is not None else out)  # note: host-device sync per batch (out_dir)
-    _agree(accelerator, problem)
+    raise_on_every_rank(accelerator, ValueError(problem) if problem else None,
+                        "predict's outputs cannot be gathered: the outputs failed", ValueError)
     if out_dir is not None:
         return _write(accelerator, batches, Path(out_dir), len(dataset))
     if accelerator.num_processes > 1 and template is not None:
@@ -122,17 +124,6 @@ def _refuses(model: torch.nn.Module, batch: Any) -> bool:
     except TypeError:
         return True
     return False
-
-
-def _agree(accelerator: Accelerator, problem: str | None) -> None:
-    """Raise `problem` on every rank when any rank met one (a rank raising alone would leave the others waiting
-    in the gather)."""
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(torch.tensor([float(problem is not None)], device=accelerator.device), "sum")
-        if flags.item() and problem is None:  # note: host-device sync
-            problem = "another rank's outputs cannot be gathered; its error says why"
-    if problem is not None:
-        raise ValueError(problem)
 
 
 def _gathered(accelerator: Accelerator, batches: list[torch.Tensor], template: torch.Tensor) -> list[torch.Tensor]:

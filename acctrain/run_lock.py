@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
+from acctrain import agreement
 from acctrain.errors import ConfigError
 
 
@@ -67,18 +67,17 @@ class RunLock:
 def owned(accelerator: Accelerator, output_dir: str | Path):
     """Hold `output_dir` for this run: the main process takes the lock, and every rank learns of a refusal."""
     lock = RunLock(output_dir) if accelerator.is_main_process else contextlib.nullcontext()
-    try:
-        lock.__enter__()
-        refusal = [None]
-    except RunLocked as err:
-        refusal = [str(err).removeprefix("output_dir: ")]
-    except OSError as err:  # e.g. no flock on this filesystem, or a .lock that is not ours: every rank hears it
-        refusal = [f"cannot lock {Path(output_dir) / '.lock'} ({err}); make output_dir a writable directory on a "
-                   "filesystem with file locks"]
-    if accelerator.num_processes > 1:
-        refusal = broadcast_object_list(refusal)
-    if refusal[0] is not None:
-        raise RunLocked(refusal[0])
+
+    def take() -> None:
+        try:
+            lock.__enter__()
+        except RunLocked as err:
+            raise RunLocked(str(err).removeprefix("output_dir: ")) from None
+        except OSError as err:  # e.g. no flock on this filesystem, or a .lock that is not ours: every rank hears it
+            raise RunLocked(f"cannot lock {Path(output_dir) / '.lock'} ({err}); make output_dir a writable directory "
+                            "on a filesystem with file locks") from None
+
+    agreement.main_answers(accelerator, take, "the main rank's lock of output_dir")
     try:
         yield
     finally:

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, group, memory, seeds, sharded
+from acctrain import barrier, checkpoint, group, memory, private_apis, seeds, sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import rng_from_files
@@ -38,11 +37,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
     if not cpu and torch.cuda.is_available():
         check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
-    state = AcceleratorState._shared_state
-    if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
+    if private_apis.accelerate_cached_precision(config.mixed_precision) != config.mixed_precision:
         # Accelerate caches one precision per process; a second Engine in the same process (a notebook,
         # a test) may choose another. The process group itself (PartialState) is kept.
-        AcceleratorState._reset_state()
+        private_apis.reset_accelerate_state()
     if group.launched():  # bounded by hang_timeout, naming who never joined, new each elastic round
         group.form("gloo" if cpu or not torch.cuda.is_available() else "nccl", config.hang_timeout, config.output_dir)
     # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.

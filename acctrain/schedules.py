@@ -56,6 +56,7 @@ import math
 from typing import Callable
 
 from acctrain.errors import ConfigError
+from acctrain.metrics import better
 
 
 # Annealers: (start, end) -> a function of pos in [0, 1] (fastai SchedLin, SchedCos, SchedNo, ...).
@@ -296,9 +297,7 @@ class Schedule:
         a, s, metric = self.args, self.state, float(metric)
         # torch's ReduceLROnPlateau, threshold_mode="rel": the best starts at +-inf (so an infinite first metric
         # is no improvement), a NaN never improves, and with a negative best the relative rule is torch's own
-        best = s["best"] if s["best"] is not None else (math.inf if a["mode"] == "min" else -math.inf)
-        better = metric < best * (1 - a["threshold"]) if a["mode"] == "min" else metric > best * (1 + a["threshold"])
-        if better:
+        if better(metric, s["best"], a["mode"], threshold=a["threshold"]):
             s["best"], s["bad"] = metric, 0
             return
         s["bad"] += 1

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from acctrain import barrier
+from acctrain import barrier, private_apis
 
 FORMAT = "acctrain-sharded-1"
 MANIFEST = "sharded.json"
@@ -74,13 +74,7 @@ def use_fsdp2_on_cpu(accelerator, fsdp_plugin) -> None:
         raise ValueError("use_fsdp2_on_cpu supports fsdp_version=2 only")
     if accelerator.mixed_precision != "no":
         fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
-    from accelerate.state import PartialState
-
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = fsdp_plugin
-    # Every later `AcceleratorState()` copies PartialState's fields over its own (as Accelerate itself does
-    # on GPUs, state.py `PartialState._shared_state["distributed_type"] = ...`): keep them in agreement.
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    private_apis.set_accelerate_fsdp_state(accelerator, fsdp_plugin)
 
 
 @contextmanager

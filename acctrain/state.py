@@ -1,4 +1,10 @@
-"""Training state: where the run is (`TrainState`), and optimizer, RNG and GradScaler to and from plain files.
+"""Training state: the run's state (`RunState`, its counters `TrainState`), and optimizer, RNG and tensors to and
+from plain files.
+
+    run = RunState.start(config, plan, schedule, lr_scheduler, callbacks, metrics)
+    meta = run.state_dict()                 # what trainer_state.json holds of the run
+    changes = run.load_state_dict(meta)     # continue from it: the lines saying what differs
+    trial = run.copy()                      # a copy to try things on (Engine.trial puts the original back)
 
     tensors, meta = optimizer_to_files(optimizer.state_dict())
     optimizer.load_state_dict(optimizer_from_files(tensors, meta))
@@ -11,14 +17,23 @@ No pickle anywhere: tensors go to safetensors under flat names, everything else 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from acctrain.agreement import Verdict
+from acctrain import agreement
+from acctrain.agreement import Requests, Verdict
+from acctrain.callbacks import Callbacks
+from acctrain.config import TrainConfig
+from acctrain.data import DataPlan
+from acctrain.schedules import Schedule
+from acctrain.tracking import MetricLog
 
 
 def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -163,6 +178,86 @@ class TrainState:
         self.skipped_steps += not verdict.apply
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if verdict.refused else 0
         self.schedule_step += verdict.apply
+
+
+@dataclass
+class RunState:
+    """Everything that says where a run is, in one place: what a checkpoint saves and a resume restores
+    (`state_dict`), what a trial puts back (`copy`), and what a new phase starts afresh (`Engine.replan` makes
+    a new one). The model, optimizer, loss scaler and RNGs are the Engine's own (saved beside it, put back by
+    `Snapshot`); so are the settings, fixed for the Engine's life."""
+
+    config: TrainConfig
+    """The run's config (a phase or a trial replaces it)."""
+    plan: DataPlan
+    """Which samples each optimizer step sees (acctrain.data)."""
+    schedule: Schedule
+    """The lr multiplier and momentum per optimizer step (acctrain.schedules), with reduce_on_plateau's state."""
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    """A torch LR scheduler given as `schedule=`, stepped once per applied optimizer step; else None."""
+    callbacks: Callbacks
+    """The callbacks, with their state (EarlyStopping's best, the EMA's average, ...)."""
+    metrics: MetricLog
+    """The training log: the rows not yet written, the last written, throughput."""
+    counters: TrainState = field(default_factory=lambda: TrainState())
+    """Optimizer steps taken and applied, samples seen, skips (`Engine.state`)."""
+    last_eval: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's metrics."""
+    eval_step: int = -1
+    """The optimizer step of the last evaluation in fit (-1: none), so a save records its metrics only then."""
+    resumed: bool = False
+    """Whether `Engine.resume` has run for this run (it runs once)."""
+    resumed_from: Path | None = None
+    """The checkpoint this run continued from, or None."""
+    restored_rng: Any = None
+    """The checkpoint's RNG states, put back when the fit starts."""
+    saved_metrics: dict[str, float] = field(default_factory=dict)
+    """The metrics the resumed checkpoint holds (what a fit with nothing left to train returns)."""
+    stream_position: tuple[int, Any] | None = None
+    """(step, reader state) of a stream at the resumed step: its data continues from there."""
+    data_identity: dict[str, Any] | None = None
+    """The identity of the training and eval data (acctrain.data_identity), set by resume."""
+    trajectory: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """The run's line of checkpoints (acctrain.checkpoint.find_resumable)."""
+    reads_late: bool = False
+    """Whether this fit reads each step's verdict a step late (acctrain.loop: `_step_on_device`)."""
+    asked: Requests = agreement.NO_REQUESTS
+    """What the ranks asked at the last step (stop, save, cancel), acted on between steps."""
+
+    def copy(self) -> RunState:
+        """A copy whose counters can change without changing these (the parts are the same objects)."""
+        return dataclasses.replace(self, counters=copy.copy(self.counters))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's part of trainer_state.json: counters, plan, config, schedule, callbacks, data, metrics."""
+        plan, step = self.plan, self.counters.step
+        return {
+            "state": dataclasses.asdict(self.counters),
+            "epoch": step // plan.steps_per_epoch,
+            "plan": {**plan.describe(), "seed": plan.seed, "seed_scheme": plan.seed_scheme},
+            "config": self.config.to_dict(),
+            "schedule": self.schedule.state_dict(),
+            "lr_scheduler": jsonable(self.lr_scheduler.state_dict()) if self.lr_scheduler is not None else None,
+            "callbacks": self.callbacks.state_dict(),
+            "data": self.data_identity,  # a resume onto other data is refused (acctrain.data_identity)
+            "trajectory": self.trajectory,  # which checkpoints continue one another (acctrain.checkpoint)
+            "metrics": {**{k: v for k, v in self.metrics.last.items() if k == "train/loss"},
+                        **(self.last_eval if self.eval_step == step else {})},
+        }
+
+    def load_state_dict(self, meta: dict[str, Any]) -> list[str]:
+        """Continue from `state_dict()`'s output (a checkpoint's); returns what to say of what differs."""
+        self.counters, self.saved_metrics = TrainState(**meta["state"]), meta.get("metrics", {})
+        said = []
+        changes = self.schedule.continue_from(meta["schedule"])
+        if changes:
+            said.append(f"the schedule differs from the checkpoint's ({', '.join(changes)}): from optimizer step "
+                        f"{self.counters.schedule_step} the lr follows this run's")
+        if self.lr_scheduler is not None and meta["lr_scheduler"]:
+            self.lr_scheduler.load_state_dict({**self.lr_scheduler.state_dict(), **meta["lr_scheduler"]})
+        said += self.callbacks.load_state_dict(meta["callbacks"])
+        self.stream_position = (self.counters.step, meta["stream"]) if meta.get("stream") else None
+        return said
 
 
 class Snapshot:

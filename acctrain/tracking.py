@@ -22,8 +22,8 @@ import google_crc32c
 import torch
 from accelerate.tracking import TensorBoardTracker
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
-from tensorboard.summary.writer import record_writer
+
+from acctrain import private_apis
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s per GPU, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -61,12 +61,12 @@ def fast_tensorboard_checksums() -> None:
     step (BENCHMARKS §12). Replaced for the whole process, once, and only where google-crc32c has its C
     implementation and agrees with TensorBoard's own on a sample.
     """
-    current = getattr(record_writer, "masked_crc32c", None)  # None: a TensorBoard that writes records otherwise
+    current = private_apis.tensorboard_record_crc()  # None: a TensorBoard that writes records otherwise
     if current is None or current is masked_crc32c or google_crc32c.implementation != "c":
         return
     sample = bytes(range(256)) * 3
-    if masked_crc32c(sample) == pywrap_tensorflow.masked_crc32c(sample):
-        record_writer.masked_crc32c = masked_crc32c
+    if masked_crc32c(sample) == private_apis.tensorboard_reference_crc(sample):
+        private_apis.set_tensorboard_record_crc(masked_crc32c)
 
 
 class MetricLog:

@@ -318,9 +318,9 @@ class Watchdog:
         and Python stack) as JSON beside the hang report; read them with `python -m
         torch.distributed.flight_recorder.fr_trace`. Skipped where this torch has none."""
         try:
-            from torch._C._distributed_c10d import _dump_fr_trace_json  # private: none public in torch 2.13
+            from acctrain import private_apis  # imports torch: not at the top of this module
 
-            trace = _dump_fr_trace_json(True, True)
+            trace = private_apis.dump_flight_recorder()  # private: none public in torch 2.13
         except Exception as err:  # an older torch, or no recorder for this backend
             trace = json.dumps({"unavailable": repr(err)}).encode()
         _write_atomic(self.report_path.with_name(f"flight-recorder-rank{self.rank}.json"),

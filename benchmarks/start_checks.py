@@ -77,7 +77,7 @@ def preflight(rounds: int) -> dict:
             plan = DataPlan.for_run(data, None, cfg, 1)
             start = time.perf_counter()
             first_micro_batches(engine.accelerator, engine.unwrapped_model, data, engine.eval_data, plan, collate,
-                                engine._loss_of, engine._to_device)
+                                engine._loss_of)
             checks.append(time.perf_counter() - start)
             engine.fit()
             steps.append(clock.times[1] - clock.times[0])

@@ -475,7 +475,7 @@ def engine_components(threads: int, best) -> list[tuple]:
             ("agreement.reduce_step(loss_sum, num_items) (1 process)", maybe(lambda: agreement.reduce_step(
                 engine.accelerator, sum64, sum64, agreement.NO_REQUESTS, torch.float64)), None),
             ("agreement.decide(loss, norm, flags, policy)", maybe(lambda: agreement.decide(
-                1.0, 1.0, agreement.NO_FLAGS, engine._policy(), 1, 0)), None),
+                1.0, 1.0, agreement.NO_FLAGS, agreement.Policy(), 1, 0)), None),
             ("Engine.callbacks(event) with no callbacks", maybe(lambda: engine.callbacks("before_step", engine)), None),
             ("Engine.metrics.add(step, 5 values)", maybe(lambda: engine.metrics.add(
                 1, {"train/loss": loss32, "train/grad_norm": loss32, "train/skipped_steps": 0, "train/epoch": 0.1,

@@ -119,12 +119,13 @@ def test_the_first_micro_batch_leaves_the_weights_statistics_rngs_and_mode_as_th
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     first_micro_batches(engine.accelerator, engine.unwrapped_model, engine.train_data, Drawing(),
-                        DataPlan.for_run(engine.train_data, None, cfg, 1), None, engine._loss_of, engine._to_device)
+                        DataPlan.for_run(engine.train_data, None, cfg, 1), None, engine._loss_of)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm's running stats too
     assert torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
     assert rngs[2] == random.getstate() and model.training
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fault", ["collate", "forward"])
 def test_a_first_micro_batch_failing_on_one_rank_stops_every_rank_before_anything_is_written(tmp_path, fault):
     out = tmp_path / "run"
