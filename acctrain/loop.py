@@ -1,13 +1,12 @@
-"""The training loop under the Engine: fit, one optimizer step, evaluation, save and resume.
+"""The training loop under the Engine: fit, evaluation, save and resume, around one optimizer step.
 
-One optimizer step (`_train_step`) reads top to bottom: lr, micro-batches with the gradient all-reduce on
-the last one only, one reduction, normalise, clip, decide, step, count. It ends in one place (`_end_step`:
-count, step a torch LR scheduler, log), whether its numbers are read at once or a step late. The parts it
-calls own their concerns: the run's state (acctrain.state.RunState: what a checkpoint saves, a trial puts
-back and a phase starts afresh), the data plan (acctrain.data), the schedule (acctrain.schedules),
-acctrain.loss_scaling the exact scaling, acctrain.step_ops the gradient operations of this setup,
-acctrain.agreement what all ranks decide, acctrain.checkpointer the checkpoints, acctrain.evaluation the
-evaluations, acctrain.runtime the start-up. `acctrain.engine.Engine` is this loop with the toolkit on top.
+`fit` runs the planned optimizer steps (acctrain.step.OptimizerStep: lr, micro-batches, one reduction, clip,
+decide, update, and the step's one ending), and between them what the config asks: stop on a signal, log,
+evaluate, save. The parts it calls own their concerns: the run's state (acctrain.state.RunState: what a
+checkpoint saves, a trial puts back and a phase starts afresh), the data plan (acctrain.data), the schedule
+(acctrain.schedules), acctrain.agreement what all ranks decide, acctrain.checkpointer the checkpoints,
+acctrain.evaluation the evaluations, acctrain.runtime the start-up. `acctrain.engine.Engine` is this loop with
+the toolkit on top.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,16 +25,16 @@ import torch
 from acctrain import agreement, barrier, checkpoint, data_identity, ema, evaluation, export, hf_data, loss_scaling, \
     memory, optim, preflight, run_lock, runtime, sharded, watchdog
 from acctrain import metrics as metrics_module
-from acctrain.agreement import Policy, Requests, StepReadout, Verdict
+from acctrain.agreement import Requests
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpointer import Checkpointer, resume_changes
 from acctrain.config import TrainConfig
-from acctrain.data import DataPlan, Feed, Window, note_samples, to_device
-from acctrain.errors import ConfigError, NonFiniteError, Preempted
-from acctrain.optim import LrReadout, apply_schedule, build_optimizer
-from acctrain.readback import Readback, Ticket
+from acctrain.data import DataPlan, Feed, Window
+from acctrain.errors import ConfigError, Preempted
+from acctrain.optim import build_optimizer
 from acctrain.schedules import Schedule, build_schedule
 from acctrain.state import RunState, jsonable
+from acctrain.step import OptimizerStep
 from acctrain.step_ops import step_ops_for
 from acctrain.summary import model_summary
 from acctrain.tracking import MetricLog
@@ -44,11 +42,11 @@ from acctrain.tracking import MetricLog
 
 def settled(method: Callable) -> Callable:
     """The one guard of the entry points that must see every step taken counted and the weights free to change:
-    the step left pending by the read-a-step-late path is counted first (`Loop._settle`), and a background save's
+    the step left pending by the read-a-step-late path is counted first (`OptimizerStep.settle`), and a background save's
     copy of the weights has finished (`Checkpointer.wait_copied`)."""
     @functools.wraps(method)
     def guarded(self: Loop, *args, **kwargs):
-        self._settle()
+        self._step.settle(self.run_state)
         self.checkpointer.wait_copied()
         return method(self, *args, **kwargs)
     return guarded
@@ -58,15 +56,8 @@ def _of_run(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.run_state, name), doc=doc)
 
 
-@dataclasses.dataclass(frozen=True)
-class PendingStep:
-    """A step applied on the device whose numbers the host reads a step later (`Loop._step_on_device`)."""
-
-    step: int
-    samples_seen: int
-    ticket: Ticket
-    lr_metrics: dict[str, float]
-    items_counted: bool
+def _of_step(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._step, name), doc=doc)
 
 
 class Loop:
@@ -83,6 +74,12 @@ class Loop:
     last_eval = _of_run("last_eval", "The last evaluation's metrics.")
     resumed_from = _of_run("resumed_from", "The checkpoint this run continued from, or None.")
     data_identity = _of_run("data_identity", "The identity of the training and eval data (acctrain.data_identity).")
+    # the step in progress, as callbacks see it (acctrain.callbacks; acctrain.step.OptimizerStep)
+    micro_loss = _of_step("micro_loss", "This micro-batch's summed loss (after_loss on).")
+    micro_index = _of_step("micro_index", "The micro-batch's index in the step's window.")
+    is_last_micro = _of_step("is_last_micro", "Whether it is the window's last micro-batch (DDP's all-reduce).")
+    grad_norm = _of_step("grad_norm", "The step's global gradient norm before clipping (before_optimizer_step on).")
+    step_loss = _of_step("step_loss", "The step's exact mean loss over all ranks (before_optimizer_step on).")
 
     def __init__(
         self,
@@ -121,14 +118,13 @@ class Loop:
         self.checkpointer = Checkpointer(self.accelerator, lambda: self.run_state.config)
         self._device = self.accelerator.device
         self._item_dtype = torch.float32 if self._device.type == "mps" else torch.float64
+        self._step = OptimizerStep(self.accelerator, self.model, self.step_ops, self._loss_of, self._fire, self.print,
+                                   self.checkpointer.wait_copied, self._requests, self._item_dtype)
         self._signals = runtime.StopSignals()
         self._fitting = self._summarised = False
         self._saved_at = 0.0  # the save clock (save_every_minutes)
         self.frozen_params: list[torch.nn.Parameter] = []
         """Parameters that `freeze` keeps unchanged: their gradients are dropped before clipping and the step."""
-        self._lr_readout = LrReadout()
-        self._pending: PendingStep | None = None
-        self._readback = Readback()
         self._fits, self._root_dir = 0, config.output_dir  # a later phase's own place (replan)
         self.feed: Feed | None = None  # the run's data
         self.best_checkpoint: Path | None = None
@@ -207,12 +203,12 @@ class Loop:
             if isinstance(err, (Exception, KeyboardInterrupt)):
                 watchdog.failed(err)  # the other ranks end now, not after the waits below
             with contextlib.suppress(Exception):
-                self._settle()
+                self._step.settle(self.run_state)
             # other ranks' parts of it are waited for a minute at most: those ranks may have died with the run
             self.checkpointer.wait(raise_error=False, patience=60.0)
             raise
         finally:
-            self._fitting, run.reads_late, self._pending = False, False, None
+            self._fitting, run.reads_late, self._step.pending = False, False, None
             run.metrics.close()
             if self.feed is not None and self.feed.reader is None:  # a loader's workers end with the fit (a
                 self.feed = None  # stream's reader stays: its position is the run's, for a save after fit)
@@ -273,155 +269,13 @@ class Loop:
     # ------------------------------------------------------------------------------------ the step
 
     def _train_step(self, window: Window, batches: Iterator) -> None:
-        """One optimizer step over this rank's micro-batches of `window`."""
-        run, ops, watch = self.run_state, self.step_ops, watchdog.current()
-        step = run.counters.step + 1
-        watch.at("the step's start", step)
-        if not run.reads_late:  # there, set once the previous step is counted
-            self._set_lr_and_momentum(run.counters.schedule_step)
-        self._fire("before_step")  # its cancel requests travel with this step's all-reduce
-        local_loss, local_items, counted = self._accumulate_gradients(window, batches, watch)
-        with watch.waiting("the step's all-reduce"):
-            totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self._item_dtype)
-        self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
-        if counted:  # a token-weighted loss: rescaled to the step's true item count, over micro-batches and ranks
-            loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
-        for param in self.frozen_params:
-            param.grad = None  # frozen: no update, no weight decay, no momentum drift
-        with (watch if ops.collective_passes else watchdog.IDLE).waiting("clipping (FSDP's global norm)"):
-            self.grad_norm = ops.clip(self.config.max_grad_norm or float("inf"))
-        watch.at("optimizer step")
-        values = totals.values(self.step_loss, self.grad_norm, counted)
-        if run.reads_late:
-            return self._step_on_device(window, values, totals, counted)
-        readout = StepReadout.of(values.tolist(), counted)  # note: the step's one host-device sync
-        verdict = self._verdict(step, readout, readout.flags or totals.requests)
-        self.checkpointer.wait_copied()  # an async save's copy of the weights, before they change
-        verdict = verdict.cancelled(self._fire("before_optimizer_step"))
-        ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
-        ops.zero_grad()
-        run.asked = verdict.requests
-        verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
-        run.counters.consume(window.global_samples)
-        self._end_step(step, run.counters.samples_seen, readout, verdict, self._lr_metrics)
-        self._fire("after_step")
-
-    def _accumulate_gradients(self, window: Window, batches: Iterator,
-                              watch: watchdog.Watchdog | watchdog._Idle) -> tuple[torch.Tensor, Any, bool]:
-        """Forward and backward over this rank's micro-batches; DDP's all-reduce on the last one only.
-
-        Returns this rank's summed loss and item count, and whether the loss counts items (token-weighted).
-        """
-        ops, device = self.step_ops, self._device
-        scale = loss_scaling.micro_scale(self.accelerator.num_processes, window.global_samples)
-        loss_sum, num_items, counted = None, 0, False  # num_items stays a host int for per-sample means
-        last, step = len(window.micro_batches) - 1, self.state.step + 1
-        for self.micro_index, micro in enumerate(window.micro_batches):
-            self.is_last_micro = self.micro_index == last
-            watch.at("data (the next micro-batch)", step)
-            try:
-                batch = to_device(next(batches), device)
-            except Exception as err:  # no cost per batch: only when raised
-                note_samples(err, micro.indices, f"train_data (optimizer step {step})")
-                raise
-            watch.at("forward/backward", step)
-            # the passes that wait for the other ranks: DDP's last backward (its all-reduce), or FSDP's every pass
-            waits = watch if self.is_last_micro or ops.collective_passes else watchdog.IDLE
-            with ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
-                with (watch if ops.collective_passes else watchdog.IDLE).waiting("the forward (FSDP)"):
-                    self.micro_loss, items, weighted = self._loss_of(self.model, batch, micro.num_samples)
-                self._fire("after_loss")
-                with waits.waiting("the backward (its collectives)"):
-                    ops.backward(self.micro_loss, scale)
-            self._fire("after_backward")
-            loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
-            num_items = num_items + items
-            counted |= weighted
-        return loss_sum, num_items, counted
-
-    def _step_on_device(self, window: Window, values: torch.Tensor, totals: agreement.StepTotals,
-                        counted: bool) -> None:
-        """The end of a step that does not wait for the GPU (see `_fit`: a fused optimizer, no callback in the step).
-
-        The update is skipped on the device when the loss or the gradient norm is not finite. The host reads
-        this step's numbers a step later, when the GPU is long past them (acctrain.readback), and only then
-        counts the step, applies the NaN policy and logs it (`_settle`). The previous step is counted before
-        this one's lr is set, so the schedule sees every applied step, as when it is read at once.
-        """
-        run = self.run_state
-        self._settle()  # the previous step; nan_policy=halt raises here, before this step's update
-        self._set_lr_and_momentum(run.counters.schedule_step)
-        self.checkpointer.wait_copied()  # an async save's copy of the weights, before they change
-        self.step_ops.step_if_finite(self.step_loss, self.grad_norm)
-        self.step_ops.zero_grad()
-        run.counters.consume(window.global_samples)
-        if not torch.is_tensor(totals.requests):  # one process: the requests are on the host already
-            run.asked = Requests.agreed(totals.requests)
-        self._pending = PendingStep(run.counters.step, run.counters.samples_seen, self._readback.start(values),
-                                    self._lr_metrics, counted)
-        self._fire("after_step")
-
-    def _settle(self) -> None:
-        """Count the step left pending by `_step_on_device`: its verdict, and the step's one ending."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        # note: host-device sync on numbers a step old: no wait
-        readout = StepReadout.of(pending.ticket.read(), pending.items_counted)
-        verdict = self._verdict(pending.step, readout, readout.flags or agreement.NO_FLAGS)
-        self._end_step(pending.step, pending.samples_seen, readout, dataclasses.replace(verdict, apply=verdict.finite),
-                       pending.lr_metrics)  # no cancel on this path: a finite step was applied on the device
-        if verdict.requests is not agreement.NO_REQUESTS:  # several processes: a step late
-            self.run_state.asked = verdict.requests
-
-    def _verdict(self, step: int, readout: StepReadout, flags: list[float] | torch.Tensor) -> Verdict:
-        """The step's verdict from its numbers (acctrain.agreement.decide), said when the update is skipped; the
-        NaN policy's halt stops the run here, with no update (the GradScaler's update() still runs)."""
-        scaler, run = self.step_ops.scaler, self.run_state
-        # only on a step whose gradients overflowed: the loss scale before this step's update (a sync)
-        scale = scaler.get_scale() if scaler is not None and not math.isfinite(readout.grad_norm) else None
-        verdict = agreement.decide(readout.loss, readout.grad_norm, flags, Policy(run.config.nan_policy,
-                                   run.config.max_skipped_steps), step, run.counters.skipped_in_a_row, scale)
-        if not verdict.finite and readout.items == 0:
-            empty = " (the step has 0 items: loss_fn's num_items summed over all ranks is 0)"
-            verdict = dataclasses.replace(verdict, reason=verdict.reason and verdict.reason + empty,
-                                          halt=verdict.halt and verdict.halt + empty)
-        if verdict.overflow:
-            self.print(f"{verdict.reason}: update skipped, loss scale {scale:g} -> "
-                       f"{scale * scaler.get_backoff_factor():g}")
-        elif verdict.refused:
-            self.print(f"skipping the update of step {step}: {verdict.reason} (nan_policy=skip)")
-        if verdict.halt:
-            self.step_ops.step(False)
-            self.step_ops.zero_grad()
-            latest = checkpoint.latest_checkpoint(run.config.output_dir)
-            kept = f"; the last good checkpoint is {latest}" if latest else "; no checkpoint was saved yet"
-            raise NonFiniteError(verdict.halt + kept)
-        return verdict
-
-    def _end_step(self, step: int, samples_seen: int, readout: StepReadout, verdict: Verdict,
-                  lr_metrics: dict[str, float]) -> None:
-        """The one ending of every optimizer step: counted (applied or skipped), a torch LR scheduler stepped
-        after an applied update, and the step's row logged."""
-        run = self.run_state
-        run.counters.count(verdict)
-        if run.lr_scheduler is not None and verdict.apply:
-            run.lr_scheduler.step()
-        run.metrics.add(step, {"train/loss": readout.loss, "train/grad_norm": readout.grad_norm,
-                               "train/skipped_steps": run.counters.skipped_steps,
-                               "train/epoch": samples_seen / run.plan.dataset_len, **lr_metrics}, items=readout.items)
+        """One optimizer step over this rank's micro-batches of `window` (acctrain.step)."""
+        self._step(self.run_state, window, batches, self.frozen_params)
 
     def _flush(self) -> None:
         """Write the logged steps (counting a pending one first)."""
-        self._settle()
+        self._step.settle(self.run_state)
         self.metrics.flush(self.state.samples_seen)
-
-    def _set_lr_and_momentum(self, step: int) -> None:
-        """Set every param group's lr (its base lr x the schedule) and momentum for this update; note them for logs."""
-        groups, run = self.torch_optimizer.param_groups, self.run_state
-        if run.lr_scheduler is None:  # a torch LR scheduler sets the lr itself
-            apply_schedule(groups, run.schedule.lr_factor(step), run.schedule.momentum(step))
-        self._lr_metrics = self._lr_readout(groups)
 
     def _requests(self) -> Requests:
         """This rank's requests for the step: a stop (a signal arrived), a cancel from the step's callbacks, and a

@@ -220,13 +220,24 @@ class RunState:
     trajectory: str = field(default_factory=lambda: uuid.uuid4().hex)
     """The run's line of checkpoints (acctrain.checkpoint.find_resumable)."""
     reads_late: bool = False
-    """Whether this fit reads each step's verdict a step late (acctrain.loop: `_step_on_device`)."""
+    """Whether this fit reads each step's numbers a step late (acctrain.step: `OptimizerStep._on_device`)."""
     asked: Requests = agreement.NO_REQUESTS
     """What the ranks asked at the last step (stop, save, cancel), acted on between steps."""
 
     def copy(self) -> RunState:
         """A copy whose counters can change without changing these (the parts are the same objects)."""
         return dataclasses.replace(self, counters=copy.copy(self.counters))
+
+    def end_step(self, step: int, samples_seen: int, readout: agreement.StepReadout, verdict: Verdict,
+                 lr_metrics: dict[str, float]) -> None:
+        """The one ending of every optimizer step (acctrain.step): counted, applied or skipped; a torch LR
+        scheduler stepped after an applied update; the step's row logged."""
+        self.counters.count(verdict)
+        if self.lr_scheduler is not None and verdict.apply:
+            self.lr_scheduler.step()
+        self.metrics.add(step, {"train/loss": readout.loss, "train/grad_norm": readout.grad_norm,
+                                "train/skipped_steps": self.counters.skipped_steps,
+                                "train/epoch": samples_seen / self.plan.dataset_len, **lr_metrics}, items=readout.items)
 
     def state_dict(self) -> dict[str, Any]:
         """The run's part of trainer_state.json: counters, plan, config, schedule, callbacks, data, metrics."""

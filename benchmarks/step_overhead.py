@@ -471,7 +471,8 @@ def engine_components(threads: int, best) -> list[tuple]:
             return best(fn, number)
 
         rows = [
-            ("Engine._set_lr_and_momentum(step) (2 param groups)", maybe(lambda: engine._set_lr_and_momentum(0)), None),
+            ("OptimizerStep.set_lr_and_momentum(run, step) (2 param groups)",
+             maybe(lambda: engine._step.set_lr_and_momentum(engine.run_state, 0)), None),
             ("agreement.reduce_step(loss_sum, num_items) (1 process)", maybe(lambda: agreement.reduce_step(
                 engine.accelerator, sum64, sum64, agreement.NO_REQUESTS, torch.float64)), None),
             ("agreement.decide(loss, norm, flags, policy)", maybe(lambda: agreement.decide(
