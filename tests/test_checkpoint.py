@@ -194,6 +194,7 @@ def test_a_failed_run_waits_a_bounded_time_for_other_ranks_parts(tmp_path):
                           "output (they may have died or hung)")
 
 
+@pytest.mark.processes
 def test_a_rank_whose_disk_is_full_marks_its_part_failed_even_without_room_for_the_cause(tmp_path):
     """The marker appears complete (renamed into place) with the cause; if the cause cannot be written (a full
     disk: RLIMIT_FSIZE of 0 in a child process makes every write fail with EFBIG), the marker is empty and the
@@ -325,6 +326,7 @@ def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path, reference, dropout
     assert logged(tmp_path, "train/loss") == pytest.approx({s + 1: v for s, v in enumerate(ref["losses"])}, rel=1e-6)
 
 
+@pytest.mark.processes
 def test_two_processes_stop_on_one_rank_and_resume_bit_identical(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     launch([*WORKER, json.dumps({"out_dir": str(ref_dir), "dropout": 0.2})], nproc=2)
@@ -343,6 +345,7 @@ def test_two_processes_stop_on_one_rank_and_resume_bit_identical(tmp_path):
     assert resumed["losses"] == ref["losses"][5:]
 
 
+@pytest.mark.processes
 def test_resume_two_processes_on_one(tmp_path, reference):
     launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 6})], nproc=2, check=False)
     assert ckpts(tmp_path) == ["step-00000006"]
@@ -352,6 +355,7 @@ def test_resume_two_processes_on_one(tmp_path, reference):
     assert resumed["lrs"] == reference[0.0]["lrs"][6:]
 
 
+@pytest.mark.processes
 def test_a_dataset_beyond_eager_max_resumes_exactly_on_another_world_size(tmp_path):
     """The Feistel order (a dataset of 4.2M samples and more, made per window): 2 processes stop after step 3
     and 1 process resumes; the same run as 1 process uninterrupted."""
@@ -367,6 +371,7 @@ def test_a_dataset_beyond_eager_max_resumes_exactly_on_another_world_size(tmp_pa
     assert resumed["losses"] == pytest.approx(ref["losses"][3:], rel=1e-5)
 
 
+@pytest.mark.processes
 def test_resume_one_process_on_two(tmp_path, reference):
     with pytest.raises(Preempted):
         resume_run.run(str(tmp_path), stop_at=5)
@@ -387,6 +392,7 @@ def start_worker(out: Path, env: dict, **options) -> subprocess.Popen:
                             env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.processes
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, reference):
     proc = start_worker(tmp_path, {"ACCTRAIN_TEST_SLOW_SAVE": "0.3"}, save_every=3)
     staging = tmp_path / "checkpoints" / "step-00000006.tmp"
@@ -405,6 +411,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, reference)
     assert_same_run(resumed, reference[0.0])
 
 
+@pytest.mark.processes
 def test_kill_9_during_training_resumes_exactly(tmp_path, reference):
     proc = start_worker(tmp_path, {}, save_every=4, kill_at=7)
     assert proc.wait(timeout=120) == -signal.SIGKILL
@@ -558,6 +565,7 @@ def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, m
     verify(tmp_path / "checkpoints" / "step-00000002")
 
 
+@pytest.mark.processes
 def test_an_async_save_in_flight_at_interpreter_exit_completes(tmp_path):
     script = f"""
 from acctrain import Engine, TrainConfig
@@ -573,6 +581,7 @@ print("main thread done", flush=True)
     verify(tmp_path / "checkpoints" / "step-00000000")
 
 
+@pytest.mark.processes
 def test_async_save_with_two_processes_resumes_exactly(tmp_path, reference):
     launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "async_save": True, "save_every": 2})],
            nproc=2, check=False)

@@ -131,6 +131,7 @@ def test_resume_auto_after_a_roll_back_continues_the_new_trajectory(six, tmp_pat
     assert again["resumed_from"].endswith("step-00000005") and again["steps"] == []
 
 
+@pytest.mark.processes
 def test_kill_9_while_replacing_a_checkpoint_moves_the_old_one_aside_first(six, tmp_path):
     out = copy_of(six, tmp_path)
     old = out / "checkpoints" / STEP6
@@ -170,6 +171,7 @@ def test_a_kill_while_replacing_a_valid_checkpoint_of_the_same_step_loses_nothin
 # ------------------------------------------------------------------------- 3. rotation
 
 
+@pytest.mark.processes
 def test_kill_9_during_rotation_leaves_no_half_deleted_checkpoint_under_its_name(six, tmp_path):
     """Rotation at step 9 deletes step 3, made slow to delete by 20,000 extra files: killed half-way."""
     out = copy_of(six, tmp_path)
@@ -345,6 +347,7 @@ tiny_engine(sys.argv[1], steps=4, callbacks=[Limit()], save_every=2, log_with=""
 """
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, async_save):
     proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), str(int(async_save))], cwd=ROOT,
@@ -361,6 +364,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, a
     assert str(resumed.resumed_from).endswith("step-00000002") and resumed.state.step == 4
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("failing", [0, 1], ids=["main-rank", "other-rank"])
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_full_disk_on_one_of_two_ranks_ends_the_job_naming_it(tmp_path, failing, async_save):

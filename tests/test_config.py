@@ -141,6 +141,7 @@ def test_readme_documents_every_field_with_its_sentence():
         assert f"| `{name}` | `{getattr(defaults, name)!r}` | {doc} |" in readme, name
 
 
+@pytest.mark.processes
 def test_help_lists_every_field():
     import subprocess
     import sys

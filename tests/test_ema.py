@@ -111,6 +111,7 @@ def test_stop_and_resume_gives_a_bit_identical_average(tmp_path, reference):
         assert torch.equal(resumed["tensors"][f"param.{name}"], value), name
 
 
+@pytest.mark.processes
 def test_two_processes_resumed_on_one_have_the_same_average(tmp_path, reference):
     launch([*WORKER, json.dumps({"out_dir": str(tmp_path), "stop_at": 5, "ema": DECAY})], nproc=2, check=False)
     assert ckpts(tmp_path) == ["step-00000005"]
@@ -183,6 +184,7 @@ def test_resuming_a_checkpoint_without_ema_starts_the_average_there(tmp_path, ca
     assert start.keys() == step4.keys() and all(torch.equal(start[n], step4[n]) for n in start)
 
 
+@pytest.mark.processes
 def test_under_fsdp_the_average_is_sharded_saved_whole_and_resumed_on_one_process(tmp_path, reference):
     """2 FSDP processes stop after step 5 (each rank averages its shards), 1 FSDP process resumes; `acctrain export
     --ema` joins nothing: the checkpoint holds the average whole."""

@@ -14,6 +14,8 @@ from tests.support import CLIP, assert_same_run, ckpts, launch, load_result, ref
 from tests.support.tiny import make_model, rel_diff
 from tests.workers import resume_run
 
+pytestmark = pytest.mark.processes  # every test here starts processes
+
 WORKER = ["-m", "tests.workers.resume_run"]  # run from ROOT as a module (torchrun -m)
 
 

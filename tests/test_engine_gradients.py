@@ -39,6 +39,7 @@ def test_single_process_matches_full_batch(tmp_path, micro):
     assert result["grad_norms"] == pytest.approx(ref_norms, rel=1e-5)
 
 
+@pytest.mark.processes
 def test_two_processes_match_full_batch(two_process_runs):
     meta, params = two_process_runs[0.0]
     assert meta["num_processes"] == meta["world_size_env"] == 2
@@ -60,6 +61,7 @@ def test_reference_is_sensitive_to_normalisation():
     assert rel_diff(wrong_params, ref_params) > 1e-4  # a 1 % lr error is 100x the tolerance
 
 
+@pytest.mark.processes
 def test_no_allreduce_on_non_final_micro_batches(two_process_runs):
     meta, _ = two_process_runs[0.0]
     micro = meta["per_micro"]
@@ -79,6 +81,7 @@ def test_clipping_once_on_global_norm_single_process(tmp_path):
     assert rel_diff(result["params"], ref_params) < 1e-6
 
 
+@pytest.mark.processes
 def test_clipping_once_on_global_norm_two_processes(two_process_runs):
     meta, params = two_process_runs[CLIP]
     ref_params, ref_norms = reference(CLIP)
@@ -86,6 +89,7 @@ def test_clipping_once_on_global_norm_two_processes(two_process_runs):
     assert rel_diff(params, ref_params) < 1e-6
 
 
+@pytest.mark.processes
 def test_logged_loss_is_the_exact_step_mean(two_process_runs, tmp_path):
     """TensorBoard's train/loss of the 2-process run is the full-batch token mean of each step."""
     reference(0.0)

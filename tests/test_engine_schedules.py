@@ -49,6 +49,7 @@ def head_lrs(run):
     return [lrs[0] for lrs in run["lrs"]]
 
 
+@pytest.mark.processes
 def test_warmup_linear_invariant_to_world_size_and_accumulation(one_process, two_process):
     one, two_acc2, two_acc4 = one_process["warmup_linear-4"], two_process["warmup_linear-4"], two_process["warmup_linear-2"]
     assert (one["accumulation"], two_acc2["accumulation"], two_acc4["accumulation"]) == (4, 2, 4)
@@ -56,6 +57,7 @@ def test_warmup_linear_invariant_to_world_size_and_accumulation(one_process, two
     assert head_lrs(one) == pytest.approx(WARMUP_LINEAR_8, rel=1e-6)  # ends at step 8, not 4
 
 
+@pytest.mark.processes
 def test_one_cycle_lr_and_momentum_match_the_table(one_process, two_process):
     table = one_cycle_table()
     for run in (one_process["one_cycle-4"], two_process["one_cycle-4"]):
@@ -72,6 +74,7 @@ def test_discriminative_groups_keep_their_ratio(one_process):
             assert head == body  # the momentum schedule applies to every group
 
 
+@pytest.mark.processes
 def test_torch_scheduler_steps_once_per_optimizer_step(one_process, two_process):
     expected = [0.1 * 0.5 ** (k // 3) for k in range(8)]  # StepLR(step_size=3, gamma=0.5)
     assert head_lrs(one_process["torch_step-4"]) == pytest.approx(expected, rel=1e-12)
@@ -110,6 +113,7 @@ def test_tensorboard_has_lr_and_momentum_of_every_group(tmp_path):
         assert moms == pytest.approx([m[group] for m in run["moms"]], rel=1e-6)
 
 
+@pytest.mark.processes
 def test_plot_schedule_command_writes_png(tmp_path):
     import subprocess
     import sys
@@ -124,6 +128,7 @@ def test_plot_schedule_command_writes_png(tmp_path):
     assert "one_cycle over" in proc.stdout
 
 
+@pytest.mark.processes
 def test_plot_schedule_command_reports_bad_parameters():
     import subprocess
     import sys

@@ -43,6 +43,7 @@ def assert_same(got: dict, want: dict):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.processes
 def test_checkpoint_is_sharded_safetensors(runs):
     ckpt, _ = runs
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == [
@@ -51,6 +52,7 @@ def test_checkpoint_is_sharded_safetensors(runs):
     assert json.loads((ckpt / MANIFEST).read_text())["world_size"] == 2
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("world", [2, 1])
 def test_load_restores_model_and_optimizer_exactly(runs, world):
     _, ref = runs
@@ -61,6 +63,7 @@ def test_load_restores_model_and_optimizer_exactly(runs, world):
     assert saved["param_groups.hidden.weight.betas"] == [0.8, 0.95]
 
 
+@pytest.mark.processes
 def test_training_resumes_where_it_stopped(runs):
     _, ref = runs
     continued = load_file(ref / "continued-2.safetensors")  # the original run, 2 steps past the save
@@ -69,6 +72,7 @@ def test_training_resumes_where_it_stopped(runs):
         torch.testing.assert_close(v, continued[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.processes
 def test_no_file_is_a_pickle(runs):
     ckpt, _ = runs
     files = [p for p in ckpt.rglob("*") if p.is_file()]
@@ -83,6 +87,7 @@ def test_no_file_is_a_pickle(runs):
             assert path.name == MANIFEST and isinstance(json.loads(data), dict), path
 
 
+@pytest.mark.processes
 def test_the_shards_join_into_whole_tensors_with_plain_names(runs):
     ckpt, ref = runs
     weights = full_state(ckpt)  # what `acctrain export` writes of a sharded checkpoint
@@ -92,6 +97,7 @@ def test_the_shards_join_into_whole_tensors_with_plain_names(runs):
     assert_same({k: v.detach() for k, v in model.state_dict().items()}, weights)
 
 
+@pytest.mark.processes
 def test_lost_or_stale_shards_are_refused(runs, tmp_path):
     ckpt, _ = runs
     lost = tmp_path / "lost"

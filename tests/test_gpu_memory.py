@@ -56,6 +56,7 @@ def test_auto_resumes_bit_identically(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed).values(), weights(reference).values()))
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_train_with_the_micro_batch_that_fits_on_both(tmp_path):
     launch(["-m", "tests.workers.auto_micro_run", str(tmp_path), "cuda"], nproc=2)

@@ -39,6 +39,7 @@ def test_columns_the_model_does_not_take_are_dropped_unless_a_loss_fn_reads_them
     assert kept.column_names == ["input_ids", "labels", "text"] and mine is len
 
 
+@pytest.mark.processes
 def test_token_weighted_steps_are_the_same_for_every_micro_batch_size_and_process_count(tmp_path):
     """Rows of 3..12 tokens: a mean of per-micro-batch means would weigh tokens differently for each geometry."""
     runs = {micro: hf_run.run(str(tmp_path / f"m{micro}"), micro) for micro in (8, 2, 1)}
@@ -54,6 +55,7 @@ def test_token_weighted_steps_are_the_same_for_every_micro_batch_size_and_proces
         assert rel_diff(params, reference["params"]) < 1e-5
 
 
+@pytest.mark.processes
 def test_a_transformers_model_under_fsdp_saves_resumes_and_takes_the_same_steps(tmp_path):
     """GPT-2 (tied input and output embeddings) sharded by FSDP2 on 2 processes, 3 steps, then resumed from its
     sharded checkpoint for 3 more: the losses, the evaluation and the weights of one unsharded process.
@@ -94,6 +96,7 @@ def test_a_streaming_dataset_is_a_stream_padded_and_pruned(tmp_path):
     engine.close()
 
 
+@pytest.mark.processes
 def test_a_run_on_two_processes_continues_on_one_as_if_uninterrupted(tmp_path):
     reference = hf_run.run(str(tmp_path / "ref"), 2)  # 6 steps on one process
     launch(["-m", "tests.workers.hf_run", str(tmp_path / "run"), "2", "3"], nproc=2)  # 3 steps on two

@@ -25,6 +25,8 @@ from acctrain.errors import PREEMPTED_EXIT_CODE
 from tests.support import ROOT, STEPS, TINY
 from tests.support.runs import rewrite
 
+pytestmark = pytest.mark.processes  # every test here starts processes
+
 TIMEOUT = 300
 TINY_CPU = [*TINY, "cpu=true"]
 
@@ -153,11 +155,7 @@ def test_plot_schedule_without_matplotlib_says_what_to_install(tmp_path):
     assert not out.exists()
 
 
-def test_pyproject_has_the_plot_extra():
-    import tomllib
-
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert any(dep.startswith("matplotlib") for dep in extras["plot"])
+# The `plot` extra that the message above names: tests/test_plot_extra.py (in-process).
 
 
 # ---- the job's settings: resume and export -------------------------------------------------------------------

@@ -35,6 +35,8 @@ from tests.support import TINY as MAIN_JOB
 from tests.support.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, unavailable_reason
 from tests.support.tiny import rel_diff
 
+pytestmark = pytest.mark.processes  # every test here starts processes
+
 # Launchers, not devices: every job here trains on CPU/gloo. Simulated nodes share this machine's GPUs, so
 # with GPUs each "node" would put its local rank 0 on cuda:0 (NCCL: duplicate GPU).
 TINY = [*MAIN_JOB, "cpu=true"]

@@ -39,6 +39,7 @@ def test_one_process_ends_with_the_best_checkpoints_weights(tmp_path):
     assert result["best_checkpoint"].endswith(f"step-{max(losses, key=losses.get):08d}")
 
 
+@pytest.mark.processes
 def test_two_processes_end_with_the_best_checkpoints_weights_on_every_rank(tmp_path):
     launch(["-m", "tests.workers.ema_run", json.dumps({"out_dir": str(tmp_path), **BEST})], nproc=2)
     result = json.loads((tmp_path / "result.json").read_text())
@@ -48,6 +49,7 @@ def test_two_processes_end_with_the_best_checkpoints_weights_on_every_rank(tmp_p
         check_best(tmp_path, {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
 
 
+@pytest.mark.processes
 def test_fsdp_ends_with_the_best_checkpoints_weights_on_every_rank(tmp_path):
     """Under FSDP the checkpoints are sharded: the best one's shards are loaded into every rank's shards."""
     from acctrain.sharded import full_state

@@ -18,6 +18,8 @@ from acctrain.bytelm import ByteLM, ModelConfig
 from tests.support import CPU_ARGS, ROOT, STEPS, TINY, launch, scalars
 from tests.support.tiny import rel_diff
 
+pytestmark = pytest.mark.processes  # every test here starts processes
+
 TINY_MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, context_len=32)
 
 

@@ -189,6 +189,7 @@ def test_one_process_gradients_are_unchanged(tmp_path):
     assert_matches_full_batch(memory_run.run(str(tmp_path), "blocks", True, 0.0)["tensors"])
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_gradients_are_unchanged(tmp_path, fsdp):
     launch(["-m", "tests.workers.memory_run", str(tmp_path), *(["fsdp"] if fsdp else [])], nproc=2)
@@ -289,6 +290,7 @@ def test_the_search_takes_the_largest_micro_batch_that_fits_and_leaves_the_model
         capsys.readouterr().out
 
 
+@pytest.mark.processes
 def test_every_rank_takes_the_smallest_micro_batch_that_fits_on_any_rank(tmp_path):
     launch(["-m", "tests.workers.auto_micro_run", str(tmp_path), "cpu"], nproc=2)
     for rank in (0, 1):  # rank 0 fits its whole per-rank batch of 24, rank 1 only 3 (24, 12, 6 do not fit)

@@ -41,6 +41,7 @@ def test_metrics_and_predict_on_one_process_equal_the_hand_made_reference(tmp_pa
     assert 0 < result["last_eval"]["eval/accuracy"] < 1  # a value that a mistake could change
 
 
+@pytest.mark.processes
 def test_metrics_and_predict_on_two_processes_equal_the_hand_made_reference(tmp_path):
     """37 eval samples over 2 ranks in micro-batches of 4: no padding, no duplicate; every rank gets the
     same metrics and all 37 predictions in order."""
@@ -149,6 +150,7 @@ def test_predict_runs_in_the_runs_precision_without_gradients(tmp_path):
     assert torch.equal(got, expected) and not torch.equal(got, fp32)  # bf16's rounding shows
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_ranks_with_fewer_eval_batches_keep_in_step(tmp_path, mode):
     """fsdp: each Block its own FSDP unit (every forward gathers), 9 samples = 1 batch on rank 0, 2 on rank 1;

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.processes import ROOT
 
 RUN = """
@@ -56,6 +58,7 @@ def files(out: Path) -> dict[str, int]:
     return {str(p): p.stat().st_size for p in out.rglob("*")}
 
 
+@pytest.mark.processes
 def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     first = start(out, tmp_path / "a")
@@ -74,6 +77,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_pa
     assert third.wait(timeout=120) == 0, third.communicate()
 
 
+@pytest.mark.processes
 def test_a_killed_run_leaves_no_lock(tmp_path):
     out = tmp_path / "out"
     first = start(out, tmp_path / "a")

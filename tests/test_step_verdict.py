@@ -20,13 +20,14 @@ from tests.workers import verdict_run
 
 WORKER = ["-m", "tests.workers.verdict_run"]  # run from ROOT as a module (torchrun -m)
 TAGS = ("train/loss", "train/grad_norm", "train/lr", "train/skipped_steps", "train/epoch", "eval/loss")
+CHECKPOINTS = ["step-00000006", "step-00000008"]  # verdict_run: save_every=3 over 8 steps, keep_last=2
 
 
 def same_run(a_dir, b_dir):
     """Bitwise equal final weights and checkpoints, and the same logged value for every step and tag."""
     a, b = load_file(a_dir / "result.safetensors"), load_file(b_dir / "result.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert ckpts(a_dir) == ckpts(b_dir)
+    assert ckpts(a_dir) == ckpts(b_dir) == CHECKPOINTS  # not two empty lists: the bytes below are compared
     for step in ckpts(a_dir):
         for name in ("model.safetensors", "optimizer.safetensors"):
             assert (a_dir / "checkpoints" / step / name).read_bytes() == (b_dir / "checkpoints" / step / name).read_bytes()
@@ -52,6 +53,7 @@ def test_nan_policy_halt_on_the_device_path_names_the_step_and_applies_nothing_a
     assert ckpts(tmp_path) == ["step-00000003"]
 
 
+@pytest.mark.processes
 def test_two_processes_agree_on_the_device_path(tmp_path):
     for name, on_device in (("late", True), ("now", False)):
         launch([*WORKER, json.dumps({"out_dir": str(tmp_path / name), "on_device": on_device, "nan_at": 3})], nproc=2)

@@ -62,6 +62,7 @@ def test_a_stream_run_stopped_and_resumed_is_bit_identical(tmp_path):
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.processes
 def test_a_stream_run_on_two_processes_is_the_one_process_run_and_resumes_on_one(tmp_path):
     reference = resume_run.run(str(tmp_path / "ref"), stream=True)
     launch([*WORKER, json.dumps({"out_dir": str(tmp_path / "two"), "stream": True})], nproc=2)

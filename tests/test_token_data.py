@@ -86,6 +86,7 @@ def test_tokenize_bytes_writes_the_tokens_and_a_sidecar_read_back(tmp_path):
     assert data.vocab_size == 256 and data[0]["input_ids"].tolist() == list(b"hell")
 
 
+@pytest.mark.processes
 def test_tokenize_command_and_its_errors(tmp_path):
     (tmp_path / "a.txt").write_text("abcdefgh" * 10)
     run = lambda *args: subprocess.run([sys.executable, "-m", "acctrain.cli", "tokenize", *args], cwd=ROOT,  # noqa: E731
@@ -100,6 +101,7 @@ def test_tokenize_command_and_its_errors(tmp_path):
     assert proc.returncode == 2 and "use bytes, tiktoken:NAME" in proc.stderr
 
 
+@pytest.mark.processes
 def test_main_job_trains_on_a_token_file_on_one_and_two_processes(tmp_path):
     """`data.path`: the embedded job on a tokenized corpus instead of the stdlib bytes; 1 and 2 processes take
     the same global samples per step, so their losses agree."""
@@ -120,6 +122,7 @@ def test_main_job_trains_on_a_token_file_on_one_and_two_processes(tmp_path):
     assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.processes
 def test_a_vocabulary_larger_than_the_model_is_refused_naming_the_field(tmp_path):
     corpus = write_bin(tmp_path / "big.bin", range(1000))
     (tmp_path / "big.bin.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50257}))
@@ -154,6 +157,7 @@ def test_a_tokenizer_package_that_is_not_installed_is_named(tmp_path):
         tokenize([tmp_path / "a.txt"], tmp_path / "a.bin", "tiktoken:gpt2")
 
 
+@pytest.mark.processes
 def test_the_main_job_on_a_token_file_resumes_on_another_world_size(tmp_path):
     """2 processes train steps 1-2 and save; 1 process continues to step 4: the uninterrupted 1-process run."""
     from safetensors.torch import load_file

@@ -226,6 +226,7 @@ def test_short_epoch_and_early_stopping(tmp_path):
     assert e.state.step == 3 and stopper.wait == 2
 
 
+@pytest.mark.processes
 def test_two_processes_agree_on_lr_find_early_stopping_and_cancels(tmp_path):
     launch(["-m", "tests.workers.toolkit_run", str(tmp_path)], nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -245,6 +246,7 @@ def test_two_processes_agree_on_lr_find_early_stopping_and_cancels(tmp_path):
 # ----------------------------------------------------------------------------------------- summary
 
 
+@pytest.mark.processes
 def test_model_summary_counts_trainable_and_frozen(tmp_path):
     e = engine(tmp_path)
     e.freeze("embed")

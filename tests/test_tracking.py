@@ -116,6 +116,7 @@ def on_a_terminal(code: str) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.processes
 def test_the_progress_bar_shows_the_flushed_mean_and_lines_print_above_it(tmp_path):
     text = on_a_terminal(PROGRESS.format(out=str(tmp_path)))
     lines = re.split(r"[\r\n]+", text)

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
 from tests.support.runs import copy_of, rewrite
 from tests.test_checkpoint_safety import STEP3, STEP6
+
+pytestmark = pytest.mark.processes  # every test here starts processes
 
 
 def verify(*args) -> subprocess.CompletedProcess:

@@ -41,6 +41,7 @@ def exit_codes(stderr: str) -> list[int]:
     return [int(code) for code in re.findall(r"exitcode\s+:\s*(-?\d+)", stderr)]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fault", ["sleep", "loader", "sigstop"])
 def test_a_stalled_rank_is_named_and_the_job_ends(tmp_path, fault):
     proc, seconds = run_fault(tmp_path, fault)
@@ -67,6 +68,7 @@ def test_a_stalled_rank_is_named_and_the_job_ends(tmp_path, fault):
         assert sorted(codes) == [-9, HANG_EXIT_CODE]
 
 
+@pytest.mark.processes
 def test_a_save_longer_than_hang_timeout_on_the_main_rank_does_not_trip_it(tmp_path):
     """Only waiting for a rank that is stuck is a hang: the main rank writing checkpoints (steps 4 and 8, and
     the end) for hang_timeout + 4 s each, while the other waits, is busy, and the run ends normally."""
@@ -78,6 +80,7 @@ def test_a_save_longer_than_hang_timeout_on_the_main_rank_does_not_trip_it(tmp_p
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000008"
 
 
+@pytest.mark.processes
 def test_an_error_on_one_rank_ends_the_other_at_once_naming_it(tmp_path):
     proc, seconds = run_fault(tmp_path, "raise")
     print(f"raise: {seconds:.1f} s from the error to the end of the job")
@@ -89,6 +92,7 @@ def test_an_error_on_one_rank_ends_the_other_at_once_naming_it(tmp_path):
     assert not (tmp_path / "hang-report.txt").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fault", ["raise", "sleep"])
 def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
     """Two plain processes given their ranks as srun gives them (no torchrun to kill the survivor): an error
@@ -116,6 +120,7 @@ def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
         assert "rank(s) 1 did not arrive" in (tmp_path / "hang-report.txt").read_text()
 
 
+@pytest.mark.processes
 def test_a_rank_that_never_joins_is_named_within_hang_timeout(tmp_path):
     """Rank 0 of 2 started alone (a node whose launcher never came): it stops after hang_timeout naming rank 1."""
     env = launch_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -141,6 +146,7 @@ def test_hang_timeout_must_be_positive():
 # ----------------------------------------------------------------------------------------- elastic recovery
 
 
+@pytest.mark.processes
 def test_a_worker_killed_mid_run_is_restarted_and_the_result_is_bit_identical(tmp_path):
     """torchrun --max-restarts 2: rank 1 is killed (SIGKILL) after step 7 of 12; the restarted workers form a
     new group, resume from step 6 and end bitwise where an uninterrupted run ends."""
@@ -157,6 +163,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_result_is_bit_identical(tm
     assert run["losses"] == ref["losses"][6:]
 
 
+@pytest.mark.processes
 def test_losing_a_node_carries_on_with_half_the_processes(tmp_path):
     """Two torchrun agents on one host stand for two nodes (--nnodes 1:2, c10d rendezvous on localhost). After
     step 7 the second node's worker stops and the test kills it with its agent: the first agent's worker fails,
