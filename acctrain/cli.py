@@ -287,8 +287,8 @@ def tokenize_main(args: list[str]) -> int:
 
 
 def verify_main(args: list[str]) -> int:
-    """`acctrain verify CHECKPOINT_DIR|RUN_DIR` (acctrain.checkpoint_report)."""
-    from acctrain.checkpoint_report import verify_main as report
+    """`acctrain verify CHECKPOINT_DIR|RUN_DIR` (acctrain.checkpoint.report)."""
+    from acctrain.checkpoint.report import verify_main as report
 
     return report(args)
 

@@ -109,7 +109,8 @@ def export(source: Path, out: Path, ema: bool = False) -> str:
 
 def checkpoint_weights(source: Path, meta: dict[str, Any], ema: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors, whole (FSDP shards joined), with plain names; the EMA's with `ema`."""
-    from acctrain import checkpoint, sharded
+    from acctrain import checkpoint
+    from acctrain.checkpoint import sharded
 
     if sharded.is_sharded_checkpoint(source):
         tensors = sharded.full_state(source)  # offline: no process group
@@ -122,7 +123,7 @@ def checkpoint_weights(source: Path, meta: dict[str, Any], ema: bool = False) ->
 
 def ema_state(source: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The state of the checkpoint's EMA callback, its tensors loaded."""
-    from acctrain.checkpointer import callbacks_with_tensors
+    from acctrain.checkpoint.checkpointer import callbacks_with_tensors
 
     states = [cb["state"] for cb in callbacks_with_tensors(meta, source)["callbacks"] if cb["class"] == "EMA"]
     states = [state for state in states if state["weights"] is not None]  # saved before the average started

@@ -4,7 +4,7 @@
 decide, update, and the step's one ending), and between them what the config asks: stop on a signal, log,
 evaluate, save. The parts it calls own their concerns: the run's state (acctrain.state.RunState: what a
 checkpoint saves, a trial puts back and a phase starts afresh), the data plan (acctrain.data), the schedule
-(acctrain.schedules), acctrain.agreement what all ranks decide, acctrain.checkpointer the checkpoints,
+(acctrain.schedules), acctrain.agreement what all ranks decide, acctrain.checkpoint.checkpointer the checkpoints,
 acctrain.evaluation the evaluations, acctrain.runtime the start-up. `acctrain.engine.Engine` is this loop with
 the toolkit on top.
 """
@@ -23,11 +23,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from acctrain import agreement, barrier, checkpoint, data_identity, ema, evaluation, export, hf_data, loss_scaling, \
-    memory, optim, preflight, run_lock, runtime, sharded, watchdog
+    memory, optim, preflight, runtime, watchdog
+from acctrain.checkpoint import run_lock, sharded
 from acctrain import metrics as metrics_module
 from acctrain.agreement import Requests
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
-from acctrain.checkpointer import Checkpointer, resume_changes
+from acctrain.checkpoint.checkpointer import Checkpointer, resume_changes
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Feed, Window
 from acctrain.errors import ConfigError, Preempted
@@ -382,7 +383,7 @@ class Loop:
         return evaluation.metric_names(self.measures, self.callbacks, self.eval_data is not None)
 
     def _load_best_at_end(self) -> None:
-        """load_best_at_end: the best checkpoint's weights into the model (weights only; see acctrain.checkpointer)."""
+        """load_best_at_end: the best checkpoint's weights into the model (weights only; see acctrain.checkpoint.checkpointer)."""
         if self.config.load_best_at_end:
             self.best_checkpoint = self.checkpointer.load_best(self.model, newest=self.checkpoint_path)
             if self.best_checkpoint is not None:
@@ -393,7 +394,7 @@ class Loop:
 
     @settled  # the counters and the schedule of every step taken
     def save(self) -> None:
-        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpointer."""
+        """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpoint.checkpointer."""
         self._saved_at = time.monotonic()
         watchdog.at("checkpoint save", self.state.step)
         self.checkpoint_path = self.checkpointer.save(self.state.step, self.model, self.torch_optimizer,

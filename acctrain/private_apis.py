@@ -3,7 +3,7 @@
 The rule: acctrain touches another library's private names (a `_name` attribute, method, function, module or
 dict key of torch, Accelerate, torchmetrics, HF datasets or TensorBoard) and its internals (TensorBoard's record
 writer) only here, through the functions below; no other module of acctrain does. tests/test_private_apis.py
-scans acctrain/*.py and fails on a use elsewhere.
+scans every module of acctrain (subpackages too) and fails on a use elsewhere.
 
 Checked against torch 2.13.0, accelerate 1.16.0, torchmetrics 1.9.0, datasets 5.2.0, tensorboard 2.21.0.
 

@@ -17,7 +17,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, group, memory, private_apis, seeds, sharded
+from acctrain import barrier, checkpoint, group, memory, private_apis, seeds
+from acctrain.checkpoint import sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.state import rng_from_files

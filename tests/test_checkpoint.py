@@ -21,6 +21,7 @@ from acctrain.checkpoint import HASH, CheckpointError, find_resumable, verify, w
 from acctrain.errors import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 from acctrain.permutation import EAGER_MAX
 from tests.support import ROOT, assert_same_run, ckpts, launch, load_result, logged
+from tests.support.slow_save import ENV, slow_saves
 from tests.test_checkpoint_hash import reference_digest
 from tests.workers import resume_run
 
@@ -120,7 +121,7 @@ def test_commit_puts_the_writers_digests_in_the_manifest_without_reading_the_fil
 
 
 def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path):
-    from acctrain.async_save import _snapshot
+    from acctrain.checkpoint.async_save import _snapshot
 
     weight, buffers = torch.ones(3, 4), {}
     files = {tmp_path / "model.safetensors": {"w": weight}, tmp_path / "state.json": {"step": 1}}
@@ -137,7 +138,7 @@ def test_async_snapshot_reuses_its_buffers_and_copies_the_values_of_now(tmp_path
 
 
 def test_async_snapshot_leaves_stable_tensors_to_the_writer_and_refuses_a_torn_copy(tmp_path):
-    from acctrain.async_save import _copy, _snapshot
+    from acctrain.checkpoint.async_save import _copy, _snapshot
 
     weight, running_mean = torch.ones(3, 4), torch.zeros(4)
     files = {tmp_path / "model.safetensors": {"w": weight, "running_mean": running_mean}}
@@ -158,7 +159,7 @@ def test_async_snapshot_leaves_stable_tensors_to_the_writer_and_refuses_a_torn_c
 
 def main_rank_writer(stage: Path):
     """A background save of rank 0 of 2 (files written for real); it commits once rank 1's part is marked done."""
-    from acctrain.async_save import AsyncWriter
+    from acctrain.checkpoint.async_save import AsyncWriter
 
     stage.mkdir(parents=True)
     writer, committed = AsyncWriter(), []
@@ -168,7 +169,7 @@ def main_rank_writer(stage: Path):
 
 
 def test_an_async_save_stops_when_another_rank_marks_its_part_failed(tmp_path):
-    from acctrain.async_save import PartFailed
+    from acctrain.checkpoint.async_save import PartFailed
 
     stage = tmp_path / "step-00000004.tmp"
     writer, committed = main_rank_writer(stage)
@@ -185,7 +186,7 @@ def test_an_async_save_stops_when_another_rank_marks_its_part_failed(tmp_path):
 def test_a_failed_run_waits_a_bounded_time_for_other_ranks_parts(tmp_path):
     """On a failed run's way out (patience), the main rank's writer gives up on a rank that never wrote its
     part (it died with the run), instead of keeping the process alive for the hour it waits otherwise."""
-    from acctrain.async_save import PartFailed
+    from acctrain.checkpoint.async_save import PartFailed
 
     writer, committed = main_rank_writer(tmp_path / "step-00000004.tmp")
     error = writer.wait(raise_error=False, patience=0.3)
@@ -199,13 +200,13 @@ def test_a_rank_whose_disk_is_full_marks_its_part_failed_even_without_room_for_t
     """The marker appears complete (renamed into place) with the cause; if the cause cannot be written (a full
     disk: RLIMIT_FSIZE of 0 in a child process makes every write fail with EFBIG), the marker is empty and the
     main rank says the cause was not recorded."""
-    from acctrain.async_save import PartFailed, _mark_failed
+    from acctrain.checkpoint.async_save import PartFailed, _mark_failed
 
     _mark_failed(tmp_path, 1, "OSError: [Errno 28] No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == [".failed-rank1"]
     full = tmp_path / "full"
     full.mkdir()
-    code = ("import resource, signal, sys; from pathlib import Path; from acctrain.async_save import _mark_failed; "
+    code = ("import resource, signal, sys; from pathlib import Path; from acctrain.checkpoint.async_save import _mark_failed; "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
             "_mark_failed(Path(sys.argv[1]), 1, 'OSError: [Errno 27] File too large')")
     subprocess.run([sys.executable, "-c", code, str(full)], cwd=ROOT, check=True, timeout=60)
@@ -220,7 +221,7 @@ def test_the_step_after_an_async_save_waits_for_its_copy_of_the_weights(tmp_path
     """The writer sleeps before copying the parameters and optimizer state; the next optimizer step waits for
     that copy, so the checkpoint holds the state of its step, byte for byte the synchronous save's."""
     sync = resume_run.run(str(tmp_path / "sync"), steps=4, save_every=2)
-    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    slow_saves(0.3, monkeypatch)
     asynchronous = resume_run.run(str(tmp_path / "async"), steps=4, save_every=2, async_save=True)
     assert_same_run(sync, asynchronous)
     for name in ("model.safetensors", "optimizer.safetensors"):
@@ -243,7 +244,7 @@ def test_an_async_save_at_an_epochs_end_is_copied_before_the_emas_evaluation_swa
         engine.close()
 
     run(tmp_path / "sync")
-    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    slow_saves(0.3, monkeypatch)
     run(tmp_path / "async", async_save=True)
     for name in ("model.safetensors", "optimizer.safetensors", "callbacks.safetensors"):
         assert (tmp_path / "async" / "checkpoints" / "step-00000002" / name).read_bytes() == \
@@ -258,7 +259,7 @@ def test_weights_changed_outside_the_engine_during_an_async_copy_fail_that_save(
                       async_save=True)
     engine = Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate)
     engine.fit()  # step-00000002
-    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")
+    slow_saves(0.3, monkeypatch)
     engine.state.step = 3
     engine.save()
     with torch.no_grad():
@@ -271,7 +272,7 @@ def test_weights_changed_outside_the_engine_during_an_async_copy_fail_that_save(
 
 
 def test_async_buffers_reserved_in_the_background_are_the_ones_the_snapshot_uses(tmp_path):
-    from acctrain.async_save import _Reservation, _snapshot
+    from acctrain.checkpoint.async_save import _Reservation, _snapshot
 
     big, small = torch.randn(512, 1024), torch.arange(6, dtype=torch.int64)  # 2 MiB: mapped with MAP_POPULATE
     reservation = _Reservation({("model.safetensors", "big"): ((512, 1024), torch.float32),
@@ -394,7 +395,7 @@ def start_worker(out: Path, env: dict, **options) -> subprocess.Popen:
 
 @pytest.mark.processes
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, reference):
-    proc = start_worker(tmp_path, {"ACCTRAIN_TEST_SLOW_SAVE": "0.3"}, save_every=3)
+    proc = start_worker(tmp_path, {ENV: "0.3"}, save_every=3)
     staging = tmp_path / "checkpoints" / "step-00000006.tmp"
     deadline = time.time() + 120
     while not (staging / "model.safetensors").exists():  # the second save is half-way
@@ -520,7 +521,7 @@ def test_async_save_writes_the_same_checkpoints_in_the_background(tmp_path):
 
 
 def test_async_save_returns_before_the_commit(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the writing thread sleeps 0.3 s per file
+    slow_saves(0.3, monkeypatch)  # the writing thread sleeps 0.3 s per file
     engine_box = {}
 
     class SaveAt2(resume_run.Callback):
@@ -549,7 +550,7 @@ def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, m
     from acctrain import Engine, TrainConfig
     from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
 
-    monkeypatch.setenv("ACCTRAIN_TEST_SLOW_SAVE", "0.3")  # the save of step 2 is still being written at step 3
+    slow_saves(0.3, monkeypatch)  # the save of step 2 is still being written at step 3
 
     class FailAt3(resume_run.Callback):
         def after_step(self, engine):
@@ -569,12 +570,14 @@ def test_an_error_during_an_async_save_lets_that_checkpoint_complete(tmp_path, m
 def test_an_async_save_in_flight_at_interpreter_exit_completes(tmp_path):
     script = f"""
 from acctrain import Engine, TrainConfig
+from tests.support.slow_save import slow_saves_from_env
 from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+slow_saves_from_env()
 cfg = TrainConfig(output_dir={str(tmp_path)!r}, global_batch_size=8, micro_batch_size=8, max_steps=2, async_save=True)
 Engine(make_model(), cfg, VarLenTokens(26), loss_fn=token_loss, collate_fn=collate).save()
 print("main thread done", flush=True)
 """
-    env = {**os.environ, "ACCTRAIN_TEST_SLOW_SAVE": "0.2"}
+    env = {**os.environ, ENV: "0.2"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "main thread done" in done.stdout, done.stderr
     assert ckpts(tmp_path) == ["step-00000000"], done.stderr

@@ -23,6 +23,7 @@ from acctrain.checkpoint import FORMAT_VERSION, CheckpointError, find_resumable,
 from acctrain.errors import Preempted
 from tests.support import ROOT, ckpts
 from tests.support.runs import copy_of, rewrite
+from tests.support.slow_save import ENV
 from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
 from tests.workers import resume_run
 
@@ -138,7 +139,7 @@ def test_kill_9_while_replacing_a_checkpoint_moves_the_old_one_aside_first(six, 
     (old / "optimizer.json").write_text("{}")  # damaged: the next run retrains step 6 and replaces it
     damaged = {p.name: p.read_bytes() for p in old.iterdir()}
     aside = [out / "checkpoints" / (STEP6 + ".discard")]
-    proc = start_worker(out, {"ACCTRAIN_TEST_SLOW_SAVE": "0.2"}, steps=6, save_every=3)
+    proc = start_worker(out, {ENV: "0.2"}, steps=6, save_every=3)
     wait_for(proc, lambda: aside[0].is_dir())  # renamed out of the way, the new one not yet in place
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

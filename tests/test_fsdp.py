@@ -1,4 +1,4 @@
-"""Sharded FSDP2 checkpoints (acctrain.sharded): save at 2 processes, load at 2 and at 1, export, no pickles.
+"""Sharded FSDP2 checkpoints (acctrain.checkpoint.sharded): save at 2 processes, load at 2 and at 1, export, no pickles.
 
 The FSDP2 runs are real: 2 (or 1) processes under torchrun, gloo on CPU, Accelerate's own FSDP2 prepare
 (made reachable on CPU by `use_fsdp2_on_cpu`; Accelerate 1.15 drops `fsdp_plugin` on MULTI_CPU).
@@ -18,7 +18,7 @@ from tests.support import launch
 
 pytest.importorskip("torch.distributed.checkpoint.hf_storage", reason="HuggingFaceStorageWriter needs torch >= 2.8")
 
-from acctrain.sharded import MANIFEST, full_state, load_sharded, save_sharded  # noqa: E402
+from acctrain.checkpoint.sharded import MANIFEST, full_state, load_sharded, save_sharded  # noqa: E402
 
 from tests.workers.fsdp_run import make_model  # noqa: E402
 

@@ -41,7 +41,7 @@ def run(args: list[str], env: dict | None = None, timeout: int = TIMEOUT, cwd: P
 
 def snapshot(out: Path) -> dict[str, str]:
     """Every file under `out` with a hash of its bytes (empty when `out` does not exist), but the run lock, which
-    each run that starts rewrites with its pid (acctrain.run_lock)."""
+    each run that starts rewrites with its pid (acctrain.checkpoint.run_lock)."""
     if not out.exists():
         return {}
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

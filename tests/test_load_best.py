@@ -52,7 +52,7 @@ def test_two_processes_end_with_the_best_checkpoints_weights_on_every_rank(tmp_p
 @pytest.mark.processes
 def test_fsdp_ends_with_the_best_checkpoints_weights_on_every_rank(tmp_path):
     """Under FSDP the checkpoints are sharded: the best one's shards are loaded into every rank's shards."""
-    from acctrain.sharded import full_state
+    from acctrain.checkpoint.sharded import full_state
 
     launch(["-m", "tests.workers.ema_run", json.dumps({"out_dir": str(tmp_path), "fsdp": True, **BEST})], nproc=2)
     result = json.loads((tmp_path / "result.json").read_text())

@@ -19,7 +19,7 @@ from acctrain import Callback, ConfigError, Engine, TrainConfig
 from acctrain import data_identity
 from acctrain.checkpoint import HASH, CheckpointError, file_digests, find_resumable, verify
 from acctrain.ema import EMA
-from acctrain.checkpointer import RESUME_CONSEQUENCES, resume_changes
+from acctrain.checkpoint.checkpointer import RESUME_CONSEQUENCES, resume_changes
 from acctrain.token_data import TokenWindows, tokenize
 from tests.support.tiny import RUN_ON_CPU, VOCAB, VarLenTokens, collate, make_model, token_loss
 from tests.support.runs import copy_of, rewrite

@@ -1,4 +1,4 @@
-"""One run per output_dir (acctrain.run_lock): a second run is refused naming the holder; a dead run's lock is gone."""
+"""One run per output_dir (acctrain.checkpoint.run_lock): a second run is refused naming the holder; a dead run's lock is gone."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_a_killed_run_leaves_no_lock(tmp_path):
 
 def test_an_output_dir_that_cannot_be_locked_is_a_message(tmp_path):
     from acctrain.errors import ConfigError
-    from acctrain.run_lock import RunLock, owned  # noqa: F401
+    from acctrain.checkpoint.run_lock import RunLock, owned  # noqa: F401
     from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
     from acctrain import Engine, TrainConfig
 

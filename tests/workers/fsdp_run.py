@@ -29,7 +29,7 @@ from torch import nn
 
 from acctrain.barrier import wait_for_everyone
 from acctrain.cli import free_before_exit
-from acctrain.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu
+from acctrain.checkpoint.sharded import is_fsdp, load_sharded, save_sharded, use_fsdp2_on_cpu
 
 VOCAB, STEPS, CONTINUE, GLOBAL_ROWS = 32, 3, 2, 8
 

@@ -89,6 +89,9 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":
+    from tests.support.slow_save import slow_saves_from_env
+
+    slow_saves_from_env()  # ACCTRAIN_TEST_SLOW_SAVE: the tests that kill a save part-way set it
     options = json.loads(sys.argv[1])
     run(**options)
     free_before_exit()  # FSDP2's device mesh, freed at interpreter exit, can abort the process

@@ -19,8 +19,8 @@ a damaged checkpoint, a stray file, the checkpoint of a trajectory this run roll
 older one), an earlier save of this run at the same step. A write that fails (full disk, no permission)
 raises a CheckpointError naming the checkpoint and its directory; the previous checkpoints are untouched.
 
-The files and their crash-safe commit are acctrain.checkpoint's, the FSDP shards acctrain.sharded's, the
-background write acctrain.async_save's.
+The files and their crash-safe commit are acctrain.checkpoint's, the FSDP shards acctrain.checkpoint.sharded's, the
+background write acctrain.checkpoint.async_save's.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
-from acctrain import agreement, barrier, checkpoint, checkpoint_format, data_identity, sharded
-from acctrain.async_save import AsyncWriter, PartFailed
+from acctrain import agreement, barrier, checkpoint, data_identity
+from acctrain.checkpoint import format as checkpoint_format, sharded
+from acctrain.checkpoint.async_save import AsyncWriter, PartFailed
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
 from acctrain.version import __version__
@@ -334,7 +335,7 @@ def trainer_state(meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> tup
 
 
 def contents(files: dict[Path, Any], stage: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint says it holds (trainer_state.json's `contents`, checked by acctrain.checkpoint_format's
+    """What a checkpoint says it holds (trainer_state.json's `contents`, checked by acctrain.checkpoint.format's
     `check_contents`): the main process's files, the tensors of each (name, dtype, shape), and the parts of its
     state that are set (scaler, a stream's position, a torch LR scheduler). Every rank's RNG files are required
     by the plan's world size."""

@@ -129,7 +129,6 @@ def _snapshot(files: dict[Path, Any], buffers: dict[tuple[str, str], torch.Tenso
 
 def _copy(later: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
     """The writer's copies; an in-place change since the snapshot (a version counter moved) fails the save."""
-    checkpoint._slow_save_hook()
     for buffer, tensor, _ in later:
         buffer.copy_(tensor)
     changed = sum(private_apis.tensor_version(tensor) != version for _, tensor, version in later)

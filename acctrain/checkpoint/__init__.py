@@ -16,7 +16,7 @@ damaged checkpoint, a stray file, one of a trajectory that was rolled back) is r
 A kill leaves at worst a `*.discard`, which nothing reads, and the next save removes it with stale `*.tmp`.
 
 `verify` checks the manifest's shape, that it lists the files a checkpoint needs, every file's size and
-digest, then what acctrain.checkpoint_format checks: the format version, every rank's RNG files, what
+digest, then what acctrain.checkpoint.format checks: the format version, every rank's RNG files, what
 trainer_state.json declares, and each safetensors header. Files are safetensors and JSON only; loading reads
 them with `safetensors` and `json`, so nothing in a checkpoint can run code.
 
@@ -24,7 +24,7 @@ Digests (`manifest.json`'s `hash`, and each file's entry under that name): HASH,
 chunks (see `HASH`), which runs at memory bandwidth, so that verifying costs little beside loading;
 checkpoints written before format 3 have no `hash` and a `sha256` per file, and still verify. A manifest
 naming another algorithm is refused as unknown (a newer acctrain's, or damaged).
-The format versions, the files a checkpoint must hold and the header checks: acctrain.checkpoint_format.
+The format versions, the files a checkpoint must hold and the header checks: acctrain.checkpoint.format.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 
 from acctrain.errors import CheckpointError
 from acctrain.metrics import better
-from acctrain.checkpoint_format import (  # noqa: F401  (re-exported: the checkpoint's format, named here too)
+from acctrain.checkpoint.format import (  # noqa: F401  (re-exported: the checkpoint's format, named here too)
     DIGEST_HEX,
     FORMAT_VERSION,
     HASH,
@@ -110,11 +110,8 @@ def write_files(files: dict[Path, Any]) -> dict[Path, str]:
     digests = {path: _Task(_digest_buffers, encoded[path]) for path in largest_first}
     synced = []
     for path in largest_first:
-        with open(path, "wb") as f:
-            for chunk in encoded[path]:
-                f.write(chunk)
+        _write_file(path, encoded[path])
         synced.append(_Task(_fsync_file, path))  # the disk's wait overlaps the next file's write
-        _slow_save_hook()
     for task in synced:
         task.result()
     return {path: task.result() for path, task in digests.items()}
@@ -181,6 +178,12 @@ def _digest_buffers(buffers: list) -> str:
     return _combine(chunks + ([current.digest()] if filled else []))
 
 
+def _write_file(path: Path, chunks: list) -> None:
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
 def _combine(chunk_digests: list[bytes]) -> str:
     """HASH of a file from its chunks' digests, in file order."""
     return xxhash.xxh3_128_hexdigest(b"".join(chunk_digests))
@@ -188,7 +191,6 @@ def _combine(chunk_digests: list[bytes]) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_bytes(encode_json(obj))
-    _slow_save_hook()
 
 
 def commit(stage: Path, digests: dict[Path, str] | None = None) -> Path:
@@ -211,7 +213,6 @@ def commit(stage: Path, digests: dict[Path, str] | None = None) -> Path:
     # Whatever holds the name (damaged, stray, another trajectory's: the caller decided to replace it) is
     # renamed aside, never deleted first: a kill in between leaves the previous checkpoint and this one whole.
     replaced = _move_aside(final) if final.exists() or final.is_symlink() else None
-    _slow_save_hook()  # tests kill the process here
     os.replace(stage, final)
     _fsync_dir(final.parent)
     _write_atomic(final.parent / LATEST, final.name + "\n")
@@ -449,15 +450,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _slow_save_hook() -> None:
-    """Tests slow a save down (ACCTRAIN_TEST_SLOW_SAVE=seconds per file) to kill a process mid-save."""
-    delay = float(os.environ.get("ACCTRAIN_TEST_SLOW_SAVE", "0") or 0)
-    if delay:
-        import time
-
-        time.sleep(delay)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -39,7 +39,7 @@ LEGACY_HASH = "sha256"
 """The digest of formats 1 and 2, whose manifests name no `hash`: sha256 of the whole file."""
 DIGEST_HEX = {HASH: 32, LEGACY_HASH: 64}
 """The algorithms `verify` knows, and their digests' length in hex."""
-REQUIRED = {  # the files (fnmatch patterns) each kind of checkpoint must list; sharded: acctrain.sharded's layout
+REQUIRED = {  # the files (fnmatch patterns) each kind of checkpoint must list; sharded: acctrain.checkpoint.sharded's layout
     "full": ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json"),
     "sharded": ("sharded.json", "model/*.safetensors", "optim/*.safetensors", "trainer_state.json"),
 }
