@@ -31,6 +31,9 @@ from acctrain.checkpoint import CheckpointError
 from acctrain.errors import ConfigError, NonFiniteError, Preempted
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig}
+JOB_DEFAULTS = {"eval_every": 100}
+"""The embedded job's own defaults, under a config file and overrides: an eval curve with points (7 evaluations
+over its 696 default steps), not one at the end."""
 
 
 def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, float]:
@@ -76,7 +79,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return _print_usage("train")
     path, overrides = _split_args(argv)
     try:
-        cfg, sections = load_config(path, overrides, sections=SECTIONS)
+        cfg, sections = load_config(path, overrides, sections=SECTIONS, defaults=JOB_DEFAULTS)
         run_job(cfg, sections["model"], sections["data"])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -118,7 +121,7 @@ def _job_plan(args: list[str]) -> tuple[TrainConfig, DataPlan, dict[str, str]]:
             extra[key] = value
         else:
             rest.append(item)
-    cfg, sections = load_config(path, rest, sections=SECTIONS)
+    cfg, sections = load_config(path, rest, sections=SECTIONS, defaults=JOB_DEFAULTS)
     train_set, _, _ = job_data(sections["data"], sections["model"])
     if not extra["world_size"].isdigit() or int(extra["world_size"]) < 1:
         raise ConfigError("world_size", f"must be an int >= 1, got {extra['world_size']!r}.")
@@ -223,7 +226,7 @@ def _job_engine(args: list[str]):
     from acctrain.engine import Engine
 
     path, overrides = _split_args(args)
-    cfg, sections = load_config(path, overrides, sections=SECTIONS)
+    cfg, sections = load_config(path, overrides, sections=SECTIONS, defaults=JOB_DEFAULTS)
     train_set, eval_set, model = job_data(sections["data"], sections["model"])
     torch.manual_seed(cfg.seed)
     return Engine(ByteLM(model), cfg, train_set, eval_set, loss_fn=lm_loss, settings=job_settings(sections))
@@ -259,7 +262,7 @@ def summary_main(args: list[str]) -> int:
 
     path, overrides = _split_args(args)
     try:
-        _, sections = load_config(path, overrides, sections=SECTIONS)
+        _, sections = load_config(path, overrides, sections=SECTIONS, defaults=JOB_DEFAULTS)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -105,7 +105,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (an Accelerate FSDP launch config also enables it)."""
     cpu_threads: int = 0
-    """Torch threads per process when training on CPU; 0 means $OMP_NUM_THREADS if set (torchrun and accelerate launch set 1 unless you do), else available cores / processes on this node."""
+    """Torch threads per process when training on CPU; 0 means $OMP_NUM_THREADS if you set it, else available cores / processes on this node (the 1 that accelerate launch and torchrun set when you do not is not taken)."""
     activation_checkpointing: bool = False
     """Keep only each repeated block's inputs in the forward and recompute the block in the backward: less activation memory for about one more forward of compute, the same gradients (dropout's RNG is replayed)."""
     activation_checkpointing_block: str = ""
@@ -311,14 +311,16 @@ def load_config(
     *,
     cls: type = TrainConfig,
     sections: dict[str, type] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Build `cls` from a YAML/TOML file plus `key=value` overrides; `section.key` fills `sections`.
 
+    `defaults` (top-level keys) replace `cls`'s own defaults: the file and the overrides win over them.
     Returns the config and one instance per section (built from its defaults when not mentioned).
     Unknown keys are an error naming close matches.
     """
     sections = sections or {}
-    raw: dict[str, Any] = _read_file(Path(path)) if path else {}
+    raw: dict[str, Any] = {**(defaults or {}), **(_read_file(Path(path)) if path else {})}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

@@ -76,14 +76,29 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def cpu_threads(configured: int) -> int:
-    """Torch threads per CPU process: `cpu_threads`, else $OMP_NUM_THREADS (set by you, or by the launcher:
-    torchrun and accelerate launch set 1 when you do not), else this node's cores / its processes."""
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    """Torch threads per CPU process: `cpu_threads`, else $OMP_NUM_THREADS when you set it, else this node's
+    cores / its processes. A launcher's own default is not yours: `accelerate launch` sets OMP_NUM_THREADS=1 even
+    for one process, and torchrun for several, when you do not (`omp_threads_you_set`)."""
     if configured:
         return configured
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return omp_threads_you_set() or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def omp_threads_you_set() -> int | None:
+    """$OMP_NUM_THREADS unless the launcher set it: under `accelerate launch` or torchrun, whose environment a
+    process reads from /proc, a value that the launcher's own environment lacks is the launcher's default."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not (omp.isdigit() and int(omp) > 0):
+        return None
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched:
+        try:
+            launcher = open(f"/proc/{os.getppid()}/environ", "rb").read().split(b"\0")
+        except OSError:  # no /proc (macOS): keep it
+            return int(omp)
+        if not any(item.startswith(b"OMP_NUM_THREADS=") for item in launcher):
+            return None
+    return int(omp)
 
 
 def check_gpus_per_node(local_processes: int, gpus: int) -> None:

@@ -195,3 +195,25 @@ def test_an_unknown_keyword_in_python_is_refused_as_on_the_command_line():
         TrainConfig(warmup_step=3)
     assert err.value.field == "warmup_step"
     assert "Did you mean warmup_steps" in str(err.value) and "Known keys: output_dir" in str(err.value)
+
+
+def test_job_defaults_are_under_the_file_and_the_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("eval_every: 5\nlr: 0.01\n")
+    cfg, _ = load_config(path, ["lr=0.02"], defaults={"eval_every": 100, "lr": 0.5, "log_every": 7})
+    assert (cfg.eval_every, cfg.lr, cfg.log_every) == (5, 0.02, 7)
+    assert load_config(None, [], defaults={"eval_every": 100})[0].eval_every == 100
+    assert load_config(None, [])[0].eval_every == TrainConfig().eval_every == 0
+
+
+def test_the_main_job_evaluates_during_its_run_unless_told_otherwise(tmp_path):
+    from acctrain.cli import train_main
+    from tests.support import TINY, scalars
+
+    tiny = [a for a in TINY if not a.startswith(("max_steps", "eval_every", "log_every"))]
+    assert train_main([f"output_dir={tmp_path / 'a'}", "max_steps=200", "log_every=100", *tiny]) == 0
+    assert [s for s, _ in scalars(tmp_path / "a", "eval/loss")] == [100, 200]  # the job's own eval_every=100
+    (tmp_path / "run.yaml").write_text("eval_every: 0\n")  # a config file's value wins: after each epoch (75 steps)
+    assert train_main([str(tmp_path / "run.yaml"), f"output_dir={tmp_path / 'b'}", "max_steps=200", "log_every=100",
+                       *tiny]) == 0
+    assert [s for s, _ in scalars(tmp_path / "b", "eval/loss")] == [75, 150, 200]
