@@ -3,9 +3,11 @@ and a 2-process run trained on them (acctrain.token_data)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ from acctrain import ConfigError
 from acctrain.checkpoint import HASH
 from acctrain.token_data import TokenWindows, open_tokens, tokenize
 from tests.support import CPU_ARGS, ROOT, launch
+
+TEXT = Path(inspect.__file__)
+"""A text a corpus is made of: the standard library's inspect.py (over 100 KB, fixed for a Python version)."""
 
 
 def write_bin(path, tokens, dtype=np.uint16):
@@ -106,7 +111,7 @@ def test_main_job_trains_on_a_token_file_on_one_and_two_processes(tmp_path):
     """`data.path`: the embedded job on a tokenized corpus instead of the stdlib bytes; 1 and 2 processes take
     the same global samples per step, so their losses agree."""
     corpus = tmp_path / "corpus.bin"
-    text = (ROOT / "README.md").read_bytes()[:40_000]
+    text = TEXT.read_bytes()[:40_000]
     (tmp_path / "readme.txt").write_bytes(text)
     tokenize([tmp_path / "readme.txt"], corpus)
     job = [f"data.path={corpus}", "model.context_len=32", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
@@ -164,7 +169,7 @@ def test_the_main_job_on_a_token_file_resumes_on_another_world_size(tmp_path):
 
     from tests.support.tiny import rel_diff
 
-    (tmp_path / "readme.txt").write_bytes((ROOT / "README.md").read_bytes()[:20_000])
+    (tmp_path / "readme.txt").write_bytes(TEXT.read_bytes()[:20_000])
     tokenize([tmp_path / "readme.txt"], tmp_path / "corpus.bin")
     job = [f"data.path={tmp_path / 'corpus.bin'}", "model.context_len=32", "model.d_model=32", "model.n_layers=1",
            "model.n_heads=2", "global_batch_size=8", "micro_batch_size=4", "scheduler=constant", *CPU_ARGS]
