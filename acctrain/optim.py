@@ -105,8 +105,9 @@ class LrReadout:
         self._reference = 0
 
     def __call__(self, groups: list[dict]) -> dict[str, float]:
-        layout = tuple(g.get("name") for g in groups)
-        if layout != self._layout:  # built once per optimizer layout: tags are not formatted per step
+        # built once per layout (names and multipliers: fine_tune changes the multipliers), not formatted per step
+        layout = tuple((g.get("name"), g.get("lr_mult")) for g in groups)
+        if layout != self._layout:
             self._layout = layout
             self._reference = reference_group(groups)
             firsts: dict[str, int] = {}
