@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from acctrain import ConfigError, Engine, TrainConfig, load_config
@@ -130,15 +132,32 @@ def test_engine_errors_before_writing(tmp_path, kwargs, field):
     assert not out.exists()
 
 
-def test_readme_documents_every_field_with_its_sentence():
+def test_the_configuration_page_documents_every_field_with_its_sentence():
     from pathlib import Path
 
     from acctrain.config import field_docs
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in page.splitlines() if line.startswith("| `")}
     defaults = TrainConfig()
+    declared = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     for name, doc in field_docs(TrainConfig).items():
-        assert f"| `{name}` | `{getattr(defaults, name)!r}` | {doc} |" in readme, name
+        row = rows.get(f"`{name}`")  # | `name` | type | `default` | its sentence |
+        assert row is not None, f"docs/configuration.md has no row for {name}"
+        assert row.endswith(f" | {doc} |"), row
+        assert row.split(" | ")[2] == _as_documented(declared.get(name, getattr(defaults, name))), row
+
+
+def _as_documented(default) -> str:
+    """A default as the configuration page writes it: as in a YAML file."""
+    import yaml
+
+    if default is None:
+        return "unset"
+    if default == "":
+        return '`""` (empty)'
+    value = list(default) if isinstance(default, tuple) else default
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
 @pytest.mark.processes
