@@ -25,8 +25,18 @@ from acctrain.state import rng_from_files
 from acctrain.tracking import fast_tensorboard_checksums
 
 
+LAUNCHERS_FSDP = os.environ.get("ACCELERATE_USE_FSDP")
+"""ACCELERATE_USE_FSDP as the launcher set it (an Accelerate FSDP config), read before any Engine of this process:
+Accelerate sets it for an Accelerator given an FSDP plugin, and it would make every later Engine of the process
+FSDP (or refused as one), e.g. in a notebook after an `fsdp=true` Engine."""
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator whose process group really spans every launched process (without CUDA, torchrun's processes would otherwise train as independent jobs)."""
+    if LAUNCHERS_FSDP is None:  # an earlier Engine's FSDP is not this one's
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+    else:
+        os.environ["ACCELERATE_USE_FSDP"] = LAUNCHERS_FSDP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU (Accelerate honours it too). Without CUDA, Accelerate

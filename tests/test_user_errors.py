@@ -182,3 +182,19 @@ def test_evaluate_after_fit_evaluates_without_firing_the_training_watchers(tmp_p
     assert set(again) == {"eval/loss", "eval_ema/loss"} and again["eval/loss"] == pytest.approx(points[stopped_at])
     assert logged(out, "eval/loss") == points and stopper.wait == 1  # no second point, no second count
     assert json.dumps(engine.schedule.state_dict(), sort_keys=True) == schedule  # reduce_on_plateau not stepped
+
+
+def test_a_refused_fsdp_engine_leaves_the_next_engine_of_the_process_as_configured(tmp_path):
+    """Accelerate sets ACCELERATE_USE_FSDP for an Accelerator given an FSDP plugin: a later Engine of the process
+    (a notebook) must not read it as the launcher's FSDP config."""
+    from acctrain import ConfigError, Engine, TrainConfig
+    from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
+
+    def engine(fsdp: bool):
+        cfg = TrainConfig(output_dir=str(tmp_path / f"fsdp-{fsdp}"), global_batch_size=8, micro_batch_size=4,
+                          max_steps=1, cpu=True, fsdp=fsdp)
+        return Engine(make_model(), cfg, VarLenTokens(16), loss_fn=token_loss, collate_fn=collate)
+
+    with pytest.raises(ConfigError, match="fsdp=true needs a distributed launch"):
+        engine(fsdp=True)
+    assert engine(fsdp=False).fit()["train/loss"] > 0
