@@ -48,11 +48,12 @@ def run_job(cfg: TrainConfig, model_cfg: ModelConfig, data_cfg: DataConfig) -> d
                     settings=job_settings({"model": model_cfg, "data": data_cfg}))
     try:
         result = engine.fit()
+        logs = os.path.join(cfg.output_dir, "logs")
         engine.print(
             f"done: train loss {result.get('train/loss', float('nan')):.4f}, "
             f"eval loss {result.get('eval/loss', float('nan')):.4f}\n"
-            f"logs: {os.path.join(cfg.output_dir, 'logs')} (tensorboard --logdir {os.path.join(cfg.output_dir, 'logs')})\n"
-            f"checkpoint: {getattr(engine, 'checkpoint_path', cfg.output_dir)}",
+            + (f"logs: {logs} (tensorboard --logdir {logs})\n" if cfg.log_with.strip() else "logs: none (log_with is empty)\n")
+            + f"checkpoint: {getattr(engine, 'checkpoint_path', cfg.output_dir)}",
         )
         return result
     finally:

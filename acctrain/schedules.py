@@ -172,7 +172,7 @@ def check_schedule_config(name, warmup_steps=0, warmup_ratio=0.0, args=None) -> 
             raise ConfigError("schedule_args", "a schedule function takes no schedule_args; bind them in it")
     elif not isinstance(name, str) or name not in _ARGS:
         raise ConfigError("scheduler", f"unknown schedule {name!r}{_suggest(name, SCHEDULES)}; "
-                                       f"use one of {', '.join(SCHEDULES)} or a function step -> factor")
+                                       f"use one of {', '.join(SCHEDULES)} or a function step -> factor.")
     else:
         known = _ARGS[name]
     if (warmup_steps or warmup_ratio) and not label.startswith("warmup_"):

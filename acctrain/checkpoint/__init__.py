@@ -283,7 +283,9 @@ def verify(path: Path) -> None:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (listed in the manifest)")
         if file.stat().st_size != expected["size"]:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)")
+            size = file.stat().st_size
+            raise CheckpointError(f"{file}: {size} bytes, the manifest says {expected['size']} "
+                                  f"({'truncated' if size < expected['size'] else 'grown'}: changed after the save)")
     digests = file_digests([path / name for name in files], algorithm)
     for name, expected in files.items():
         if digests[path / name] != expected[algorithm]:
