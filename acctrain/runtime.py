@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, group, memory, private_apis, seeds
+from acctrain import barrier, checkpoint, group, memory, private_apis, seeds, watchdog
 from acctrain.checkpoint import sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -187,7 +187,13 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.pop().items():
+        previous = self._previous.pop()
+        if watchdog.current().ending:
+            # The watch thread is writing the hang report and exits with 124. The main thread got here because the
+            # hung rank's peers left its collective; a launcher that saw them leave sends SIGTERM, which must not
+            # kill this process (-15) before the report and the exit code are out.
+            return
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
 
     def _request(self, signum, frame) -> None:

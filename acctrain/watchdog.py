@@ -50,6 +50,7 @@ class _Idle:
     """The watch of a process that has none (one process, or outside fit): every call does nothing."""
 
     __slots__ = ()
+    ending = False
 
     def at(self, phase: str, step: int | None = None) -> None:
         pass
@@ -149,6 +150,8 @@ class Watchdog:
     def __init__(self, rank: int, world_size: int, output_dir: str | Path, hang_timeout: float):
         self.rank, self.world_size, self.hang_timeout = rank, world_size, float(hang_timeout)
         self.dir = Path(output_dir) / ".ranks"
+        self.ending = False
+        """Whether the watch thread is ending this process for a hang (its report, then exit 124)."""
         self.report_path = Path(output_dir) / "hang-report.txt"
         self.tick = tick_for(hang_timeout)
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -299,6 +302,7 @@ class Watchdog:
     def _answer_hang(self) -> None:
         """Write this rank's stack; the reporter (the main rank, else the rank that saw the hang) writes the
         report; then exit with HANG_EXIT_CODE."""
+        self.ending = True  # the fit's signal handlers stay: a launcher's SIGTERM must not cut this short
         self._dump_flight_recorder()
         _write_atomic(self.dir / f"rank{self.rank}.stack", self._main_stack())
         marker = json.loads((self.dir / "hang").read_text())
