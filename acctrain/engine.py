@@ -25,9 +25,9 @@ from acctrain import evaluation, hf_data, predict
 from acctrain.callbacks import Callbacks
 from acctrain.data import stream_length
 from acctrain.errors import ConfigError
-from acctrain.loop import Loop, schedule_for, settled
+from acctrain.loop import Loop, settled
 from acctrain.optim import reference_group, select
-from acctrain.schedules import build_schedule
+from acctrain.schedules import build_schedule, schedule_for
 from acctrain.state import RunState, Snapshot, TrainState
 from acctrain.tracking import MetricLog
 

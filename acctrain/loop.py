@@ -23,20 +23,22 @@ from typing import Any, Callable, Sequence
 import torch
 
 from acctrain import agreement, barrier, checkpoint, data_identity, ema, evaluation, export, hf_data, loss_scaling, \
-    memory, optim, preflight, runtime, watchdog
+    memory, optim, precision, preflight, runtime, watchdog
 from acctrain.checkpoint import run_lock, sharded
 from acctrain import metrics as metrics_module
 from acctrain.agreement import Requests
 from acctrain.callbacks import IN_STEP_EVENTS, Callbacks, CancelEpoch, CancelFit
 from acctrain.checkpoint.checkpointer import Checkpointer, resume_changes
+from acctrain.compilation import compile_model
 from acctrain.config import TrainConfig
 from acctrain.data import DataPlan, Feed, Window
 from acctrain.errors import ConfigError, Preempted
 from acctrain.optim import build_optimizer
-from acctrain.schedules import Schedule, build_schedule
+from acctrain.schedules import schedule_for
 from acctrain.state import RunState, jsonable
 from acctrain.step import OptimizerStep
 from acctrain.step_ops import step_ops_for
+from acctrain.step_time import clocked
 from acctrain.summary import model_summary
 from acctrain.tracking import MetricLog
 
@@ -138,8 +140,7 @@ class Loop:
         # e.g. "4 x Block", or "" when off; before compile and prepare, so that they wrap the checkpointed blocks
         self.checkpointed_blocks = memory.checkpoint_activations(
             model, config.activation_checkpointing_block) if config.activation_checkpointing else ""
-        if config.compile:  # in place: forward runs compiled, the state-dict keys stay plain (no `_orig_mod.`)
-            model.compile()
+        self.compiled_regions = compile_model(model, config.compile)  # in place: the state-dict keys stay plain
         fused = self.accelerator.device.type == "cuda" and not sharded.is_fsdp(self.accelerator)  # one kernel
         self.torch_optimizer = build_optimizer(model, optimizer, config.lr, config.weight_decay, config.adam_betas,
                                                config.param_groups, fused=fused)
@@ -240,7 +241,9 @@ class Loop:
         except CancelFit:  # agreed by all ranks; the last applied step is saved below
             self._flush()
         self.save()
-        self.checkpointer.wait()  # fit returns with its last checkpoint committed
+        with self.metrics.clock.part("checkpoint"):
+            self.checkpointer.wait()  # fit returns with its last checkpoint committed
+        self.print(self.metrics.time_summary(counters.step))
         self._load_best_at_end()
         self._fire("after_fit")
         return dict(self.metrics.last, **self.last_eval)
@@ -273,6 +276,7 @@ class Loop:
         """One optimizer step over this rank's micro-batches of `window` (acctrain.step)."""
         self._step(self.run_state, window, batches, self.frozen_params)
 
+    @clocked("logging")
     def _flush(self) -> None:
         """Write the logged steps (counting a pending one first)."""
         self._step.settle(self.run_state)
@@ -302,7 +306,8 @@ class Loop:
         if not self.callbacks.has(event):  # most events of most runs: nothing to run, nothing to agree on
             return None
         self.checkpointer.wait_copied()  # a callback may change the weights (EMA.applied): not during a save's copy
-        self.callbacks(event, self)
+        with self.metrics.clock.part("callbacks"):
+            self.callbacks(event, self)
         if event in IN_STEP_EVENTS:
             return None
         cancel = self.callbacks.take()
@@ -328,6 +333,7 @@ class Loop:
     # ------------------------------------------------------------------------------------ evaluation
 
     @settled  # the counters of every step taken, for after_evaluate
+    @clocked("evaluation")
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `eval_data` (exact: summed over all ranks' shards, each sample once) and the metrics.
@@ -393,6 +399,7 @@ class Loop:
     # ------------------------------------------------------------------------------------ state
 
     @settled  # the counters and the schedule of every step taken
+    @clocked("checkpoint")
     def save(self) -> None:
         """Write checkpoint `step-{step}` (all ranks call this); see acctrain.checkpoint.checkpointer."""
         self._saved_at = time.monotonic()
@@ -462,8 +469,10 @@ class Loop:
             self._summarised = True
         schedule = type(run.lr_scheduler).__name__ if run.lr_scheduler is not None else run.schedule.name
         self.print("run plan: " + ", ".join(f"{k}={v}" for k, v in run.plan.describe().items())
-                   + f", precision={run.config.mixed_precision}, schedule={schedule}"
+                   + f", precision={precision.describe(run.config.mixed_precision, self.unwrapped_model)}"
+                   + f", schedule={schedule}"
                    + (f", activation_checkpointing={self.checkpointed_blocks}" if self.checkpointed_blocks else "")
+                   + (f", compile=regions ({self.compiled_regions})" if self.compiled_regions else "")
                    + f", backend={runtime.backend()}, devices={runtime.local_devices(self.accelerator)}, "
                    + f"output_dir={run.config.output_dir}")
 
@@ -486,9 +495,3 @@ class Loop:
         self.checkpointer.wait()
         self.accelerator.end_training()
 
-
-def schedule_for(schedule: str | Callable[[int], float], config: TrainConfig, plan: DataPlan) -> Schedule:
-    """The run's schedule (acctrain.schedules) over the plan's optimizer steps."""
-    return build_schedule(schedule, plan.total_steps, warmup_steps=config.warmup_steps,
-                          warmup_ratio=config.warmup_ratio, steps_per_epoch=plan.steps_per_epoch,
-                          args=config.schedule_args)

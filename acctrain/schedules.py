@@ -193,6 +193,13 @@ def check_schedule_config(name, warmup_steps=0, warmup_ratio=0.0, args=None) -> 
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in {**known, **args}.items()}
 
 
+def schedule_for(schedule: str | Callable[[int], float], config, plan) -> Schedule:
+    """The run's schedule over its plan's optimizer steps: `config` a TrainConfig, `plan` an acctrain.data.DataPlan."""
+    return build_schedule(schedule, plan.total_steps, warmup_steps=config.warmup_steps,
+                          warmup_ratio=config.warmup_ratio, steps_per_epoch=plan.steps_per_epoch,
+                          args=config.schedule_args)
+
+
 def build_schedule(name: str | Callable[[int], float], total_steps: int, *, warmup_steps: int = 0,
                    warmup_ratio: float = 0.0, steps_per_epoch: int | None = None, args: dict | None = None):
     """The Schedule `name` (or the function step -> factor) for a run of `total_steps` optimizer steps."""

@@ -15,6 +15,7 @@ decide, acctrain.readback the late read. What callbacks read of the step in prog
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from acctrain.optim import LrReadout, apply_schedule
 from acctrain.readback import Readback, Ticket
 from acctrain.state import RunState
 from acctrain.step_ops import AccelerateStep, TorchStep
+from acctrain.step_time import StepClock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,15 +68,19 @@ class OptimizerStep:
 
     def __call__(self, run: RunState, window: Window, batches: Iterator, frozen: list[torch.nn.Parameter]) -> None:
         """One optimizer step over this rank's micro-batches of `window`."""
-        ops, watch = self.ops, watchdog.current()
+        ops, watch, clock = self.ops, watchdog.current(), run.metrics.clock
+        if self.accelerator.num_processes > 1 and not ops.collective_passes:  # DDP: its all-reduce ends the backward
+            clock.watch_last_gradient(self.model)
         step = run.counters.step + 1
         watch.at("the step's start", step)
         if not run.reads_late:  # there, set once the previous step is counted
             self.set_lr_and_momentum(run, run.counters.schedule_step)
         self._fire("before_step")  # its cancel requests travel with this step's all-reduce
-        local_loss, local_items, counted = self._accumulate(window, batches, step, watch)
+        local_loss, local_items, counted = self._accumulate(window, batches, step, watch, clock)
+        clock.switch("allreduce")
         with watch.waiting("the step's all-reduce"):
             totals = agreement.reduce_step(self.accelerator, local_loss, local_items, self._requests(), self.item_dtype)
+        clock.switch("optimizer")
         self.step_loss = totals.loss_sum / totals.items  # the exact mean over all of this step's items
         if counted:  # a token-weighted loss: rescaled to the step's true item count, over micro-batches and ranks
             loss_scaling.correct(self.model.parameters(), window.global_samples / totals.items)
@@ -92,14 +98,15 @@ class OptimizerStep:
         verdict = verdict.cancelled(self._fire("before_optimizer_step"))
         ops.step(verdict.apply)  # with fp16, the GradScaler's update() runs here whatever the verdict
         ops.zero_grad()
+        clock.switch("other")
         run.asked = verdict.requests
         verdict.raise_if_cancelled()  # CancelEpoch/CancelFit: the step is not consumed
         run.counters.consume(window.global_samples)
         run.end_step(step, run.counters.samples_seen, readout, verdict, self.lr_metrics)
         self._fire("after_step")
 
-    def _accumulate(self, window: Window, batches: Iterator, step: int,
-                    watch: watchdog.Watchdog | watchdog._Idle) -> tuple[torch.Tensor, Any, bool]:
+    def _accumulate(self, window: Window, batches: Iterator, step: int, watch: watchdog.Watchdog | watchdog._Idle,
+                    clock: StepClock) -> tuple[torch.Tensor, Any, bool]:
         """Forward and backward over this rank's micro-batches; DDP's all-reduce on the last one only.
 
         Returns this rank's summed loss and item count, and whether the loss counts items (token-weighted).
@@ -111,19 +118,23 @@ class OptimizerStep:
         for self.micro_index, micro in enumerate(window.micro_batches):
             self.is_last_micro = self.micro_index == last
             watch.at("data (the next micro-batch)", step)
+            clock.switch("data")
             try:
                 batch = to_device(next(batches), device)
             except Exception as err:  # no cost per batch: only when raised
                 note_samples(err, micro.indices, f"train_data (optimizer step {step})")
                 raise
             watch.at("forward/backward", step)
+            clock.switch("forward")
             # the passes that wait for the other ranks: DDP's last backward (its all-reduce), or FSDP's every pass
             waits = watch if self.is_last_micro or ops.collective_passes else watchdog.IDLE
             with ops.no_sync(self.is_last_micro):  # the Engine drives the sync, not accumulate()
                 with (watch if ops.collective_passes else watchdog.IDLE).waiting("the forward (FSDP)"):
                     self.micro_loss, items, weighted = self._loss_of(self.model, batch, micro.num_samples)
                 self._fire("after_loss")
-                with waits.waiting("the backward (its collectives)"):
+                clock.switch("backward")
+                with waits.waiting("the backward (its collectives)"), \
+                        (clock.last_backward() if self.is_last_micro else contextlib.nullcontext()):
                     ops.backward(self.micro_loss, scale)
             self._fire("after_backward")
             loss_sum = self.micro_loss.detach() if loss_sum is None else loss_sum + self.micro_loss.detach()
@@ -146,6 +157,7 @@ class OptimizerStep:
         self._wait_copied()  # an async save's copy of the weights, before they change
         self.ops.step_if_finite(self.step_loss, self.grad_norm)
         self.ops.zero_grad()
+        run.metrics.clock.switch("other")
         run.counters.consume(window.global_samples)
         if not torch.is_tensor(totals.requests):  # one process: the requests are on the host already
             run.asked = Requests.agreed(totals.requests)

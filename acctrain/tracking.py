@@ -4,7 +4,8 @@ Every optimizer step is logged (train/loss, train/lr, train/grad_norm, ...), but
 tensors until `flush()`, which reads them all with one host-device sync. Each flush also logs the
 throughput since the previous one: train/samples_per_s, train/tokens_per_s (the items a token-weighted
 loss counted), train/step_time_s, train/peak_memory_gb and, on a GPU whose peak is in PEAK_FLOPS and a
-model that states `flops_per_token`, train/mfu. Writing goes through Accelerate's trackers (TensorBoard
+model that states `flops_per_token`, train/mfu. Where that step time went is logged beside it: train/time/data,
+train/time/forward, ... (acctrain.step_time.PARTS), seconds per step that sum to train/step_time_s. Writing goes through Accelerate's trackers (TensorBoard
 by default, under `{output_dir}/logs/`), on the main process only. Progress goes to a tqdm bar on a
 terminal, and to one plain line per flush otherwise (CI, SLURM logs); only the main process prints. The
 loss a progress line shows, and `last["train/loss"]`, is the mean over the steps since the previous flush.
@@ -24,6 +25,7 @@ from accelerate.tracking import TensorBoardTracker
 from tensorboard.compat.proto.event_pb2 import Event
 
 from acctrain import private_apis
+from acctrain.step_time import StepClock
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s per GPU, from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -78,15 +80,19 @@ class MetricLog:
         self.pending: list[tuple[int, dict[str, Any]]] = []
         self.last: dict[str, float] = {}
         self._clock = (time.perf_counter(), 0, 0)  # (time, samples, first step) at the last flush
+        self._started, self._first_step = self._clock[0], 0
         self._items = 0.0
         self._peak = peak_flops(accelerator.device) if flops_per_token and mixed_precision != "no" else None
         self._flops_per_token = flops_per_token
         self._bar = None
+        self.clock = StepClock(on_gpu=accelerator.device.type == "cuda")
+        """Where each step's time goes (acctrain.step_time): the loop switches it from part to part."""
 
     def start(self, step: int, samples_seen: int) -> None:
         """Start the clocks (after setup, so that throughput and ETA measure training only)."""
         self._started, self._first_step = time.perf_counter(), step
         self._clock = (self._started, samples_seen, step)
+        self.clock.start(self._started)
         if self.accelerator.is_main_process and sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -144,6 +150,13 @@ class MetricLog:
         elif self.accelerator.is_main_process:
             print(text, flush=True)
 
+    def time_summary(self, step: int) -> str:
+        """Where the fit's time went up to now, at optimizer step `step`, in one line (StepClock.summary)."""
+        now = time.perf_counter()
+        self.clock.take(now, now - self._clock[0])  # what followed the last flush: the last evaluation and save
+        self._clock = (now, *self._clock[1:])
+        return self.clock.summary(step - self._first_step)
+
     def close(self) -> None:
         """End of a fit: the TensorBoard file is flushed (between fits its writer thread flushes it every 30 s)."""
         for tracker in self.accelerator.trackers if self.accelerator.is_main_process else ():
@@ -158,9 +171,11 @@ class MetricLog:
         then, then_samples, then_step = self._clock
         self._clock = (now, samples_seen, step)
         elapsed = max(now - then, 1e-9)
+        steps = max(step - then_step, 1)
         out = {
             "train/samples_per_s": (samples_seen - then_samples) / elapsed,
-            "train/step_time_s": elapsed / max(step - then_step, 1),
+            "train/step_time_s": elapsed / steps,
+            **{f"train/time/{part}": seconds / steps for part, seconds in self.clock.take(now, elapsed).items()},
             "train/peak_memory_gb": _peak_memory_gb(self.accelerator.device),
         }
         if items:
