@@ -54,8 +54,8 @@ class TrainConfig:
     """Learning-rate multipliers by parameter-name pattern (module prefix or glob), e.g. {'backbone': 0.1}; first match wins."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this once per optimizer step; 0 disables clipping (the norm is still logged)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    """Autocast precision: 'no' (fp32), 'bf16', or 'fp16' (CUDA only, with dynamic loss scaling); unset: the launcher's (accelerate launch --mixed_precision or its config file), else 'no'."""
+    mixed_precision: Literal["no", "bf16", "fp16", "fp8"] | None = None
+    """Autocast precision: 'no' (fp32), 'bf16', 'fp16' (CUDA only, with dynamic loss scaling), or 'fp8' (CUDA GPUs of compute capability 8.9+, with torchao: the Linear layers in FP8, the rest in bf16, the weights in fp32); unset: the launcher's (accelerate launch --mixed_precision or its config file), else 'no'."""
     scheduler: str = "warmup_linear"
     """Learning-rate schedule by name, counted in optimizer steps (see acctrain.schedules.SCHEDULES)."""
     warmup_steps: int = 0
@@ -96,8 +96,8 @@ class TrainConfig:
     """On a non-finite loss or gradient norm: 'skip' the update (counted, logged) or 'halt' with an error."""
     max_skipped_steps: int = 10
     """With nan_policy='skip', halt after this many skipped steps in a row."""
-    compile: bool = False
-    """Compile the model with torch.compile before training (the first steps compile); checkpoints keep plain parameter names."""
+    compile: bool | Literal["regions"] = False
+    """Compile the model with torch.compile before training (the first steps compile): true compiles it whole, 'regions' compiles each block of a repeated stack once and reuses it (a shorter cold start); checkpoints keep plain parameter names."""
     num_workers: int = 0
     """DataLoader worker processes per rank for loading training batches: one set for the whole fit, reading ahead across epochs."""
     cpu: bool = False
@@ -218,9 +218,9 @@ def _resolve_precision(chosen: str | None) -> str:
     if launcher == "no" or launcher == chosen:
         return chosen or "no"
     source = "the launcher's precision (accelerate launch --mixed_precision, or mixed_precision in its config file)"
-    if chosen is None and launcher not in ("bf16", "fp16"):
+    if chosen is None and launcher not in ("bf16", "fp16", "fp8"):
         raise ConfigError("mixed_precision", f"{source} is {launcher!r}, which acctrain does not support; "
-                          "launch with bf16, fp16 or no.")
+                          "launch with bf16, fp16, fp8 or no.")
     if chosen is None:
         return launcher
     raise ConfigError("mixed_precision", f"this config says {chosen!r} but {source} is {launcher!r}; set one of "

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, group, memory, private_apis, seeds, watchdog
+from acctrain import barrier, checkpoint, group, memory, precision, private_apis, seeds, watchdog
 from acctrain.checkpoint import sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -43,9 +43,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # runs N independent single-process jobs unless told cpu=True (FSDP needs the group even for one process).
     cpu = config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
     cpu = cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
-    if config.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
-        # On CPU Accelerate would silently train in fp32 (no autocast, no GradScaler).
-        raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use mixed_precision=bf16 on CPU.")
+    precision.check(config.mixed_precision, on_cpu=cpu or not torch.cuda.is_available())
     if not cpu and torch.cuda.is_available():
         check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     if private_apis.accelerate_cached_precision(config.mixed_precision) != config.mixed_precision:
@@ -62,6 +60,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         cpu=cpu,
         fsdp_plugin=plugin,
         mixed_precision=config.mixed_precision,
+        kwargs_handlers=precision.handlers(config.mixed_precision),
         log_with=[name.strip() for name in config.log_with.split(",") if name.strip()],
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")

@@ -21,7 +21,8 @@ BAD_VALUES = [
     ("weight_decay", -0.1, ">= 0"),
     ("adam_betas", (0.9, 1.5), "[0, 1)"),
     ("max_grad_norm", -1.0, ">= 0"),
-    ("mixed_precision", "fp8", "no, bf16, fp16"),
+    ("mixed_precision", "fp4", "no, bf16, fp16, fp8"),
+    ("compile", "blocks", "bool or 'regions'"),
     ("output_dir", "", "directory"),
     ("log_every", 0, ">= 1"),
     ("eval_every", -5, ">= 0"),
@@ -116,6 +117,7 @@ def test_missing_config_file(tmp_path):
     "kwargs,field",
     [
         ({"mixed_precision": "fp16"}, "mixed_precision"),  # no CUDA here: fp16 would silently be fp32
+        ({"mixed_precision": "fp8"}, "mixed_precision"),  # no FP8 tensor cores here
         ({"warmup_steps": 50}, "warmup_steps"),  # the run has only 3 optimizer steps
     ],
 )
@@ -191,7 +193,8 @@ def test_more_processes_per_node_than_gpus_is_refused_naming_counts_and_fixes():
 
 @pytest.mark.parametrize("config,launcher,used", [
     (None, None, "no"), (None, "no", "no"), (None, "bf16", "bf16"), ("bf16", None, "bf16"), ("bf16", "no", "bf16"),
-    ("bf16", "bf16", "bf16"), ("no", "bf16", None), ("fp16", "bf16", None), (None, "fp8", None),
+    ("bf16", "bf16", "bf16"), ("no", "bf16", None), ("fp16", "bf16", None), (None, "fp8", "fp8"),
+    (None, "fp4", None),
 ])
 def test_precision_is_the_configs_else_the_launchers_and_a_conflict_is_refused(monkeypatch, config, launcher, used):
     """ACCELERATE_MIXED_PRECISION is how `accelerate launch` passes its precision ('no' when told nothing)."""

@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped without one): fp16 and bf16 for real, bit-identical resume with the CUDA RNG, async
-saves from CUDA tensors, throughput metrics, NCCL with one process, the launch checks, compile and fused AdamW.
+saves from CUDA tensors, throughput metrics, NCCL with one process, the launch checks, compile (whole and by
+regions) and fused AdamW, FP8 (on GPUs that have it) and its refusal (on those that do not).
 
 `benchmarks/gpu_check.sh` runs this file first. The same step logic is tested without a GPU in
 test_precision (a CPU GradScaler) and test_speed_options; this file is what only a GPU can show.
@@ -8,6 +9,7 @@ test_precision (a CPU GradScaler) and test_speed_options; this file is what only
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from acctrain import Engine, TrainConfig
 from acctrain.errors import Preempted
 from acctrain.tracking import peak_flops
 from tests.support import ROOT, TINY, Recorder, assert_same_run, ckpts, free_port, launch, load_result, overflow_at, scalars
-from tests.support.tiny import VarLenTokens, collate, make_model, rel_diff, token_loss
+from tests.support.tiny import Stacked, VarLenTokens, collate, make_model, rel_diff, token_loss
 from tests.workers import resume_run, verdict_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -233,3 +235,52 @@ def test_an_fp16_overflow_skipped_step_does_not_update_the_ema(tmp_path):
     for name, value in expected.items():
         assert ema.weights[name].is_cuda and ema.weights[name].dtype == torch.float32
         assert torch.allclose(ema.weights[name].double().cpu(), value.cpu(), rtol=1e-6, atol=1e-7), name
+
+
+FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8, reason="needs a GPU of compute capability 8.9 or later (FP8 tensor cores)")
+def test_fp8_trains_lists_its_bf16_layers_and_resumes_in_bf16_and_back(tmp_path, capsys):
+    pytest.importorskip("torchao", reason="fp8 trains through torchao: pip install \"acctrain[fp8]\"")
+    from torchao.float8.float8_linear import Float8Linear
+
+    engine, _ = train(tmp_path / "fp8", "fp8", steps=4, model=Stacked(width=32), save_every=2)
+    model = engine.unwrapped_model
+    # the first and the last Linear stay in bf16 (Accelerate's torchao recipe), the two between run in FP8
+    assert [isinstance(block[1], Float8Linear) for block in model.blocks] == [False, True, True]
+    assert not isinstance(model.head, Float8Linear)
+    assert "precision=fp8 (2 of 4 Linear layers in FP8; bf16: blocks.0.1, head)" in capsys.readouterr().out
+    assert all(math.isfinite(v) for v in engine.metrics.last.values() if isinstance(v, float))
+    saved = load_file(tmp_path / "fp8" / "checkpoints" / "step-00000002" / "model.safetensors")
+    plain = Stacked(width=32).state_dict()
+    assert set(saved) == set(plain) and all(saved[k].dtype == plain[k].dtype == torch.float32 for k in plain)
+
+    # an FP8 checkpoint resumes in bf16, and a bf16 one in FP8
+    bf16, _ = train(tmp_path / "fp8", "bf16", steps=4, model=Stacked(width=32), resume=str(
+        tmp_path / "fp8" / "checkpoints" / "step-00000002"), output_dir=str(tmp_path / "bf16-from-fp8"))
+    assert bf16.state.step == 4 and "the checkpoint's run: 'fp8'" in capsys.readouterr().out
+    back, _ = train(tmp_path / "back", "fp8", steps=6, model=Stacked(width=32), resume=str(
+        tmp_path / "bf16-from-fp8" / "checkpoints" / "step-00000004"))
+    assert back.state.step == 6 and "the checkpoint's run: 'bf16'" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(FP8, reason="this GPU has FP8: the refusal is for GPUs before compute capability 8.9")
+def test_fp8_is_refused_on_a_gpu_without_fp8_before_anything_is_written(tmp_path):
+    from acctrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compute capability 8.9") as err:
+        train(tmp_path / "out", "fp8")
+    assert err.value.field == "mixed_precision" and not (tmp_path / "out").exists()
+
+
+def test_compile_regions_on_cuda_trains_like_eager(tmp_path, capsys):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    regions, _ = train(tmp_path / "regions", "bf16", model=Stacked(), compile="regions")
+    assert "compile=regions (3 x Sequential)" in capsys.readouterr().out
+    eager, _ = train(tmp_path / "eager", "bf16", model=Stacked())
+    state = lambda e: {k: v.cpu() for k, v in e.unwrapped_model.state_dict().items()}  # noqa: E731
+    assert rel_diff(state(regions), state(eager)) < 1e-2
+    torch._dynamo.reset()

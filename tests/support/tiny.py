@@ -36,6 +36,26 @@ def make_model(seed: int = 0, dtype=torch.float32, width: int = 16, dropout: flo
     return TinyTokenModel(width, dropout).to(dtype)
 
 
+class Stacked(torch.nn.Module):
+    """An embedding, a stack of 3 identical blocks, a head: what regional compilation and FP8 are for (with
+    width a multiple of 16, FP8 converts the Linear layers between the first and the last)."""
+
+    def __init__(self, seed: int = 0, width: int = 16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(VOCAB, width)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU())
+            for _ in range(3))
+        self.head = torch.nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
 class VarLenTokens(torch.utils.data.Dataset):
     """Sequences of 2..12 tokens; about a quarter of label positions are ignored (IGNORE)."""
 
