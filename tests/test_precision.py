@@ -144,3 +144,41 @@ def test_scaler_state_resumes_bit_identically(tmp_path):
     assert resumed.step_ops.scaler.state_dict() == full.step_ops.scaler.state_dict()
     a, b = resumed.unwrapped_model.state_dict(), full.unwrapped_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_fp8_layers_keep_the_linear_weights_so_checkpoints_load_across_precisions(tmp_path):
+    """What an FP8 run converts (Accelerate's torchao recipe: every Linear with sizes divisible by 16 but the first
+    and the last) and what its checkpoint holds: the same names, shapes and fp32 tensors as the plain model, so a
+    bf16 run loads an FP8 run's weights bit for bit and the reverse. The conversion is a module swap, done here on
+    the CPU; the FP8 matmuls themselves need a GPU (test_gpu)."""
+    pytest.importorskip("torchao", reason="fp8 trains through torchao: pip install \"acctrain[fp8]\"")
+    from accelerate.utils.ao import convert_model_to_fp8_ao
+    from safetensors.torch import load_file, save_file
+
+    from acctrain.checkpoint.checkpointer import load_model_state
+    from acctrain.precision import describe
+    from tests.support.tiny import Stacked
+
+    fp8 = Stacked(seed=1, width=32)
+    convert_model_to_fp8_ao(fp8)  # what Accelerate's prepare does with mixed_precision=fp8
+    assert describe("fp8", fp8) == "fp8 (2 of 4 Linear layers in FP8; bf16: blocks.0.1, head)"
+    assert describe("bf16", fp8) == "bf16"
+    save_file(fp8.state_dict(), tmp_path / "fp8.safetensors")
+    plain = Stacked(seed=2, width=32)
+    load_model_state(plain, load_file(tmp_path / "fp8.safetensors"))  # strict: names, shapes and dtypes
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fp8.state_dict().values()))
+    back = Stacked(seed=3, width=32)
+    convert_model_to_fp8_ao(back)
+    load_model_state(back, plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), plain.state_dict().values()))
+
+
+def test_fp8_is_refused_on_the_cpu_before_anything_is_written(tmp_path):
+    from acctrain.errors import ConfigError
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), global_batch_size=8, micro_batch_size=4,
+                      mixed_precision="fp8", cpu=True)
+    with pytest.raises(ConfigError, match="compute capability 8.9 or later") as err:
+        Engine(make_model(0), cfg, VarLenTokens(16), loss_fn=token_loss, collate_fn=collate)
+    assert err.value.field == "mixed_precision" and "mixed_precision=bf16" in str(err.value)
+    assert not (tmp_path / "out").exists()
