@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
-# The GPU check: the machine, the GPU-only tests, the whole suite with a GPU visible, the GPT-2 throughput
-# benchmark and the peers benchmark on the GPU, in at most 9.5 minutes on one H100/H200, from the repo root of
-# an environment with acctrain's dependencies (this checkout is used; pytest-xdist for the suite).
+# The GPU check, in at most 8 minutes on one H100/H200: the machine, the GPU-only tests and, beside them, the whole
+# suite with the GPU visible; then the throughput of the raw loop, the Accelerate loop and the Engine on GPT-2 small
+# in bf16 (MFU, and the Engine's step-time breakdown), and bf16 against FP8 on a 0.9B model. Run it from the repo
+# root of an environment with acctrain's dev dependencies (pytest-xdist spreads the suite; torchao for FP8):
 #
-#     bash benchmarks/gpu_check.sh OUT_DIR            # SUITE=0 skips the suite
+#     bash benchmarks/gpu_check.sh OUT_DIR            # SUITE=0 skips the suite, FP8=0 the FP8 comparison
 #
-# Writes OUT_DIR/machine.txt, gpu-tests.log, suite.log, gpu-throughput.log, gpu-throughput.json, peers-gpu.log,
-# peers-gpu.json and summary.txt (8 files: what the device tool brings back). Exits 1 if the GPU tests failed
-# (or timed out), else 0. Without CUDA it still runs end to end: the tests skip, the benchmarks say there is
-# no device (the suite then runs as on any CPU machine).
+# Writes OUT_DIR/machine.txt, gpu-tests.log, suite.log, gpu-throughput.log/.json, fp8-throughput.log/.json and
+# summary.txt (one table: each part, its status, its figures). Exits 1 if the GPU tests or the suite failed (or
+# timed out), else 0. Without CUDA it still runs end to end: the GPU tests skip, the benchmarks say there is no
+# device, and the suite runs as on any CPU machine.
 #
-# Budget (BUDGET_S = 560 s from this script's start; each part has its own timeout):
+# Budget (BUDGET_S = 470 s from this script's start; each part has its own timeout):
 #   machine info ~5 s;
-#   GPU tests (timeout 180 s) and, at the same time, the whole suite on 12 workers (timeout 210 s): the suite
-#     is CPU work (2-process runs on gloo: with one GPU visible the tests place launches on the CPU), the GPU
-#     tests are mostly GPU work, and 16 cores hold both;
-#   the GPT-2 throughput benchmark (3 variants, accumulation 1 and 4, 2 rounds, --time-budget cuts rounds that
-#     would not fit): up to 200 s, about 130 s for round 1 (compilation) and 60 s for round 2;
-#   the peers benchmark on the GPU in what is left (at least 60 s; 7 frameworks x 2 rounds, one process each,
-#     ~7 s a process).
+#   the GPU tests (timeout 180 s) and, at the same time, the whole suite over 12 workers (timeout 220 s): the suite
+#     is mostly CPU work (with one GPU visible, the tests launch their multi-process runs on the CPU, gloo: two
+#     ranks cannot share one GPU under NCCL), its in-process tests share the GPU, which holds them; the GPU tests
+#     are GPU work; 16 cores hold both;
+#   GPT-2 small in bf16, 3 loops, accumulation 1, one round (compilation included): THROUGHPUT_S = 130 s;
+#   the 0.9B model, the Engine in bf16 against the Engine and the raw loop in FP8, one round: what is left (at
+#     least MIN_FP8_S).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 OUT_DIR" >&2
     exit 2
 fi
-BUDGET_S=560      # from the start of this script to the end of the peers benchmark
-THROUGHPUT_S=200  # the GPT-2 benchmark's share
-MIN_BENCH_S=120   # round 1 compiles three variants: with less left it could not finish
-MIN_PEERS_S=60
+BUDGET_S=470
+SUITE_S=220
+GPU_TESTS_S=180
+THROUGHPUT_S=130
+MIN_FP8_S=90
 WARMUP=${WARMUP:-10}
 STEPS=${STEPS:-30}
 export PYTHONUNBUFFERED=1  # the logs are complete up to the moment a timeout kills a step
@@ -40,14 +42,28 @@ cd "$(dirname "$0")/.." || exit 2
 # This checkout's acctrain, whatever is installed (benchmarks/*.py run with benchmarks/ as sys.path[0]).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+status_of() {  # status_of EXIT_CODE TIMEOUT_S: a word for the summary
+    case $1 in
+        0) echo "passed" ;;
+        4) echo "NOT RUN: pytest usage error (exit 4)" ;;
+        5) echo "NOT RUN: no tests collected (exit 5)" ;;
+        124|137) echo "FAILED: timed out after $2 s (exit $1)" ;;
+        *) echo "FAILED (exit $1)" ;;
+    esac
+}
+
 # 1. The machine.
 {
     echo "## nvidia-smi"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "(nvidia-smi not available)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv 2>&1 || echo "(nvidia-smi not available)"
     echo "## versions"
     python -c "import torch, accelerate, safetensors
 print('torch', torch.__version__, '| cuda', torch.version.cuda, '| cuda available', torch.cuda.is_available())
-print('accelerate', accelerate.__version__, '| safetensors', safetensors.__version__)" 2>&1
+print('accelerate', accelerate.__version__, '| safetensors', safetensors.__version__)
+try:
+    import torchao; print('torchao', torchao.__version__)
+except ImportError:
+    print('torchao: not installed (FP8 is refused without it)')" 2>&1
     echo "## nproc"
     nproc
     echo "## free -g"
@@ -55,92 +71,80 @@ print('accelerate', accelerate.__version__, '| safetensors', safetensors.__versi
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-# 2. The GPU-only tests, and the whole suite beside them (it is CPU work; 16 cores hold both).
+# 2. The GPU-only tests, and the whole suite beside them.
 SUITE_STATUS="not run (SUITE=0)"
+SUITE_RC=0
 if [ "${SUITE:-1}" = 1 ]; then
-    if python -c "import xdist" 2>/dev/null; then WORKERS="-n 12"; else WORKERS=""; fi
-    echo; echo "== test suite with a GPU visible ($WORKERS, timeout 210 s), in the background"
+    WORKERS=()
+    if python -c "import xdist" 2>/dev/null; then WORKERS=(-n 12); fi
+    echo; echo "== test suite with a GPU visible (${WORKERS[*]:-no pytest-xdist: one worker}, timeout $SUITE_S s), in the background"
     # In a session of its own, so that what a timeout leaves running (xdist workers, launched ranks) can be
-    # killed before the benchmarks: left alive, it loaded the machine during the first GPU run's benchmarks.
-    setsid timeout -k 10 210 python -m pytest -q $WORKERS -p no:randomly --tb=short -rfE > "$OUT/suite.log" 2>&1 &
+    # killed before the benchmarks: left alive, it would load the machine during them.
+    setsid timeout -k 10 "$SUITE_S" python -m pytest -q "${WORKERS[@]}" -p no:randomly --tb=short -rfE > "$OUT/suite.log" 2>&1 &
     SUITE_PID=$!
 fi
-echo; echo "== GPU tests (timeout 180 s)"
-timeout -k 10 180 python -m pytest -q -rfEs --tb=long tests/test_gpu.py tests/test_gpu_memory.py 2>&1 | tee "$OUT/gpu-tests.log"
+echo; echo "== GPU tests (timeout $GPU_TESTS_S s)"
+timeout -k 10 "$GPU_TESTS_S" python -m pytest -q -rfEs --tb=long tests/test_gpu.py tests/test_gpu_memory.py \
+    tests/test_step_time.py 2>&1 | tee "$OUT/gpu-tests.log"
 GPU_RC=${PIPESTATUS[0]}
-case $GPU_RC in
-    0) GPU_STATUS="passed (or skipped; see the skip lines)" ;;
-    4) GPU_STATUS="NOT RUN: pytest usage error (exit 4), e.g. tests/test_gpu.py does not exist yet" ;;
-    5) GPU_STATUS="NOT RUN: no tests collected (exit 5)" ;;
-    124|137) GPU_STATUS="FAILED: timed out after 180 s (exit $GPU_RC)" ;;
-    *) GPU_STATUS="FAILED (exit $GPU_RC)" ;;
-esac
+GPU_STATUS=$(status_of "$GPU_RC" "$GPU_TESTS_S")
 if [ -n "${SUITE_PID:-}" ]; then
     wait "$SUITE_PID"
     SUITE_RC=$?
     kill -KILL -- "-$SUITE_PID" 2>/dev/null
-    case $SUITE_RC in
-        0) SUITE_STATUS="passed" ;;
-        124|137) SUITE_STATUS="FAILED: timed out after 210 s (exit $SUITE_RC)" ;;
-        *) SUITE_STATUS="FAILED (exit $SUITE_RC)" ;;
-    esac
+    SUITE_STATUS=$(status_of "$SUITE_RC" "$SUITE_S")
     tail -n 30 "$OUT/suite.log"
 fi
 
-# 3. The GPT-2 throughput benchmark.
-LEFT=$((BUDGET_S - MIN_PEERS_S - SECONDS))
+# 3. GPT-2 small in bf16: raw, Accelerate, Engine (and the Engine's own breakdown of its step time).
+LEFT=$((BUDGET_S - MIN_FP8_S - SECONDS))
 [ "$LEFT" -gt "$THROUGHPUT_S" ] && LEFT=$THROUGHPUT_S
-echo; echo "== throughput benchmark (${LEFT} s; warm-up $WARMUP, timed $STEPS steps)"
-if [ "$LEFT" -lt "$MIN_BENCH_S" ]; then
-    BENCH_STATUS="NOT RUN: ${LEFT} s left, under the ${MIN_BENCH_S} s that one round needs"
-    echo "$BENCH_STATUS" | tee "$OUT/gpu-throughput.log"
-else
-    timeout -k 5 $((LEFT + 10)) python benchmarks/gpu_throughput.py --rounds 2 --accumulation 1 4 \
-        --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/gpu-throughput.json" --time-budget "$LEFT" \
-        2>&1 | tee "$OUT/gpu-throughput.log"
-    BENCH_RC=${PIPESTATUS[0]}
-    case $BENCH_RC in
-        0) BENCH_STATUS="finished" ;;
-        124|137) BENCH_STATUS="KILLED after $((LEFT + 10)) s (exit $BENCH_RC); the JSON keeps the accumulations done" ;;
-        *) BENCH_STATUS="FAILED (exit $BENCH_RC); see gpu-throughput.log" ;;
-    esac
-fi
+echo; echo "== GPT-2 small, bf16 (${LEFT} s; warm-up $WARMUP, timed $STEPS steps)"
+timeout -k 5 $((LEFT + 10)) python benchmarks/gpu_throughput.py --rounds 1 --accumulation 1 \
+    --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/gpu-throughput.json" --time-budget "$LEFT" \
+    2>&1 | tee "$OUT/gpu-throughput.log"
+BENCH_STATUS=$(status_of "${PIPESTATUS[0]}" $((LEFT + 10)) | sed 's/^passed$/finished/')
 
-# 4. The peers benchmark on the GPU: the tiny MLP's step cost per framework (host overhead).
+# 4. FP8 against bf16 on the 0.9B model.
 LEFT=$((BUDGET_S - SECONDS))
-echo; echo "== peers benchmark on the GPU (${LEFT} s)"
-if [ "$LEFT" -lt "$MIN_PEERS_S" ]; then
-    PEERS_STATUS="NOT RUN: ${LEFT} s left, under ${MIN_PEERS_S} s"
-    echo "$PEERS_STATUS" | tee "$OUT/peers-gpu.log"
-else
-    timeout -k 5 $((LEFT + 5)) python benchmarks/peers.py --device cuda --rounds 2 --accumulation 1 4 \
-        --k1 100 --k2 600 --time-budget "$LEFT" --json "$OUT/peers-gpu.json" 2>&1 | tee "$OUT/peers-gpu.log"
-    PEERS_RC=${PIPESTATUS[0]}
-    case $PEERS_RC in
-        0) PEERS_STATUS="finished" ;;
-        124|137) PEERS_STATUS="KILLED (exit $PEERS_RC)" ;;
-        *) PEERS_STATUS="FAILED (exit $PEERS_RC); see peers-gpu.log" ;;
-    esac
+FP8_STATUS="not run (FP8=0)"
+if [ "${FP8:-1}" = 1 ]; then
+    echo; echo "== 0.9B model, Engine bf16 against FP8 (${LEFT} s)"
+    if [ "$LEFT" -lt "$MIN_FP8_S" ]; then
+        FP8_STATUS="NOT RUN: ${LEFT} s left, under ${MIN_FP8_S} s"
+        echo "$FP8_STATUS" | tee "$OUT/fp8-throughput.log"
+    else
+        timeout -k 5 $((LEFT + 5)) python benchmarks/gpu_throughput.py --size 1b --micro-batch 8 --rounds 1 \
+            --accumulation 1 --variants engine engine-fp8 raw-fp8 --warmup "$WARMUP" --steps "$STEPS" \
+            --json "$OUT/fp8-throughput.json" --time-budget "$LEFT" 2>&1 | tee "$OUT/fp8-throughput.log"
+        FP8_STATUS=$(status_of "${PIPESTATUS[0]}" $((LEFT + 5)) | sed 's/^passed$/finished/')
+    fi
 fi
 
-# 5. The summary.
+# 5. The summary: one table.
+counts() { grep -hoE "[0-9]+ (passed|failed|skipped|errors?)" "$1" 2>/dev/null | tr '\n' ' '; }
+figures() {  # the variant rows of a throughput log, one line: "raw: 123.4 ms, 345,678 tok/s, 30.1% MFU, 1 (reference); ..."
+    grep -E "^\| (raw|accelerate|engine)" "$1" 2>/dev/null |
+        awk -F'|' '{for (i = 2; i <= 6; i++) gsub(/^ +| +$/, "", $i); printf "%s%s: %s ms, %s tok/s, %s MFU, %s;", sep, $2, $3, $4, $5, $6; sep = " "}'
+}
 {
-    echo "== summary (${SECONDS} s)"
-    echo "GPU tests: $GPU_STATUS"
-    # pytest's short summary (-rfEs) and its final count line
-    grep -E "^(SKIPPED|FAILED|ERROR)|(passed|failed|skipped|errors?|no tests ran) in [0-9.]+s|not found" \
-        "$OUT/gpu-tests.log" | tail -n 20
-    echo "suite: $SUITE_STATUS"
-    if [ -f "$OUT/suite.log" ]; then tail -n 3 "$OUT/suite.log"; fi
-    echo "benchmark: $BENCH_STATUS"
-    grep -E "^(\||micro batch|rounds run|  time budget|not run|elapsed|gpu_throughput:|device:)" \
-        "$OUT/gpu-throughput.log"
-    echo "peers: $PEERS_STATUS"
-    grep -E "^(\||peers)" "$OUT/peers-gpu.log"
+    echo "== summary (${SECONDS} s of ${BUDGET_S} s)"
+    echo "| part | status | figures |"
+    echo "|---|---|---|"
+    echo "| GPU tests | $GPU_STATUS | $(counts "$OUT/gpu-tests.log") |"
+    echo "| suite, GPU visible | $SUITE_STATUS | $(counts "$OUT/suite.log") |"
+    echo "| GPT-2 bf16 (ms/step, tokens/s, MFU, vs Accelerate) | $BENCH_STATUS | $(figures "$OUT/gpu-throughput.log") |"
+    echo "| Engine step time (GPT-2 bf16) | | $(grep -h "step time (the Engine" "$OUT/gpu-throughput.log" | sed 's/.*: //') |"
+    echo "| 0.9B bf16 vs FP8 (ms/step, tokens/s, MFU, vs engine bf16) | $FP8_STATUS | $(figures "$OUT/fp8-throughput.log") |"
+    echo "| Engine step time (0.9B) | | $(grep -h "step time (the Engine" "$OUT/fp8-throughput.log" 2>/dev/null | sed 's/ step time (the Engine.s train\/time\/\*)//' | tr '\n' ' ') |"
+    echo
+    echo "failures:"
+    grep -hE "^(FAILED|ERROR)" "$OUT/gpu-tests.log" "$OUT/suite.log" 2>/dev/null | head -n 40
 } > "$OUT/summary.txt"
 echo; cat "$OUT/summary.txt"
 
-case $GPU_RC in
-    0|4|5) exit 0 ;;
+[ "${SUITE:-1}" = 0 ] && SUITE_RC=0
+case "$GPU_RC:$SUITE_RC" in
+    0:0|4:0|5:0) exit 0 ;;
     *) exit 1 ;;
 esac

@@ -5,6 +5,8 @@ and a plain PyTorch loop.
     python benchmarks/gpu_throughput.py --micro-batch 32 --accumulation 1 4 --rounds 3 --json out/gpu.json
     python benchmarks/gpu_throughput.py --time-budget 300    # cuts rounds that would not fit in 300 s
     python benchmarks/gpu_throughput.py --smoke              # a tiny model on the CPU: checks the code paths only
+    python benchmarks/gpu_throughput.py --size 1b --variants engine engine-fp8 raw-fp8 --accumulation 1
+                                                             # FP8 against bf16 on a 0.9B model (needs torchao)
 
 The model is nanoGPT's GPT-2 small: 12 layers, 12 heads, width 768, context 1024, vocabulary 50304
 (50257 padded to a multiple of 64), tied input/output embedding, biases, GELU MLP (124.4M parameters).
@@ -29,6 +31,15 @@ tokens in host memory, one indexing op per micro-batch, loaded by a DataLoader w
   a non-finite update on the device (acctrain.readback). The timing clock is not a callback (a callback in
   the step would make the Engine read each verdict at once): it stamps from the loss function, which runs
   once per micro-batch. The Engine saves a checkpoint after the run (untimed).
+
+- raw-fp8 and engine-fp8: raw and engine with the Linear layers in FP8 through torchao (GPUs of compute
+  capability 8.9+): raw converts the model with Accelerate's `convert_model_to_fp8_ao` (every Linear but the
+  first and the last, sizes divisible by 16: the recipe `mixed_precision=fp8` uses) before compiling it, under
+  the same bf16 autocast; engine sets mixed_precision="fp8". MFU stays against the bf16 peak (the convention).
+
+`--size 1b` is the same architecture at 16 layers, 16 heads, width 2048 (0.9B parameters), where the matmuls
+are large enough for FP8 to pay; the default is GPT-2 small. For each Engine variant the step-time breakdown
+that the Engine logs (train/time/*, the last logged interval: timed steps) is printed and kept in the JSON.
 
 Timing: after `--warmup` steps (compilation happens there), torch.cuda.synchronize(), clock; after
 `--steps` more, synchronize, clock. tokens/s = steps x global batch x 1024 / seconds. The variants run in
@@ -190,10 +201,15 @@ class Case:
         plan = DataPlan(len(self.data), self.global_batch, self.micro, world_size=1, seed=0, max_steps=self.total)
         self.batches = [mb.indices for w in plan.rank_windows(0, 0) for mb in w.micro_batches]
         self.smoke = args.smoke
+        self.breakdowns: dict[str, list[dict[str, float]]] = {}  # engine variant -> per run: part -> share
 
-    def model(self, compiled: bool = True) -> GPT:
+    def model(self, compiled: bool = True, fp8: bool = False) -> GPT:
         torch.manual_seed(0)
         model = GPT(self.cfg)
+        if fp8:
+            from accelerate.utils.ao import convert_model_to_fp8_ao
+
+            convert_model_to_fp8_ao(model)  # the recipe of mixed_precision=fp8: all Linear but the first and last
         if compiled and not self.smoke:
             model.compile()
         return model
@@ -239,10 +255,10 @@ class Case:
                 self.stamp(steps, stamps)
         return self.seconds(stamps)
 
-    def raw(self) -> float:
+    def raw(self, fp8: bool = False) -> float:
         """nanoGPT's loop in plain PyTorch."""
         device = torch.device("cpu" if self.smoke else "cuda")
-        model = self.model().to(device)
+        model = self.model(fp8=fp8).to(device)
         optimizer = make_adamw(not self.smoke)(param_groups(model))
         stamps, steps = [], 0
         for i, batch in enumerate(self.loader(), 1):
@@ -259,7 +275,7 @@ class Case:
             self.stamp(steps, stamps)
         return self.seconds(stamps)
 
-    def engine(self) -> float:
+    def engine(self, precision: str = "bf16") -> float:
         from acctrain import Engine, TrainConfig
 
         stamps, calls = [], {"train": 0}
@@ -280,7 +296,7 @@ class Case:
             # The users' path: the Engine compiles the model and builds its default AdamW (fused on CUDA,
             # weight decay on ndim >= 2 parameters: the same groups as param_groups above).
             config = TrainConfig(output_dir=out, global_batch_size=self.global_batch, micro_batch_size=self.micro,
-                                 max_steps=self.total, mixed_precision="bf16", scheduler="constant",
+                                 max_steps=self.total, mixed_precision=precision, scheduler="constant",
                                  resume="none", max_grad_norm=1.0, cpu=self.smoke,
                                  compile=not self.smoke, lr=6e-4, adam_betas=(0.9, 0.95), weight_decay=0.1)
             with contextlib.redirect_stdout(io.StringIO()):
@@ -288,6 +304,11 @@ class Case:
                                 collate_fn=identity)
                 engine.fit()
                 engine.close()
+            # where the Engine says the step time went, in the last logged interval (timed steps)
+            last = engine.metrics.last
+            self.breakdowns.setdefault(f"engine-{precision}", []).append(
+                {k.removeprefix("train/time/"): v / last["train/step_time_s"] for k, v in last.items()
+                 if k.startswith("train/time/")})
         finally:
             shutil.rmtree(out, ignore_errors=True)
         return self.seconds(stamps)
@@ -304,6 +325,16 @@ def device_peak(name: str) -> tuple[str, float | None]:
     if "A100" in name:
         return "A100", PEAK_TFLOPS["A100"]
     return name, None
+
+
+SIZES = {"gpt2": GPTConfig(), "1b": GPTConfig(n_layer=16, n_head=16, n_embd=2048)}
+VARIANTS = ("raw", "accelerate", "engine", "raw-fp8", "engine-fp8")
+
+
+def variant_runs(case: Case, names: list[str]) -> dict:
+    runs = {"raw": case.raw, "accelerate": case.accelerate, "engine": case.engine,
+            "raw-fp8": functools.partial(case.raw, fp8=True), "engine-fp8": functools.partial(case.engine, "fp8")}
+    return {name: runs[name] for name in names}
 
 
 class OutOfTime(Exception):
@@ -370,6 +401,9 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=0, metavar="SECONDS",
                         help="start a round only if it is estimated to end within this many seconds of the "
                              "start (the previous round's duration); 0: no limit")
+    parser.add_argument("--size", choices=sorted(SIZES), default="gpt2", help="the model: GPT-2 small or 0.9B")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["raw", "accelerate", "engine"],
+                        help="the loops to compare; the first is the reference of the ratios")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model on the CPU, no compile: checks the code only")
     parser.add_argument("--json", help="write all results to this JSON file (its folder is created), "
@@ -378,14 +412,17 @@ def main() -> int:
 
     if args.smoke:
         cfg = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32)
-        args.micro_batch, args.warmup, args.steps, args.rounds = 2, 2, 3, 2  # two rounds: the rotation runs
+        args.micro_batch, args.warmup, args.steps, args.rounds = 2, 2, 12, 2  # two rounds: the rotation runs
+        if any(v.endswith("-fp8") for v in args.variants):
+            print("gpu_throughput: --smoke runs on the CPU, which has no FP8: the fp8 variants are left out")
+            args.variants = [v for v in args.variants if not v.endswith("-fp8")]
         peak_name, peak = "CPU (smoke test: no MFU)", None
     else:
         if not torch.cuda.is_available():
             print("gpu_throughput: no CUDA device here (torch.cuda.is_available() is False); nothing measured. "
                   "Run it on a machine with an H100/H200, or use --smoke to check the code paths on the CPU.")
             return 0
-        cfg = GPTConfig()
+        cfg = SIZES[args.size]
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_flash_sdp(True)
@@ -420,12 +457,13 @@ def main() -> int:
         tokens_per_step = case.global_batch * cfg.block_size
         print(f"\nmicro batch {args.micro_batch}, accumulation {accumulation} ({tokens_per_step} tokens per step): "
               f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-        variants = {"raw": case.raw, "accelerate": case.accelerate, "engine": case.engine}
+        variants = variant_runs(case, args.variants)
         extra = 0.0
         if previous:  # the last round ran another accumulation: a step's time scales with its micro-batches
             extra = len(variants) * case.total * previous[1] * (accumulation / previous[0] - 1)
         results = run_rounds(variants, args.rounds, budget, extra)
-        ran = len(results["raw"])
+        reference = args.variants[0]
+        ran = len(results[reference])
         entry = {"accumulation": accumulation, "micro_batch": args.micro_batch, "rounds_run": ran,
                  "seconds_per_step": results}
         out["cases"].append(entry)
@@ -437,8 +475,8 @@ def main() -> int:
             entry["tokens_per_s"] = tps
             entry["mfu"] = {k: v * fpt / (peak * 1e12) for k, v in tps.items()} if peak else None
             entry["throughput_ratios"] = {f"{a}_vs_{b}": ratio_stats(paired_ratios(throughput, a, b))
-                                          for a, b in (("engine", "accelerate"), ("engine", "raw"),
-                                                       ("accelerate", "raw"))}
+                                          for a in results for b in results if a != b}
+            entry["engine_time_breakdown"] = case.breakdowns
 
             def versus(variant: str, reference: str) -> str:
                 if variant == reference:
@@ -446,12 +484,16 @@ def main() -> int:
                 ratios = paired_ratios(throughput, variant, reference)
                 return f"{median(ratios):.3f} ({spread(ratios)})"
 
+            references = [r for r in ("accelerate", "raw") if r in results] or [reference]
             rows = [[variant, f"{median(results[variant]) * 1e3:.1f}", f"{tps[variant]:,.0f}",
                      f"{entry['mfu'][variant]:.1%}" if peak else "n/a",
-                     versus(variant, "accelerate"), versus(variant, "raw")] for variant in results]
+                     *(versus(variant, r) for r in references)] for variant in results]
             print(f"rounds run: {ran} of {args.rounds}" + (" (cut by --time-budget)" if ran < args.rounds else ""))
-            print(table(["variant", "ms/step (median)", "tokens/s", "MFU", "throughput vs accelerate",
-                         "throughput vs raw"], rows), flush=True)
+            print(table(["variant", "ms/step (median)", "tokens/s", "MFU",
+                         *(f"throughput vs {r}" for r in references)], rows), flush=True)
+            for variant, shares in case.breakdowns.items():  # the last run's: the timed steps
+                print(f"{variant} step time (the Engine's train/time/*): " + ", ".join(
+                    f"{part} {share:.1%}" for part, share in shares[-1].items() if share >= 0.0005))
         else:
             print("not run: --time-budget left no room for a round")
         out["elapsed_s"] = round(time.monotonic() - STARTED, 1)
