@@ -38,8 +38,9 @@ What each side owns:
   refuses to train otherwise (`RayGroupMismatch`), e.g. under a Ray trainer that forms no torch group.
 - **Checkpoints are acctrain's**, in `config.output_dir`, which every worker must reach (a filesystem all nodes
   share); a relative output_dir is made absolute on the driver. Ray's own run files (its RunConfig storage_path,
-  which Ray also needs shared between nodes) go to `{output_dir}/ray` unless you pass `storage_path`; no weights
-  go through Ray's checkpoint objects.
+  which Ray also needs shared between nodes) go to `{output_dir}/ray` unless you pass `storage_path`. No weights
+  go through Ray's checkpoint objects: rank 0 reports one Ray checkpoint at the end, holding only the metrics
+  (Ray Train keeps a run's metrics only with a checkpoint).
 - **Restarts are Ray's.** With `max_failures=N`, Ray starts a new worker group after a worker dies or raises, and
   the Engine resumes from the newest complete checkpoint in output_dir (resume='auto', which a restartable run
   needs). Steps after that checkpoint are trained again, to the same weights (`save_every` bounds the loss).
@@ -55,8 +56,11 @@ What each side owns:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from acctrain.config import TrainConfig
@@ -139,9 +143,23 @@ def train_loop_per_worker(make_engine: Callable[[TrainConfig], Engine], config: 
             metrics = engine.fit()
         finally:
             engine.close()
-        ray.train.report(dict(metrics))  # every rank (Ray waits for all); the driver's result holds rank 0's
+        report(metrics, context.get_world_rank())
 
     return train_acctrain_engine
+
+
+def report(metrics: dict[str, float], rank: int) -> None:
+    """Report the fit's metrics to Ray, from every rank (Ray waits for all). Ray Train keeps a run's metrics only
+    with a checkpoint of its own, so rank 0 attaches one that holds nothing but them (`metrics.json`): the driver's
+    `Result.metrics`. The weights stay in acctrain's checkpoints."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            Path(folder, "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
 
 
 def torch_config(config: TrainConfig):
