@@ -4,12 +4,16 @@
   same job under `torchrun --nproc_per_node 2`, bitwise (one torch thread per process).
 - The same job, with rank 1's worker process killed (SIGKILL) after step 5 on the first attempt only (a marker
   file), is restarted by Ray (max_failures=1), resumes from acctrain's newest checkpoint, and ends bitwise there too.
+- The same job, with rank 1 stalled after step 3 on the first attempt, is named by acctrain's watchdog after
+  hang_timeout (10 s), its processes exit and Ray restarts them, and it ends bitwise there too.
+- An acctrain error on the workers (an output_dir another run holds: RunLocked) is raised by `fit` as it is, and
+  a restartable run that would not resume (resume='none') is refused on the driver.
 - Under a Ray trainer that forms no torch process group (DataParallelTrainer), every worker refuses to train
   (RayGroupMismatch) before anything is written, and `fit` raises that error on the driver.
 - With ray hidden from import, `import acctrain` works and the integration names the extra to install.
 
-The Ray runs share one driver process (`drive`, started once for the module): a Ray cluster starts in about
-15 s on 2 cores, and the driver's output mixes every worker's.
+The Ray runs share one driver process (`drive`, started once for the module): a local Ray cluster takes 10-30 s
+to start on 2 shared cores, and the driver's output mixes every worker's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,13 +40,14 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
 
 JOB = [*TINY, "cpu_threads=1", "save_every=2"]  # one torch thread per process: bitwise comparable runs
 KILL_AFTER = 5  # rank 1 dies after this optimizer step of the first attempt; checkpoints at 2 and 4 exist then
-DRIVER_TIMEOUT = 540  # the three Ray scenarios on 2 shared cores (about 2 minutes measured)
+STALL_AFTER, HANG_TIMEOUT = 3, 10  # rank 1 stops answering after step 3 of the first attempt; the others wait 10 s
+DRIVER_TIMEOUT = 600  # the Ray scenarios on 2 shared cores
 
 
 # ---- what runs on the driver and on Ray's workers (imported there as tests.test_ray) --------------------------
 
 
-def tiny_engine(sections: dict, attempts: str, kill_marker: str | None, config):
+def tiny_engine(sections: dict, attempts: str, callbacks: list, config):
     """train.py's job (acctrain.cli.run_job) on a Ray worker; each worker appends where it runs to `attempts`."""
     from acctrain import Engine
     from acctrain.bytelm import ByteLM, job_data, lm_loss
@@ -49,7 +55,6 @@ def tiny_engine(sections: dict, attempts: str, kill_marker: str | None, config):
 
     train_set, eval_set, model = job_data(sections["data"], sections["model"])
     torch.manual_seed(config.seed)  # the same initial weights on every rank, as run_job
-    callbacks = [KillOnce(kill_marker, attempts)] if kill_marker else []
     engine = Engine(ByteLM(model), config, train_set, eval_set, loss_fn=lm_loss, callbacks=callbacks,
                     settings=job_settings(sections))
     seen = {"pid": os.getpid(), "rank": engine.accelerator.process_index, "WORLD_SIZE": int(os.environ["WORLD_SIZE"]),
@@ -57,6 +62,18 @@ def tiny_engine(sections: dict, attempts: str, kill_marker: str | None, config):
     with open(attempts, "a") as file:
         file.write(json.dumps(seen) + "\n")
     return engine
+
+
+class StallOnce(Callback):
+    """Rank 1 stops answering (sleeps) after step STALL_AFTER, unless the marker says it did already."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def after_step(self, engine) -> None:
+        if engine.accelerator.process_index == 1 and engine.state.step == STALL_AFTER and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(10 * HANG_TIMEOUT)
 
 
 class KillOnce(Callback):
@@ -77,7 +94,7 @@ class KillOnce(Callback):
 
 
 def drive(base: str) -> None:
-    """The three Ray scenarios in one local cluster; each writes `{base}/{name}.json` (metrics, or the error)."""
+    """The Ray scenarios in one local cluster; each writes `{base}/{name}.json` (metrics, or the error)."""
     import functools
 
     import ray
@@ -85,6 +102,7 @@ def drive(base: str) -> None:
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from acctrain import load_config
+    from acctrain.checkpoint.run_lock import RunLock
     from acctrain.cli import JOB_DEFAULTS, SECTIONS
     from acctrain.integrations import ray as acctrain_ray
 
@@ -97,14 +115,22 @@ def drive(base: str) -> None:
             outcome = {"error": type(err).__name__, "message": str(err)}
         Path(base, f"{name}.json").write_text(json.dumps(outcome))
 
-    def job(name: str, kill: bool = False):
-        config, sections = load_config(None, [f"output_dir={base}/{name}", *JOB], sections=SECTIONS,
+    def job(name: str, callbacks: tuple = (), *extra: str):
+        config, sections = load_config(None, [f"output_dir={base}/{name}", *JOB, *extra], sections=SECTIONS,
                                        defaults=JOB_DEFAULTS)
-        marker = f"{base}/{name}-killed" if kill else None
-        return functools.partial(tiny_engine, sections, f"{base}/{name}-attempts.jsonl", marker), config
+        return functools.partial(tiny_engine, sections, f"{base}/{name}-attempts.jsonl", list(callbacks)), config
 
     scenario("ray", lambda: acctrain_ray.fit(*job("ray"), num_workers=2))
-    scenario("killed", lambda: acctrain_ray.fit(*job("killed", kill=True), num_workers=2, max_failures=1))
+    kill = KillOnce(f"{base}/killed-killed", f"{base}/killed-attempts.jsonl")
+    scenario("killed", lambda: acctrain_ray.fit(*job("killed", [kill]), num_workers=2, max_failures=1))
+    stalled = job("stalled", [StallOnce(f"{base}/stalled-stalled")], f"hang_timeout={HANG_TIMEOUT}")
+    scenario("stalled", lambda: acctrain_ray.fit(*stalled, num_workers=2, max_failures=1))
+
+    def locked():  # another live run (this driver) holds the output_dir
+        with RunLock(f"{base}/locked"):
+            return acctrain_ray.fit(*job("locked"), num_workers=2)
+
+    scenario("locked", locked)
     make, config = job("no-group")
 
     def no_group():
@@ -212,6 +238,44 @@ def test_a_killed_worker_is_restarted_and_resumes_to_the_same_weights(ray_runs, 
     starts = [s["fit starts at"] for s in seen if "fit starts at" in s]
     assert starts[:2] == [0, 0] and len(starts) == 4 and starts[2] == starts[3] in (2, 4), seen  # resumed, not anew
     assert_bitwise(final_state(base / "killed"), final_state(reference))
+
+
+@needs_ray
+def test_a_rank_that_stops_answering_is_named_and_the_restart_resumes(ray_runs, reference):
+    """acctrain's watchdog under Ray: the waiting rank names rank 1 after hang_timeout and both processes exit
+    (124), which Ray counts as a failure and restarts; the run ends with the reference's weights."""
+    base, output = ray_runs
+    result = outcome(base, "stalled", output)
+    assert "metrics" in result, result
+    report = (base / "stalled" / "hang-report.txt").read_text()
+    assert "rank 1" in report and "time.sleep" in report, report  # the stalled rank and its stack
+    seen = attempts(base, "stalled")
+    assert len(seen) == 4, seen  # two attempts of two workers
+    assert_one_group_of_two(seen)
+    assert_bitwise(final_state(base / "stalled"), final_state(reference))
+
+
+@needs_ray
+def test_fit_raises_a_workers_acctrain_error_as_it_is(ray_runs):
+    """Every worker refuses an output_dir that another live run holds (RunLocked, a ConfigError naming
+    output_dir); `fit` raises it on the driver rather than Ray's WorkerGroupError."""
+    base, output = ray_runs
+    result = outcome(base, "locked", output)
+    assert result.get("error") == "RunLocked", result
+    assert result["message"].startswith("output_dir: ") and "is in use by another run" in result["message"]
+    assert not (base / "locked" / "checkpoints").exists()
+
+
+@needs_ray
+def test_a_restart_that_would_not_resume_is_refused_on_the_driver(tmp_path):
+    from acctrain import ConfigError, TrainConfig
+    from acctrain.integrations import ray as acctrain_ray
+
+    config = TrainConfig(output_dir=str(tmp_path / "run"), resume="none")
+    with pytest.raises(ConfigError, match="resume: max_failures=1 lets Ray restart the workers") as err:
+        acctrain_ray.fit(lambda config: None, config, num_workers=2, max_failures=1)
+    assert err.value.field == "resume"
+    assert not (tmp_path / "run").exists()
 
 
 @needs_ray
