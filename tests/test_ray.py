@@ -109,11 +109,12 @@ def drive(base: str) -> None:
     ray.init(num_cpus=2, include_dashboard=False)
 
     def scenario(name: str, run) -> None:
+        start = time.monotonic()
         try:
             outcome = {"metrics": run()}
         except Exception as err:  # what the test checks: the error's type and message
             outcome = {"error": type(err).__name__, "message": str(err)}
-        Path(base, f"{name}.json").write_text(json.dumps(outcome))
+        Path(base, f"{name}.json").write_text(json.dumps({**outcome, "seconds": time.monotonic() - start}))
 
     def job(name: str, callbacks: tuple = (), *extra: str):
         config, sections = load_config(None, [f"output_dir={base}/{name}", *JOB, *extra], sections=SECTIONS,
@@ -176,6 +177,7 @@ def ray_runs(base) -> tuple[Path, str]:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"the Ray driver ran past {DRIVER_TIMEOUT} s:\n{output[-6000:]}")
+    (base / "driver.log").write_text(output)  # every worker's output, for a person to read
     assert proc.returncode == 0, output[-6000:]
     return base, output
 

@@ -104,6 +104,8 @@ def fit(make_engine: Callable[[TrainConfig], Engine], config: TrainConfig, num_w
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if not isinstance(num_workers, int) or num_workers < 1:  # Ray's (min, max) elastic form is not offered here
+        raise ValueError(f"num_workers must be a whole number of workers >= 1, got {num_workers!r}.")
     check_restartable(config, max_failures)
     if use_gpu and config.cpu:
         raise ConfigError("cpu", "cpu=true trains on the CPU, but use_gpu=True reserves a GPU per worker and makes Ray "
