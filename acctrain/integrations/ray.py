@@ -45,12 +45,16 @@ What each side owns:
   the Engine resumes from the newest complete checkpoint in output_dir (resume='auto', which a restartable run
   needs). Steps after that checkpoint are trained again, to the same weights (`save_every` bounds the loss).
 - **Hangs.** acctrain's watchdog runs as under torchrun (files under `{output_dir}/.ranks`): a rank that waits
-  `hang_timeout` in a collective for a rank that does not arrive names it and its process exits (124), and a
-  rank that raises ends the others (125); Ray then counts a failed worker. `fit` gives the group acctrain's own
-  timeout (hang_timeout + 60 s); a TorchTrainer you build yourself keeps Ray's (TorchConfig.timeout_s, 1800 s)
-  unless you pass `torch_config(config)`. Forming the group is Ray's and bounded by Ray, not by hang_timeout.
-- **Stop signals.** Ray runs the function in a thread of the worker, where acctrain installs no signal handlers:
-  a SIGTERM does not save a checkpoint first (as it does under torchrun); the newest periodic one is resumed.
+  `hang_timeout` in a collective for a rank that does not arrive names it (`{output_dir}/hang-report.txt`, with
+  each rank's stack) and the processes exit (124); a rank that raises ends the others (125). Ray counts either as
+  a failed worker group and restarts it while max_failures allows. `fit` gives the group acctrain's timeout
+  (hang_timeout + 60 s), which also bounds Ray's forming of the group (torch's rendezvous), without acctrain's
+  naming of the ranks that never joined; a TorchTrainer you build yourself keeps Ray's TorchConfig.timeout_s
+  (1800 s) unless you pass `torch_config(config)`.
+- **Stop signals.** Ray runs the function in a thread of the worker process, where acctrain installs no signal
+  handlers: a SIGTERM or SIGUSR1 does not make it save and stop (exit 75) as under torchrun; what ends a worker
+  is Ray's business, and a restart resumes from the newest periodic checkpoint (`save_every`,
+  `save_every_minutes`).
 """
 
 from __future__ import annotations
