@@ -9,7 +9,8 @@
 - An acctrain error on the workers (an output_dir another run holds: RunLocked) is raised by `fit` as it is, and
   a restartable run that would not resume (resume='none') is refused on the driver.
 - Under a Ray trainer that forms no torch process group (DataParallelTrainer), every worker refuses to train
-  (RayGroupMismatch) before anything is written, and `fit` raises that error on the driver.
+  (RayGroupMismatch) before anything is written, and `workers_acctrain_error` finds it in Ray's error on the
+  driver.
 - With ray hidden from import, `import acctrain` works and the integration names the extra to install.
 
 The Ray runs share one driver process (`drive`, started once for the module): a local Ray cluster takes 10-30 s
@@ -34,12 +35,11 @@ from safetensors.torch import load_file
 from acctrain import Callback
 from tests.support import ROOT, STEPS, TINY, launch, launch_env
 
-pytestmark = pytest.mark.processes  # every test here starts processes
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason='ray is not installed (pip install "acctrain[ray]" runs these tests)')
 
 JOB = [*TINY, "cpu_threads=1", "save_every=2"]  # one torch thread per process: bitwise comparable runs
-KILL_AFTER = 5  # rank 1 dies after this optimizer step of the first attempt; checkpoints at 2 and 4 exist then
+KILL_AFTER = 5  # rank 1 dies after this step of the first attempt; saves at 2 and 4 began (4's may be unfinished)
 STALL_AFTER, HANG_TIMEOUT = 3, 10  # rank 1 stops answering after step 3 of the first attempt; the others wait 10 s
 DRIVER_TIMEOUT = 600  # the Ray scenarios on 2 shared cores
 
@@ -213,6 +213,7 @@ def assert_one_group_of_two(seen: list[dict]) -> None:
     assert sorted(s["rank"] for s in engines) == sorted([0, 1] * (len(engines) // 2))
 
 
+@pytest.mark.processes
 @needs_ray
 def test_two_ray_workers_train_like_torchrun(ray_runs, reference):
     base, output = ray_runs
@@ -226,6 +227,7 @@ def test_two_ray_workers_train_like_torchrun(ray_runs, reference):
     assert plans and all("world_size=2," in line for line in plans), output[-6000:]
 
 
+@pytest.mark.processes
 @needs_ray
 def test_a_killed_worker_is_restarted_and_resumes_to_the_same_weights(ray_runs, reference):
     base, output = ray_runs
@@ -242,6 +244,7 @@ def test_a_killed_worker_is_restarted_and_resumes_to_the_same_weights(ray_runs, 
     assert_bitwise(final_state(base / "killed"), final_state(reference))
 
 
+@pytest.mark.processes
 @needs_ray
 def test_a_rank_that_stops_answering_is_named_and_the_restart_resumes(ray_runs, reference):
     """acctrain's watchdog under Ray: the waiting rank names rank 1 after hang_timeout and both processes exit
@@ -257,6 +260,7 @@ def test_a_rank_that_stops_answering_is_named_and_the_restart_resumes(ray_runs, 
     assert_bitwise(final_state(base / "stalled"), final_state(reference))
 
 
+@pytest.mark.processes
 @needs_ray
 def test_fit_raises_a_workers_acctrain_error_as_it_is(ray_runs):
     """Every worker refuses an output_dir that another live run holds (RunLocked, a ConfigError naming
@@ -280,6 +284,7 @@ def test_a_restart_that_would_not_resume_is_refused_on_the_driver(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 @needs_ray
 def test_a_trainer_without_a_process_group_is_refused_before_anything_is_written(ray_runs):
     base, output = ray_runs
@@ -291,6 +296,7 @@ def test_a_trainer_without_a_process_group_is_refused_before_anything_is_written
     assert not (base / "no-group-attempts.jsonl").exists()  # refused before make_engine
 
 
+@pytest.mark.processes
 def test_without_ray_acctrain_imports_and_the_integration_names_the_extra():
     code = """if True:
         import sys
@@ -308,6 +314,7 @@ def test_without_ray_acctrain_imports_and_the_integration_names_the_extra():
     assert 'ImportError: acctrain.integrations.ray needs Ray Train: pip install "acctrain[ray]"' in proc.stdout
 
 
+@pytest.mark.processes
 def test_importing_acctrain_does_not_import_ray():
     code = "import sys, acctrain, acctrain.engine, acctrain.cli, acctrain.integrations.ray; print('ray' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=launch_env({"PYTHONPATH": str(ROOT)}),
