@@ -1,7 +1,7 @@
 """What starting on Ray Train costs against torchrun: seconds from the launch to the first optimizer step, on 2 CPU
 processes, for the same small Engine (an MLP, 20 steps; `make_engine` below).
 
-    python benchmarks/ray_startup.py                  # 3 rounds: about 3 minutes on 2 cores
+    python benchmarks/ray_startup.py                  # 3 rounds: about 4 minutes on 2 shared cores
     python benchmarks/ray_startup.py --rounds 5 --json out.json
 
 Each round, in rotated order:
