@@ -56,8 +56,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         private_apis.reset_accelerate_state()
     if group.launched():  # bounded by hang_timeout, naming who never joined, new each elastic round
         group.form("gloo" if cpu or not torch.cuda.is_available() else "nccl", config.hang_timeout, config.output_dir)
-    # FSDP2 with the config's resharding and offload; an Accelerate FSDP launch config's other settings (FSDP_*
-    # variables, e.g. its wrap policy) are read by the plugin itself.
+    # FSDP2 with the config's resharding and offload; a launch config's other FSDP_* settings reach the plugin.
     sharding.hide_launchers_parallelism()
     plugin = sharding.fsdp_plugin(config) if fsdp else None
     # HSDP's 2-D mesh: Accelerate refuses a ParallelismConfig on MULTI_CPU, so on CPU use_fsdp2_on_cpu attaches it.
@@ -76,6 +75,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         sharded.use_fsdp2_on_cpu(accelerator, plugin, parallelism)  # Accelerate drops the FSDP plugin on CPU otherwise
+    sharding.check_kept_settings(accelerator, config, layout)  # a second Engine in this process
     if fsdp and not sharded.is_fsdp(accelerator):  # one process without a launcher: Accelerate ignores the plugin
         raise ConfigError("fsdp", "fsdp=true needs a distributed launch, but this run is one process without a "
                           "process group, where FSDP would silently be off. Launch it with `torchrun --nproc_per_node "

@@ -172,3 +172,21 @@ def _refuse_launchers_shards_without_fsdp() -> None:
         raise ConfigError("fsdp", f"the launch config's parallelism_config shards over "
                           f"{_launcher_size('DP_SHARD_SIZE')} processes (parallelism_config_dp_shard_size), which "
                           "needs FSDP; set fsdp=true, or remove the shard size from the launch config.")
+
+
+def check_kept_settings(accelerator, config: TrainConfig, layout: Layout | None) -> None:
+    """Refuse a second Engine in one process whose FSDP settings differ from the first's: Accelerate keeps one FSDP
+    plugin and mesh per process, so the new settings would silently not apply."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if layout is None or plugin is None:
+        return
+    mesh = accelerator.state.parallelism_config
+    kept = {"fsdp_reshard_after_forward": plugin.reshard_after_forward,
+            "fsdp_cpu_offload": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+            "fsdp_shard_size": mesh.dp_shard_size if mesh is not None else accelerator.num_processes}
+    wanted = {"fsdp_reshard_after_forward": config.fsdp_reshard_after_forward,
+              "fsdp_cpu_offload": config.fsdp_cpu_offload, "fsdp_shard_size": layout.shards}
+    for field, value in kept.items():
+        if value != wanted[field]:
+            raise ConfigError(field, f"this process already made an Accelerator with {field}={value}, which Accelerate "
+                              f"keeps for the whole process; start a new process to train with {wanted[field]}.")

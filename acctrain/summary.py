@@ -52,8 +52,13 @@ def model_summary(model: torch.nn.Module, is_frozen: Callable[[torch.nn.Paramete
 def fsdp_layout(model: torch.nn.Module) -> str | None:
     """How the parameters are really sharded, read from their DTensor meshes (not from the config): 'FSDP2: 4
     shards', or 'FSDP2: 2 replicas x 2 shards' for HSDP's (Replicate, Shard(0)) mesh; None without DTensors."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Replicate
 
+    if isinstance(model, FSDPModule):
+        # A forward before training (the Engine's preflight) leaves the root's parameters gathered, as plain
+        # tensors, until a backward; resharding (public, what the next forward undoes) shows the DTensors.
+        model.reshard()
     param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
     if param is None:
         return None

@@ -26,8 +26,9 @@ On CPU, Accelerate 1.15 silently drops `fsdp_plugin` when `cpu=True` (the FSDP b
 DDP instead; `use_fsdp2_on_cpu` routes `prepare` through Accelerate's own FSDP2 path (tests, CPU runs).
 
 Under HSDP (replicas x shards, acctrain.sharding) the parameters are DTensors on a 2-D mesh, Replicate() across
-replicas and Shard(0) within one; DCP's save planner writes each replicated slice once (the first replica's
-ranks write the shards, the others' shard files hold no tensors), and a load reads them at any layout.
+replicas and Shard(0) within one; DCP's save planner writes each replicated slice once, spreading the writes over
+the replicas (one replica's files may hold some parameters' slices, the other's the rest): the files together hold
+each element once, as at plain FSDP, and a load reads them at any layout.
 """
 
 from __future__ import annotations
