@@ -27,6 +27,9 @@ from tests.workers import resume_run
 
 WORKER = ["-m", "tests.workers.hsdp_run"]  # run from ROOT as a module (torchrun -m)
 HSDP = {"fsdp": True, "fsdp_shard_size": 2}
+WRAP_LINEARS = {"FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Linear"}
+"""An Accelerate launch config's wrap policy, as the launcher passes it: the hidden and head layers become FSDP units
+of their own, which fsdp_reshard_after_forward governs (Accelerate never reshards the root and the final norm)."""
 
 
 def params(path) -> dict:
@@ -38,7 +41,7 @@ def layouts(tmp_path_factory):
     """grad_run's problem at 4 processes: DDP, HSDP 2 x 2, and HSDP 2 x 2 keeping parameters after the forward."""
     out = tmp_path_factory.mktemp("layouts")
     runs = {"ddp": {}, "hsdp": HSDP, "hsdp_kept": {**HSDP, "fsdp_reshard_after_forward": False}}
-    printed = {name: launch([*WORKER, str(out), name, json.dumps(options)], nproc=4).stdout
+    printed = {name: launch([*WORKER, str(out), name, json.dumps(options)], nproc=4, env=WRAP_LINEARS).stdout
                for name, options in runs.items()}
     return out, printed
 
@@ -81,7 +84,7 @@ def test_hsdp_parameters_are_replicated_across_and_sharded_within_a_2d_mesh(layo
 @pytest.mark.processes
 def test_reshard_after_forward_false_keeps_the_gathered_parameters(layouts):
     out, _ = layouts
-    assert meta(out, "hsdp")["after_forward"] == "DTensor"  # resharded after the forward
+    assert meta(out, "hsdp")["after_forward"] == "DTensor"  # hidden.weight: resharded after the forward
     assert meta(out, "hsdp_kept")["after_forward"] == "Parameter"  # kept gathered until the backward
 
 

@@ -80,10 +80,10 @@ def run(out_dir: str, name: str, options: dict) -> None:
 
 
 def after_a_forward(model) -> str:
-    """The type of `norm.weight` (its own FSDP unit under Accelerate's wrap) between a forward and its backward:
-    DTensor (its shard) when FSDP2 reshards after the forward, a plain Parameter (gathered) when it does not."""
+    """The type of `hidden.weight` (an FSDP unit of its own under the test's wrap policy) between a forward and its
+    backward: DTensor (its shard) when FSDP2 reshards after the forward, a plain Parameter (gathered) when not."""
     loss = model(torch.arange(6).view(1, 6)).sum()
-    kind = type(model.norm.weight).__name__
+    kind = type(model.hidden.weight).__name__
     (loss * 0).backward()  # every rank: FSDP's backward collectives; the gradients are dropped with the run
     return kind
 
