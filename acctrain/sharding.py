@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from accelerate.parallelism_config import ParallelismConfig
+from accelerate import ParallelismConfig
 from accelerate.utils import FullyShardedDataParallelPlugin
 
 from acctrain.config import TrainConfig
