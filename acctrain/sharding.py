@@ -82,6 +82,9 @@ def fsdp_layout(config: TrainConfig, fsdp: bool, world_size: int, cpu: bool) -> 
         raise ConfigError("fsdp_shard_size", f"{shards} processes per shard group do not divide the {world_size} "
                           "processes of this launch into whole replicas; set it to a divisor of the world size (the "
                           "GPUs of one node, e.g. 8), or 0 to shard over all processes.")
+    if shards == 1 and world_size > 1:
+        raise ConfigError("fsdp_shard_size", f"1 process per shard group gives {world_size} whole copies of the model "
+                          "and shards nothing, which is DDP; set fsdp=false for that, or a shard size of 2 or more.")
     return Layout(replicas=world_size // shards, shards=shards)
 
 

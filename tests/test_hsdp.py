@@ -144,6 +144,8 @@ def test_shard_sizes_that_do_not_divide_the_world_are_refused():
     with pytest.raises(ConfigError, match="divisor") as err:
         sharding.fsdp_layout(TrainConfig(fsdp=True, fsdp_shard_size=3), True, 4, cpu=True)
     assert err.value.field == "fsdp_shard_size"
+    with pytest.raises(ConfigError, match="which is DDP"):
+        sharding.fsdp_layout(TrainConfig(fsdp=True, fsdp_shard_size=1), True, 4, cpu=True)
     assert sharding.fsdp_layout(TrainConfig(fsdp=True, fsdp_shard_size=2), True, 8, cpu=True) == sharding.Layout(4, 2)
     assert sharding.fsdp_layout(TrainConfig(fsdp=True), True, 8, cpu=True) == sharding.Layout(1, 8)
 

@@ -65,7 +65,7 @@ def run(out_dir: str, name: str, options: dict) -> None:
         "distributed_type": str(engine.accelerator.distributed_type),
         "grad_norms": norms.grad_norms,
         "placements": {n: [str(k) for k in p.placements] for n, p in model.named_parameters() if hasattr(p, "placements")},
-        "mesh": (dict(zip(hidden.device_mesh.mesh_dim_names, hidden.device_mesh.mesh.shape))
+        "mesh": (dict(zip(hidden.device_mesh.mesh_dim_names or ("world",), hidden.device_mesh.mesh.shape))
                  if hasattr(hidden, "device_mesh") else None),
         "summary": fsdp_layout(model),
         "seconds_per_step": seconds_per_step,
