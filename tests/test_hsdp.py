@@ -46,9 +46,9 @@ def layouts(tmp_path_factory):
     return out, printed
 
 
-def meta(out, name) -> dict:
+def meta(out, name, world: int = 4) -> dict:
     result = json.loads((out / f"{name}.json").read_text())
-    assert result["num_processes"] == result["world_size_env"] == 4
+    assert result["num_processes"] == result["world_size_env"] == world
     return result
 
 
@@ -129,6 +129,17 @@ def _shapes(path) -> list[list[int]]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     return [entry["shape"] for key, entry in header.items() if key != "__metadata__"]
+
+
+@pytest.mark.processes
+def test_a_second_engine_with_other_fsdp_settings_in_the_same_processes_is_refused(tmp_path):
+    """Accelerate keeps one FSDP plugin and mesh per process: the second Engine's settings would silently not apply."""
+    launch([*WORKER, str(tmp_path), "first", json.dumps({"fsdp": True}),
+            json.dumps({"fsdp": True, "fsdp_reshard_after_forward": False})], nproc=2)
+    assert meta(tmp_path, "first", world=2)["summary"] == "FSDP2: 2 shards"
+    refused = json.loads((tmp_path / "second-refused.json").read_text())
+    assert refused["field"] == "fsdp_reshard_after_forward" and "start a new process" in refused["message"]
+    assert not (tmp_path / "run-second").exists()
 
 
 def test_cpu_offload_on_a_cpu_run_is_refused_before_anything_is_written(tmp_path):

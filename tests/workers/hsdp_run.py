@@ -1,10 +1,11 @@
 """grad_run's problem (TinyTokenModel, SGD, clipping) trained by the Engine under a chosen layout, recording what
 tests/test_hsdp.py compares: final weights, gradient norms, and how the parameters are really placed.
 
-    python -m torch.distributed.run --nproc_per_node 4 -m tests.workers.hsdp_run OUT_DIR NAME JSON
+    python -m torch.distributed.run --nproc_per_node 4 -m tests.workers.hsdp_run OUT_DIR NAME JSON [SECOND_JSON]
 
 JSON holds extra TrainConfig fields, e.g. `hsdp '{"fsdp": true, "fsdp_shard_size": 2}'`, or `ddp '{}'`. One Engine
-per launch: a second one in the same 4 processes, after a DDP one, never formed its process group here. Rank 0 writes OUT_DIR/NAME.json (world size, grad norms, placements, mesh, the start-up
+per launch, except SECOND_JSON: a second FSDP Engine in the same processes with other FSDP settings, refused (rank 0
+writes OUT_DIR/second-refused.json with the ConfigError's field). Rank 0 writes OUT_DIR/NAME.json (world size, grad norms, placements, mesh, the start-up
 summary's sharding line, seconds per step) and OUT_DIR/NAME.safetensors (final weights, gathered; and every
 rank's local slice of hidden.weight as local.RANK, to show which ranks hold the same slice).
 """
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 
 from acctrain import Callback, Engine, TrainConfig
 from acctrain.cli import free_before_exit
+from acctrain.errors import ConfigError
 from acctrain.summary import fsdp_layout
 from tests.support.runs import CLIP
 from tests.support.tiny import VarLenTokens, collate, make_model, token_loss
@@ -76,7 +78,7 @@ def run(out_dir: str, name: str, options: dict) -> None:
         save_file({**params, **{f"local.{rank}": s for rank, s in enumerate(slices)}},
                   os.path.join(out_dir, f"{name}.safetensors"))
         Path(out_dir, f"{name}.json").write_text(json.dumps(meta))
-    engine.close()
+    # Not engine.close(): it ends the process group, and a second Engine re-forming it at 4 processes never joined.
 
 
 def after_a_forward(model) -> str:
@@ -90,6 +92,12 @@ def after_a_forward(model) -> str:
 
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    if len(sys.argv) > 4:  # a second Engine in these processes, with other FSDP settings: refused
+        try:
+            run(sys.argv[1], "second", json.loads(sys.argv[4]))
+        except ConfigError as err:
+            if dist.get_rank() == 0:
+                Path(sys.argv[1], "second-refused.json").write_text(json.dumps({"field": err.field, "message": str(err)}))
     free_before_exit()  # FSDP2's device mesh, freed at interpreter exit, can abort the process
     if dist.is_initialized():
         dist.destroy_process_group()
