@@ -104,6 +104,12 @@ class TrainConfig:
     """Train on the CPU even when a GPU is present (multi-process runs without CUDA use CPU/gloo anyway)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (an Accelerate FSDP launch config also enables it)."""
+    fsdp_shard_size: int = 0
+    """Processes that shard one copy of the model under FSDP2, e.g. the GPUs of one node, the processes forming world / this replicas whose gradients are all-reduced (HSDP: the gathers stay within a replica); 0: shard over all processes."""
+    fsdp_reshard_after_forward: bool = True
+    """Under FSDP2, free each wrapped block's gathered parameters after its forward and gather them again for its backward, false keeps them until the backward (ZeRO-2-like: more memory, one all-gather less per block and step); it applies to the blocks that a launch config's fsdp_auto_wrap_policy wraps and to a Hugging Face model's input embeddings, as Accelerate never reshards the root module and the final norm and output layer."""
+    fsdp_cpu_offload: bool = False
+    """Under FSDP2 on GPUs, keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU): less GPU memory, slower steps."""
     cpu_threads: int = 0
     """Torch threads per process when training on CPU; 0 means $OMP_NUM_THREADS if you set it, else available cores / processes on this node (the 1 that accelerate launch and torchrun set when you do not is not taken)."""
     activation_checkpointing: bool = False
@@ -119,7 +125,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads", "keep_last"):
+        for name in ("max_steps", "eval_every", "save_every", "num_workers", "warmup_steps", "cpu_threads", "keep_last",
+                     "fsdp_shard_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}; use 0 to turn it off.")
         if self.micro_batch_size != "auto" and self.global_batch_size % self.micro_batch_size:

@@ -35,7 +35,9 @@ from acctrain.tracking import MetricLog
 BUILT_ONCE = {
     "global_batch_size": "batch plan", "micro_batch_size": "batch plan", "weight_decay": "optimizer",
     "adam_betas": "optimizer", "param_groups": "optimizer", "mixed_precision": "Accelerator",
-    "cpu": "Accelerator", "fsdp": "Accelerator", "log_with": "Accelerator's trackers", "compile": "model wrapping",
+    "cpu": "Accelerator", "fsdp": "Accelerator", "fsdp_shard_size": "Accelerator",
+    "fsdp_reshard_after_forward": "Accelerator", "fsdp_cpu_offload": "Accelerator", "log_with": "Accelerator's trackers",
+    "compile": "model wrapping",
     "activation_checkpointing": "model wrapping", "activation_checkpointing_block": "model wrapping",
     "cpu_threads": "torch thread count", "ema_decay": "EMA callback",
 }

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
 
-from acctrain import barrier, checkpoint, group, memory, precision, private_apis, seeds, watchdog
+from acctrain import barrier, checkpoint, group, memory, precision, private_apis, seeds, sharding, watchdog
 from acctrain.checkpoint import sharded
 from acctrain.config import TrainConfig
 from acctrain.errors import ConfigError
@@ -33,6 +33,7 @@ FSDP (or refused as one), e.g. in a notebook after an `fsdp=true` Engine."""
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator whose process group really spans every launched process (without CUDA, torchrun's processes would otherwise train as independent jobs)."""
+    sharding.refuse_deepspeed()
     if LAUNCHERS_FSDP is None:  # an earlier Engine's FSDP is not this one's
         os.environ.pop("ACCELERATE_USE_FSDP", None)
     else:
@@ -44,6 +45,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     cpu = config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
     cpu = cpu or ((world_size > 1 or fsdp) and not torch.cuda.is_available())
     precision.check(config.mixed_precision, on_cpu=cpu or not torch.cuda.is_available())
+    layout = sharding.fsdp_layout(config, fsdp, world_size, cpu)  # replicas x shards, checked against the launcher
     if not cpu and torch.cuda.is_available():
         check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     if private_apis.accelerate_cached_precision(config.mixed_precision) != config.mixed_precision:
@@ -52,13 +54,17 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         private_apis.reset_accelerate_state()
     if group.launched():  # bounded by hang_timeout, naming who never joined, new each elastic round
         group.form("gloo" if cpu or not torch.cuda.is_available() else "nccl", config.hang_timeout, config.output_dir)
-    # FSDP2; an Accelerate FSDP launch config's settings (FSDP_* variables) are read by the plugin itself.
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
+    # FSDP2 with the config's resharding and offload; a launch config's other FSDP_* settings reach the plugin.
+    sharding.hide_launchers_parallelism()
+    plugin = sharding.fsdp_plugin(config) if fsdp else None
+    # HSDP's 2-D mesh: Accelerate refuses a ParallelismConfig on MULTI_CPU, so on CPU use_fsdp2_on_cpu attaches it.
+    parallelism = layout.parallelism_config() if layout is not None else None
     if plugin is not None:
         memory.refuse_accelerate_checkpointing(plugin)  # acctrain's own replays dropout's RNG; Accelerate's does not
     accelerator = Accelerator(
         cpu=cpu,
         fsdp_plugin=plugin,
+        parallelism_config=None if cpu else parallelism,
         mixed_precision=config.mixed_precision,
         kwargs_handlers=precision.handlers(config.mixed_precision),
         log_with=[name.strip() for name in config.log_with.split(",") if name.strip()],
@@ -67,7 +73,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         ),
     )
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        sharded.use_fsdp2_on_cpu(accelerator, plugin)  # Accelerate drops the FSDP plugin on CPU otherwise
+        sharded.use_fsdp2_on_cpu(accelerator, plugin, parallelism)  # Accelerate drops the FSDP plugin on CPU otherwise
+    sharding.check_kept_settings(accelerator, config, layout)  # a second Engine in this process
     if fsdp and not sharded.is_fsdp(accelerator):  # one process without a launcher: Accelerate ignores the plugin
         raise ConfigError("fsdp", "fsdp=true needs a distributed launch, but this run is one process without a "
                           "process group, where FSDP would silently be off. Launch it with `torchrun --nproc_per_node "

@@ -24,6 +24,11 @@ Usage (all ranks call save/load; the directory must be visible to all of them):
 On CPU, Accelerate 1.15 silently drops `fsdp_plugin` when `cpu=True` (the FSDP branch of
 `AcceleratorState.__init__` covers only accelerator device types, not MULTI_CPU) and wraps the model in
 DDP instead; `use_fsdp2_on_cpu` routes `prepare` through Accelerate's own FSDP2 path (tests, CPU runs).
+
+Under HSDP (replicas x shards, acctrain.sharding) the parameters are DTensors on a 2-D mesh, Replicate() across
+replicas and Shard(0) within one; DCP's save planner writes each replicated slice once, spreading the writes over
+the replicas (one replica's files may hold some parameters' slices, the other's the rest): the files together hold
+each element once, as at plain FSDP, and a load reads them at any layout.
 """
 
 from __future__ import annotations
@@ -60,11 +65,13 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def use_fsdp2_on_cpu(accelerator, fsdp_plugin) -> None:
+def use_fsdp2_on_cpu(accelerator, fsdp_plugin, parallelism=None) -> None:
     """Make an `Accelerator(cpu=True)` running as several processes prepare models with FSDP2.
 
-    Call right after creating the Accelerator, before `prepare`. Accelerate 1.15 ignores `fsdp_plugin`
+    Call right after creating the Accelerator, before `prepare`. Accelerate 1.16 ignores `fsdp_plugin`
     on MULTI_CPU; this sets the state it would have set on a GPU (`distributed_type = FSDP`, the plugin).
+    `parallelism` (an Accelerate `ParallelismConfig`, HSDP's replicate x shard sizes) is attached with its
+    device mesh, which `prepare` hands to `fully_shard`: Accelerate refuses it in the constructor on MULTI_CPU.
     """
     from accelerate.utils import DistributedType
 
@@ -75,6 +82,9 @@ def use_fsdp2_on_cpu(accelerator, fsdp_plugin) -> None:
     if accelerator.mixed_precision != "no":
         fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
     private_apis.set_accelerate_fsdp_state(accelerator, fsdp_plugin)
+    # Public state attributes, as Accelerator.__init__ sets them on GPUs; None drops an earlier Engine's mesh.
+    accelerator.state.parallelism_config = parallelism
+    accelerator.state.device_mesh = parallelism.get_device_mesh("cpu") if parallelism is not None else None
 
 
 @contextmanager
