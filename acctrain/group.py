@@ -58,13 +58,16 @@ def form(backend: str, hang_timeout: float, output_dir: str) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "nccl":
         nccl_defaults(output_dir)
+    # The how-many-th group of this process (an Engine closed, then another: every rank counts the same): its keys
+    # are its own, so that no rank takes an earlier group's store or "joined" marks for this one's.
+    forming = len(_stores)
     try:
-        store = round_store(rank, world_size, hang_timeout)
+        store = dist.PrefixStore(f"acctrain/{forming}", round_store(rank, world_size, hang_timeout, forming))
         wait_for_ranks(store, rank, world_size, hang_timeout)
     except HangError as err:  # a SystemExit prints nothing of itself
         print(f"acctrain: {err}", file=sys.stderr, flush=True)
         raise
-    dist.init_process_group(backend, store=dist.PrefixStore("acctrain/group", store), rank=rank,
+    dist.init_process_group(backend, store=dist.PrefixStore("group", store), rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=hang_timeout + GROUP_TIMEOUT_MARGIN))
 
 
@@ -76,7 +79,7 @@ def nccl_defaults(output_dir: str) -> None:
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(os.path.abspath(output_dir), "flight-recorder-rank"))
 
 
-def round_store(rank: int, world_size: int, hang_timeout: float) -> dist.Store:
+def round_store(rank: int, world_size: int, hang_timeout: float, forming: int = 0) -> dist.Store:
     """A store that holds nothing of an earlier round: under torchrun's agent store, one rank 0 starts now;
     otherwise the one at MASTER_ADDR:MASTER_PORT that rank 0 hosts (as env:// does)."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -96,12 +99,12 @@ def round_store(rank: int, world_size: int, hang_timeout: float) -> dist.Store:
         store = dist.TCPStore(addr, 0, world_size, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=hang_timeout))
         store.set("acctrain/token", token)
-        agent.set("acctrain/round-store", f"{store.port} {token}")
+        agent.set(f"acctrain/round-store/{forming}", f"{store.port} {token}")
         _stores.append(store)
         return store
     last = ""
     while time.monotonic() < deadline:  # the published address is the previous round's until rank 0 renews it
-        published = agent.get("acctrain/round-store").decode()
+        published = agent.get(f"acctrain/round-store/{forming}").decode()
         if published != last:
             last = published
             store_port, token = published.split()

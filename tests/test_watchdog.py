@@ -121,6 +121,34 @@ def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
 
 
 @pytest.mark.processes
+@pytest.mark.parametrize("launcher", ["torchrun", "plain"])
+def test_a_second_engine_after_close_forms_a_group_of_its_own(tmp_path, launcher):
+    """An Engine closed (its group destroyed), then another in the same processes: the second group takes none of
+    the first's store or marks (under torchrun, where rank 0 publishes a store of its own in the agent's; and with
+    the ranks given as srun gives them, where rank 0 hosts the store at MASTER_PORT), and trains."""
+    args = ["-m", "tests.workers.two_engines_run", str(tmp_path)]
+    if launcher == "torchrun":
+        launch(args, nproc=2, timeout=240)
+    else:
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=launch_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                                             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                             "MASTER_PORT": port}))
+                 for r in range(2)]
+        try:
+            outputs = [p.communicate(timeout=180)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert [p.returncode for p in procs] == [0, 0], outputs
+    result = json.loads((tmp_path / "two_engines.json").read_text())
+    assert result["world_size_env"] == 2
+    assert [(p["num_processes"], p["step"]) for p in result["phases"]] == [(2, 3), (2, 3)]
+    assert result["phases"][0]["loss"] == result["phases"][1]["loss"]  # the same job twice: the same steps
+
+
+@pytest.mark.processes
 def test_a_rank_that_never_joins_is_named_within_hang_timeout(tmp_path):
     """Rank 0 of 2 started alone (a node whose launcher never came): it stops after hang_timeout naming rank 1."""
     env = launch_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
