@@ -107,7 +107,7 @@ class TrainConfig:
     fsdp_shard_size: int = 0
     """Processes that shard one copy of the model under FSDP2, e.g. the GPUs of one node, the processes forming world / this replicas whose gradients are all-reduced (HSDP: the gathers stay within a replica); 0: shard over all processes."""
     fsdp_reshard_after_forward: bool = True
-    """Under FSDP2, free each wrapped block's gathered parameters after its forward and gather them again for its backward, false keeps them until the backward (ZeRO-2-like: more memory, one all-gather less per block and step); it applies to the blocks that a launch config's fsdp_auto_wrap_policy wraps and to a Hugging Face model's input embeddings, as Accelerate never reshards the root module and the final norm and output layer."""
+    """Under FSDP2, free each wrapped block's gathered parameters after its forward and gather them again for its backward, false keeps them until the backward (ZeRO-2-like: more memory, one all-gather less per block and step); it applies to the blocks that a launch config's fsdp_auto_wrap_policy wraps and to a Hugging Face model's input embeddings, as Accelerate never reshards the root module and the final norm and output layer (false without a wrap policy is refused: it would change nothing)."""
     fsdp_cpu_offload: bool = False
     """Under FSDP2 on GPUs, keep the parameter shards, their gradients and the optimizer state in CPU memory (the optimizer steps on the CPU): less GPU memory, slower steps."""
     cpu_threads: int = 0

@@ -91,8 +91,15 @@ def fsdp_layout(config: TrainConfig, fsdp: bool, world_size: int, cpu: bool) -> 
 def fsdp_plugin(config: TrainConfig) -> FullyShardedDataParallelPlugin:
     """Accelerate's FSDP2 plugin, the config's resharding and offload given explicitly (the launcher's FSDP_*
     values for them were checked to agree; its other FSDP_* settings, e.g. the wrap policy, are read by the plugin)."""
-    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=config.fsdp_reshard_after_forward,
-                                          cpu_offload=config.fsdp_cpu_offload)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=config.fsdp_reshard_after_forward,
+                                            cpu_offload=config.fsdp_cpu_offload)
+    if not config.fsdp_reshard_after_forward and plugin.auto_wrap_policy is None:
+        raise ConfigError("fsdp_reshard_after_forward", "false would change nothing here: without a wrap policy the "
+                          "whole model is one FSDP unit, the root, whose parameters FSDP2 keeps gathered from the "
+                          "forward to the backward anyway. Give the launch config an fsdp_auto_wrap_policy (e.g. "
+                          "TRANSFORMER_BASED_WRAP with fsdp_transformer_layer_cls_to_wrap: your block's class), or "
+                          "leave fsdp_reshard_after_forward true.")
+    return plugin
 
 
 def hide_launchers_parallelism() -> None:

@@ -213,3 +213,19 @@ def test_a_deepspeed_launch_is_refused_with_the_fsdp2_equivalents_before_anythin
         assert equivalent in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("config error: deepspeed:") == 2  # every rank refuses, none waits for the others
     assert not out.exists()
+
+
+def test_reshard_after_forward_false_without_a_wrap_policy_is_refused(monkeypatch):
+    """Without a wrap policy the model is one FSDP unit, the root, which FSDP2 keeps gathered anyway: false would
+    be a setting that does nothing."""
+    from acctrain.sharding import fsdp_plugin
+
+    for name in WRAP_LINEARS:
+        monkeypatch.delenv(name, raising=False)
+    config = TrainConfig(output_dir="unused", fsdp=True, fsdp_reshard_after_forward=False)
+    with pytest.raises(ConfigError, match="fsdp_auto_wrap_policy") as err:
+        fsdp_plugin(config)
+    assert err.value.field == "fsdp_reshard_after_forward"
+    for name, value in WRAP_LINEARS.items():
+        monkeypatch.setenv(name, value)
+    assert fsdp_plugin(config).reshard_after_forward is False
