@@ -38,7 +38,7 @@ DEEPSPEED_REFUSED = (
     "launch config with distributed_type: DEEPSPEED), which acctrain does not run: DeepSpeed's engine steps, scales "
     "the loss and clips inside itself, so acctrain's exact loss scaling, global-norm clipping and skipped steps "
     "(nan_policy) could not be kept. Launch without DeepSpeed and use FSDP2, which does the same: ZeRO stage 1 or 2 "
-    "-> fsdp=true fsdp_reshard_after_forward=false; ZeRO stage 3 -> fsdp=true; offload_optimizer / offload_param -> "
+    "-> fsdp=true fsdp_reshard_after_forward=false (with a wrap policy in the launch config); ZeRO stage 3 -> fsdp=true; offload_optimizer / offload_param -> "
     "fsdp=true fsdp_cpu_offload=true (GPUs only). Add fsdp_shard_size=GPUS_PER_NODE to keep the gathers within a node."
 )
 
