@@ -135,7 +135,7 @@ def _shapes(path) -> list[list[int]]:
 def test_a_second_engine_with_other_fsdp_settings_in_the_same_processes_is_refused(tmp_path):
     """Accelerate keeps one FSDP plugin and mesh per process: the second Engine's settings would silently not apply."""
     launch([*WORKER, str(tmp_path), "first", json.dumps({"fsdp": True}),
-            json.dumps({"fsdp": True, "fsdp_reshard_after_forward": False})], nproc=2)
+            json.dumps({"fsdp": True, "fsdp_reshard_after_forward": False})], nproc=2, env=WRAP_LINEARS)
     assert meta(tmp_path, "first", world=2)["summary"] == "FSDP2: 2 shards"
     refused = json.loads((tmp_path / "second-refused.json").read_text())
     assert refused["field"] == "fsdp_reshard_after_forward" and "start a new process" in refused["message"]
