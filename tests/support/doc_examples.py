@@ -234,7 +234,22 @@ def example_env(root: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # what a killed example printed last is in its output
+    if 0 < _gpus() < MOST_PROCESSES:
+        # The examples launch up to MOST_PROCESSES processes on one machine: with fewer GPUs than that, every
+        # example trains on the CPU (what `accelerate launch --cpu` sets), as on a machine without GPUs, rather
+        # than being refused for launching more processes than there are GPUs.
+        env["ACCELERATE_USE_CPU"] = "true"
     return env
+
+
+MOST_PROCESSES = 4
+"""The most processes an example launches on one machine (docs/cluster.md's HSDP example)."""
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def numbered_source(block: Block) -> str:
