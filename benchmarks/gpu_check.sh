@@ -76,7 +76,7 @@ SUITE_STATUS="not run (SUITE=0)"
 SUITE_RC=0
 if [ "${SUITE:-1}" = 1 ]; then
     WORKERS=()
-    if python -c "import xdist" 2>/dev/null; then WORKERS=(-n 12); fi
+    if python -c "import xdist" 2>/dev/null; then WORKERS=(-n 12 --dist loadgroup); fi
     echo; echo "== test suite with a GPU visible (${WORKERS[*]:-no pytest-xdist: one worker}, timeout $SUITE_S s), in the background"
     # In a session of its own, so that what a timeout leaves running (xdist workers, launched ranks) can be
     # killed before the benchmarks: left alive, it would load the machine during them.

@@ -35,7 +35,9 @@ from tests.support import TINY as MAIN_JOB
 from tests.support.slurm_cluster import FINAL_STATES, SlurmCluster, SlurmUnavailable, unavailable_reason
 from tests.support.tiny import rel_diff
 
-pytestmark = pytest.mark.processes  # every test here starts processes
+# Every test here starts processes; under pytest-xdist (benchmarks/gpu_check.sh, --dist loadgroup) they run on one
+# worker, which starts the module's shared runs and its one SLURM cluster once.
+pytestmark = [pytest.mark.processes, pytest.mark.xdist_group("launch")]
 
 # Launchers, not devices: every job here trains on CPU/gloo. Simulated nodes share this machine's GPUs, so
 # with GPUs each "node" would put its local rank 0 on cuda:0 (NCCL: duplicate GPU).

@@ -35,6 +35,10 @@ from safetensors.torch import load_file
 from acctrain import Callback
 from tests.support import ROOT, STEPS, TINY, launch, launch_env
 
+# Under pytest-xdist (benchmarks/gpu_check.sh, --dist loadgroup) on one worker, which starts the module's one local
+# Ray cluster and its shared runs once.
+pytestmark = pytest.mark.xdist_group("ray")
+
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason='ray is not installed (pip install "acctrain[ray]" runs these tests)')
 
