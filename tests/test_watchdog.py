@@ -92,25 +92,31 @@ def test_an_error_on_one_rank_ends_the_other_at_once_naming_it(tmp_path):
     assert not (tmp_path / "hang-report.txt").exists()
 
 
-@pytest.mark.processes
-@pytest.mark.parametrize("fault", ["raise", "sleep"])
-def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
-    """Two plain processes given their ranks as srun gives them (no torchrun to kill the survivor): an error
-    on rank 1 ends rank 0 with 125; a rank asleep in a callback ends both with 124."""
-    port, started = str(free_port()), time.time()
-    procs = [subprocess.Popen([sys.executable, *FAULT, json.dumps({"out_dir": str(tmp_path), "fault": fault,
-                                                                    "hang_timeout": HANG_TIMEOUT})],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=launch_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": port}))
+def as_srun_ranks(args: list[str]) -> tuple[list[int], list[str]]:
+    """Two plain `python ARGS` processes given their ranks as srun gives them (no launcher): their exit codes and
+    outputs."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=launch_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                                         "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                         "MASTER_PORT": port}))
              for r in range(2)]
     try:
         outputs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    codes = [p.returncode for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("fault", ["raise", "sleep"])
+def test_without_a_launcher_no_rank_is_left_waiting(tmp_path, fault):
+    """Two plain processes given their ranks as srun gives them (no torchrun to kill the survivor): an error
+    on rank 1 ends rank 0 with 125; a rank asleep in a callback ends both with 124."""
+    started = time.time()
+    codes, outputs = as_srun_ranks([*FAULT, json.dumps({"out_dir": str(tmp_path), "fault": fault,
+                                                        "hang_timeout": HANG_TIMEOUT})])
     assert time.time() - started < 120
     if fault == "raise":
         assert codes == [PEER_FAILED_EXIT_CODE, 1], outputs
@@ -130,18 +136,8 @@ def test_a_second_engine_after_close_forms_a_group_of_its_own(tmp_path, launcher
     if launcher == "torchrun":
         launch(args, nproc=2, timeout=240)
     else:
-        port = str(free_port())
-        procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=launch_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                                             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                                             "MASTER_PORT": port}))
-                 for r in range(2)]
-        try:
-            outputs = [p.communicate(timeout=180)[0] for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        assert [p.returncode for p in procs] == [0, 0], outputs
+        codes, outputs = as_srun_ranks(args)
+        assert codes == [0, 0], outputs
     result = json.loads((tmp_path / "two_engines.json").read_text())
     assert result["world_size_env"] == 2
     assert [(p["num_processes"], p["step"]) for p in result["phases"]] == [(2, 3), (2, 3)]
