@@ -22,7 +22,7 @@ from acctrain import Callback, Engine, TrainConfig
 from acctrain.checkpoint import FORMAT_VERSION, CheckpointError, find_resumable, verify
 from acctrain.errors import Preempted
 from tests.support import ROOT, ckpts
-from tests.support.runs import copy_of, rewrite
+from tests.support.runs import assert_bitwise, copy_of, rewrite
 from tests.support.slow_save import ENV
 from tests.support.tiny import RUN_ON_CPU, VarLenTokens, collate, make_model, token_loss
 from tests.workers import resume_run
@@ -34,12 +34,6 @@ STEP3, STEP6 = "step-00000003", "step-00000006"
 def params(tensors: dict) -> dict:
     """A run's final parameters under their model names (resume_run stores them as `param.<name>`)."""
     return {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-
-
-def assert_bitwise(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def leftovers(out: Path) -> list[str]:

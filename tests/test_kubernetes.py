@@ -27,9 +27,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from tests.support import ROOT, TINY, free_port, launch
+from tests.support.runs import assert_bitwise, final_checkpoint_tensors
 from tests.test_launch import job_env, layout, plan_lines, run_together
 
 K8S = ROOT / "launch" / "kubernetes"
@@ -43,21 +43,6 @@ TIMEOUT = 240  # seconds for one launch of the job (about 25 s on 2 busy cores)
 
 def read_manifest(name: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
-
-
-def checkpoint_tensors(out: Path) -> dict:
-    """The final checkpoint's model and optimizer tensors (names prefixed by their file)."""
-    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    assert latest.name == f"step-{STEPS:08d}", latest
-    return {f"{part}.{name}": tensor for part in ("model", "optimizer")
-            for name, tensor in load_file(latest / f"{part}.safetensors").items()}
-
-
-def assert_bitwise_equal(out: Path, reference: Path) -> None:
-    ours, theirs = checkpoint_tensors(out), checkpoint_tensors(reference)
-    assert ours.keys() == theirs.keys()
-    differ = [name for name in ours if not (ours[name].dtype == theirs[name].dtype and ours[name].equal(theirs[name]))]
-    assert not differ, f"not bitwise equal to the torchrun run: {differ}"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +93,7 @@ def two_pods(request, base):
 @pytest.mark.processes
 def test_two_pods_train_bitwise_like_one_torchrun(two_pods, reference):
     procs, out = two_pods
-    assert_bitwise_equal(out, reference)
+    assert_bitwise(final_checkpoint_tensors(out, STEPS), final_checkpoint_tensors(reference, STEPS))
     assert layout(out) == layout(reference)
     plans = plan_lines(procs[0].stdout)
     assert len(plans) == 1 and "world_size=2," in plans[0], procs[0].stdout[-3000:]
@@ -158,7 +143,7 @@ def test_sigterm_to_one_pod_saves_exits_75_and_the_restarted_pods_resume_bitwise
     assert [p.returncode for p in restarted] == [0, 0], restarted[0].stdout[-3000:] + restarted[0].stderr[-3000:]
     assert re.search(rf"resumed from \S*step-{step:08d} at optimizer step {step}\b", restarted[0].stdout), \
         restarted[0].stdout[-3000:]
-    assert_bitwise_equal(out, reference)
+    assert_bitwise(final_checkpoint_tensors(out, STEPS), final_checkpoint_tensors(reference, STEPS))
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------

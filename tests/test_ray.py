@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from acctrain import Callback
 from tests.support import ROOT, STEPS, TINY, launch, launch_env
+from tests.support.runs import assert_bitwise, final_checkpoint_tensors
 
 # Under pytest-xdist (benchmarks/gpu_check.sh, --dist loadgroup) on one worker, which starts the module's one local
 # Ray cluster and its shared runs once.
@@ -196,20 +196,6 @@ def attempts(base: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (base / f"{name}-attempts.jsonl").read_text().splitlines()]
 
 
-def final_state(out: Path) -> dict[str, torch.Tensor]:
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step-{STEPS:08d}"
-    ckpt = out / "checkpoints" / latest
-    return {**load_file(ckpt / "model.safetensors"),
-            **{f"optimizer.{k}": v for k, v in load_file(ckpt / "optimizer.safetensors").items()}}
-
-
-def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    differ = [name for name in a if not torch.equal(a[name], b[name])]
-    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
-
-
 def assert_one_group_of_two(seen: list[dict]) -> None:
     """Every Engine saw a gloo group of 2 processes, as Ray's WORLD_SIZE says, and both ranks were there."""
     engines = [s for s in seen if "rank" in s]
@@ -226,7 +212,7 @@ def test_two_ray_workers_train_like_torchrun(ray_runs, reference):
     assert result["metrics"]["step"] == STEPS
     assert_one_group_of_two(attempts(base, "ray"))
     assert len(attempts(base, "ray")) == 2  # one attempt: one Engine per worker
-    assert_bitwise(final_state(base / "ray"), final_state(reference))
+    assert_bitwise(final_checkpoint_tensors(base / "ray", STEPS), final_checkpoint_tensors(reference, STEPS))
     plans = [line for line in output.splitlines() if "run plan: " in line]
     assert plans and all("world_size=2," in line for line in plans), output[-6000:]
 
@@ -245,7 +231,7 @@ def test_a_killed_worker_is_restarted_and_resumes_to_the_same_weights(ray_runs, 
     assert killed_pid in [s["pid"] for s in engines[:2]] and killed_pid not in [s["pid"] for s in engines[2:]]
     starts = [s["fit starts at"] for s in seen if "fit starts at" in s]
     assert starts[:2] == [0, 0] and len(starts) == 4 and starts[2] == starts[3] in (2, 4), seen  # resumed, not anew
-    assert_bitwise(final_state(base / "killed"), final_state(reference))
+    assert_bitwise(final_checkpoint_tensors(base / "killed", STEPS), final_checkpoint_tensors(reference, STEPS))
 
 
 @pytest.mark.processes
@@ -261,7 +247,7 @@ def test_a_rank_that_stops_answering_is_named_and_the_restart_resumes(ray_runs, 
     seen = attempts(base, "stalled")
     assert len(seen) == 4, seen  # two attempts of two workers
     assert_one_group_of_two(seen)
-    assert_bitwise(final_state(base / "stalled"), final_state(reference))
+    assert_bitwise(final_checkpoint_tensors(base / "stalled", STEPS), final_checkpoint_tensors(reference, STEPS))
 
 
 @pytest.mark.processes

@@ -27,6 +27,23 @@ TINY = [
 # ---- checkpointed runs (tests/workers/resume_run.py): test_checkpoint, test_engine_fsdp, test_step_verdict, test_gpu
 
 
+def final_checkpoint_tensors(out: Path, steps: int) -> dict[str, torch.Tensor]:
+    """The model and optimizer tensors of `out`'s newest checkpoint, which must be that of step `steps`
+    (the optimizer's names prefixed `optimizer.`)."""
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{steps:08d}", latest
+    ckpt = out / "checkpoints" / latest
+    return {**load_file(ckpt / "model.safetensors"),
+            **{f"optimizer.{k}": v for k, v in load_file(ckpt / "optimizer.safetensors").items()}}
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """The same names, and every tensor of the same dtype and bit for bit equal."""
+    assert set(a) == set(b)
+    differ = [name for name in a if not (a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]))]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
 def ckpts(out: Path) -> list[str]:
     """Complete checkpoint directories (a half-written one is still named step-N.tmp)."""
     return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and "." not in p.name)
